@@ -1,0 +1,15 @@
+"""slimtorch: post-training compression of PyTorch models, measured.
+
+    import slimtorch
+    qmodel = slimtorch.quantize(model, "w4a4", calib_data, seed=0)
+    slimtorch.save(qmodel, "out/")
+    qmodel = slimtorch.load("out/")
+"""
+__version__ = "0.1.0"
+
+from .api import load, quantize, save  # noqa: E402
+from .errors import SlimtorchError  # noqa: E402
+from .recipe import Recipe, resolve_recipe  # noqa: E402
+
+__all__ = ["quantize", "save", "load", "Recipe", "resolve_recipe", "SlimtorchError",
+           "__version__"]

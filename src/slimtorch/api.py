@@ -1,0 +1,41 @@
+"""Public entry points: ``quantize``, ``save``, ``load``.
+
+``quantize`` composes small steps: resolve the recipe → check the calibration data → copy and
+prepare the model (rewrite, capture, plan, attach quantizers) → calibrate → run the recipe's
+method → freeze the integer weights.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .algorithms import ALGORITHMS
+from .data.calibration import calibration_batches
+from .export.artifact import load, save
+from .quant.prepare import META_ATTR, calibrate, freeze, prepare
+from .recipe import Recipe, resolve_recipe
+
+__all__ = ["quantize", "save", "load"]
+
+
+def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, seed: int = 0,
+             progress: bool = False) -> nn.Module:
+    """Return a quantized copy of ``model`` (same forward signature; the input is untouched).
+
+    calib_data: a Tensor of samples, or an iterable of items — a Tensor (one positional
+    argument), a tuple (positional arguments) or a dict (keyword arguments).
+    """
+    recipe = resolve_recipe(recipe)
+    batches = calibration_batches(calib_data, recipe.calib.batch_size)
+    torch.manual_seed(seed)
+    qmodel = copy.deepcopy(model).eval()
+    meta = prepare(qmodel, recipe, batches[0], seed=seed)
+    calibrate(qmodel, batches, progress=progress)
+    meta["method_stats"] = ALGORITHMS[recipe.method](qmodel, recipe, batches, seed=seed,
+                                                     progress=progress)
+    freeze(qmodel)
+    setattr(qmodel, META_ATTR, meta)
+    return qmodel

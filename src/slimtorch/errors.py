@@ -1,0 +1,32 @@
+"""Errors slimtorch raises for bad input.
+
+Every error says what is wrong and what to change. They subclass ValueError so callers that
+already catch ValueError keep working.
+"""
+
+
+class SlimtorchError(ValueError):
+    """Base class: a problem with the user's input, data, recipe or artifact."""
+
+
+class DatasetNotFoundError(SlimtorchError, FileNotFoundError):
+    """A dataset the command needs is not installed."""
+
+
+class RecipeError(SlimtorchError):
+    """A recipe is malformed (unknown key, bad value); the message names the key and line."""
+
+
+class CalibrationDataError(SlimtorchError):
+    """Calibration data is empty, or holds NaN/inf."""
+
+
+class ArtifactError(SlimtorchError):
+    """A saved artifact is missing, truncated or has been tampered with."""
+
+
+class UnknownModelError(SlimtorchError, KeyError):
+    """A model name (zoo:NAME, torchvision:NAME, ...) is not known."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

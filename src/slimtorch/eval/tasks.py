@@ -1,0 +1,105 @@
+"""Evaluation tasks: where calibration data comes from and how a model is scored.
+
+- ``FashionMNIST``: zoo classifiers. Calibration = seeded subset of the *train* split; score =
+  top-1 on the full 10k *test* split (and top-1 agreement with the float model).
+- ``TextEmbedding``: MiniLM. Calibration = sentences from the shipped text's calib pool;
+  score = cosine similarity of embeddings to the float model and top-1 retrieval agreement
+  on the disjoint eval pool (there are no labels).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import SlimtorchError
+from ..graph.capture import call_model
+
+
+@dataclass
+class FashionMNIST:
+    data_dir: str | None = None
+    batch_size: int = 500
+    kind: str = "classification"
+
+    def calibration(self, n: int, seed: int, batch_size: int) -> list[torch.Tensor]:
+        from ..data.fashion_mnist import calibration_set
+        return list(calibration_set(n, seed, self.data_dir).split(batch_size))
+
+    def inputs(self) -> list[torch.Tensor]:
+        from ..data.fashion_mnist import test_set
+        return list(test_set(self.data_dir)[0].split(self.batch_size))
+
+    def outputs(self, model: nn.Module, progress: bool = False) -> torch.Tensor:
+        return run_batches(model, self.inputs(), progress, "eval")
+
+    def score(self, logits: torch.Tensor, fp_logits: torch.Tensor | None = None) -> dict:
+        from ..data.fashion_mnist import test_set
+        labels = test_set(self.data_dir)[1]
+        out = {"top1": round(100.0 * (logits.argmax(1) == labels).float().mean().item(), 2)}
+        if fp_logits is not None:
+            agree = (logits.argmax(1) == fp_logits.argmax(1)).float().mean().item()
+            out["top1_agreement"] = round(100.0 * agree, 2)
+        return out
+
+
+@dataclass
+class TextEmbedding:
+    n_eval: int = 1000
+    batch_size: int = 64
+    kind: str = "embedding"
+
+    def _tok(self):
+        if not hasattr(self, "_tokenizer"):
+            from ..zoo.minilm import load_tokenizer
+            self._tokenizer = load_tokenizer()
+        return self._tokenizer
+
+    def calibration(self, n: int, seed: int, batch_size: int) -> list[dict]:
+        from ..data.text import load_sentences, text_batches
+        pool = load_sentences("calib")
+        n = min(n, len(pool))
+        idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
+        return text_batches(self._tok(), [pool[i] for i in idx.tolist()], batch_size)
+
+    def outputs(self, model: nn.Module, progress: bool = False) -> torch.Tensor:
+        from ..data.text import load_sentences, text_batches
+        from ..zoo.minilm import embed
+        batches = text_batches(self._tok(), load_sentences("eval", self.n_eval), self.batch_size)
+        with torch.inference_mode():
+            return embed(model, tqdm(batches, desc="eval", disable=not progress, leave=False))
+
+    def score(self, emb: torch.Tensor, fp_emb: torch.Tensor | None = None) -> dict:
+        from .fidelity import cosine_fidelity, retrieval_agreement
+        if fp_emb is None:
+            return {"cosine": 1.0, "retrieval_agreement": 100.0}
+        return {"cosine": round(cosine_fidelity(fp_emb, emb), 5),
+                "retrieval_agreement": round(100.0 * retrieval_agreement(fp_emb, emb), 2)}
+
+
+def task_for(source: str, data_dir: str | None = None):
+    if source in ("minilm", "hf:minilm", "zoo:minilm"):
+        return TextEmbedding()
+    if source.startswith("zoo:"):
+        return FashionMNIST(data_dir)
+    raise SlimtorchError(f"no evaluation task for {source!r}: the CLI evaluates zoo:NAME models "
+                     "(Fashion-MNIST) and minilm (text embeddings); use the Python API for "
+                     "other models")
+
+
+@torch.inference_mode()
+def run_batches(model: nn.Module, batches: list[Any], progress: bool = False,
+                desc: str = "run") -> torch.Tensor:
+    outs = [call_model(model, b) for b in tqdm(batches, desc=desc, disable=not progress,
+                                                leave=False)]
+    return torch.cat(outs)
+
+
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0

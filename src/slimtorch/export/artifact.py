@@ -1,0 +1,194 @@
+"""The slimtorch artifact: ``model.safetensors`` + ``slimtorch.json``; no pickle.
+
+- Integer weight codes are stored bit-packed (b bits per weight, offset to be non-negative),
+  next to their scales and zero-points and every other tensor of the model.
+- ``slimtorch.json`` holds the recipe, the plan (which quantizer sits where), the graph
+  description, the model's source (``zoo:resnet20``, ``torchvision:resnet18``...), versions and
+  the SHA-256 of the tensor file, so a truncated or edited artifact is refused on load.
+- Everything is written into a temporary directory and renamed into place.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..errors import ArtifactError
+from ..graph.rewrite import apply_fold_structure, decompose_attention
+from ..quant.prepare import META_ATTR, attach, quant_layers
+from ..quant.quantizer import Mode
+
+FORMAT = "slimtorch-artifact"
+FORMAT_VERSION = 1
+TENSORS, CONFIG = "model.safetensors", "slimtorch.json"
+
+
+def pack_bits(q: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
+    """Pack integer codes in [qmin, qmin + 2^bits) into a uint8 tensor of ⌈numel·bits/8⌉."""
+    u = (q.reshape(-1).to(torch.int32) - qmin).numpy().astype(np.uint8)
+    planes = (u[:, None] >> np.arange(bits, dtype=np.uint8)) & 1  # [N, bits]
+    return torch.from_numpy(np.packbits(planes.reshape(-1)))
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, qmin: int, shape: list[int]) -> torch.Tensor:
+    n = int(np.prod(shape)) if shape else 1
+    planes = np.unpackbits(packed.numpy(), count=n * bits).reshape(n, bits)
+    u = (planes.astype(np.int32) << np.arange(bits, dtype=np.int32)).sum(axis=1)
+    return torch.from_numpy(u + qmin).to(torch.int16).reshape(shape)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def artifact_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """State of a quantized model with frozen weights replaced by packed integer codes."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    packed: dict[str, dict] = {}
+    for fqn, m in quant_layers(model):
+        if not m.frozen:
+            continue
+        wq = m.weight_quantizer
+        state.pop(f"{fqn}.weight")
+        state[f"{fqn}.weight_int.packed"] = pack_bits(m.weight_int, wq.spec.bits, wq.qmin)
+        packed[fqn] = {"bits": wq.spec.bits, "qmin": wq.qmin, "shape": list(m.weight_int.shape)}
+    return _unshare(state), packed
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): store copies."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        out[k] = v.clone() if ptr in seen and v.numel() else v
+        seen.add(ptr)
+    return out
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, extra: dict | None = None) -> Path:
+    """Write the artifact for a model returned by ``slimtorch.quantize`` into ``directory``."""
+    meta = getattr(model, META_ATTR, None)
+    if meta is None:
+        raise ArtifactError("this model was not produced by slimtorch.quantize; nothing to save")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    state, packed = artifact_tensors(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(state, str(tmp / TENSORS))
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                  "source": getattr(model, "slimtorch_source", None), "meta": meta,
+                  "packed": packed, "sha256": _sha256(tmp / TENSORS),
+                  "versions": versions(), **(extra or {})}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=1))
+        replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def replace_dir(tmp: Path, directory: Path) -> None:
+    """Move a finished temporary directory into place, replacing an older one."""
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    return {"slimtorch": __version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = Path(directory)
+    cfg_path = directory / CONFIG
+    if not cfg_path.is_file() or not (directory / TENSORS).is_file():
+        raise ArtifactError(f"{directory} is not a slimtorch artifact: expected {CONFIG} and "
+                            f"{TENSORS} (write one with `slimtorch quantize --out DIR`)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{cfg_path} is corrupt (not valid JSON: {e}); re-create the "
+                            "artifact") from None
+    if cfg.get("format") != FORMAT or cfg.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{cfg_path} is not a version-{FORMAT_VERSION} slimtorch artifact")
+    return cfg
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a quantized model from an artifact. ``model``: the float architecture, needed
+    when the artifact's source is not a model slimtorch can build itself."""
+    directory = Path(directory)
+    cfg = read_config(directory)
+    if _sha256(directory / TENSORS) != cfg.get("sha256"):
+        raise ArtifactError(f"{directory / TENSORS} does not match the checksum in {CONFIG}: "
+                            "the artifact is truncated or was modified; re-create it")
+    state = load_file(str(directory / TENSORS))
+    if model is None:
+        if not cfg.get("source"):
+            raise ArtifactError("this artifact was made from a custom model: pass the float "
+                                "architecture, e.g. slimtorch.load(dir, model=MyNet())")
+        from ..zoo.sources import load_model
+        model = load_model(cfg["source"], pretrained=False)
+    else:
+        model = copy.deepcopy(model)
+    model.eval()
+    meta = cfg["meta"]
+    if meta["decomposed"]:
+        decompose_attention(model)
+    apply_fold_structure(model, [tuple(p) for p in meta["bn_folds"]])
+    attach(model, meta["plan"], seed=meta["seed"])
+    _load_state(model, state, cfg["packed"])
+    setattr(model, META_ATTR, meta)
+    model.slimtorch_source = cfg.get("source")
+    return model
+
+
+def _load_state(model: nn.Module, state: dict, packed: dict) -> None:
+    ints = {fqn: unpack_bits(state.pop(f"{fqn}.weight_int.packed"), **info)
+            for fqn, info in packed.items()}
+    result = model.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys) - {f"{fqn}.weight" for fqn in packed}
+    if missing or result.unexpected_keys:
+        raise ArtifactError(f"artifact tensors do not fit the model: missing {sorted(missing)[:5]}"
+                            f", unexpected {sorted(result.unexpected_keys)[:5]}")
+    for fqn, m in quant_layers(model):
+        if m.weight_quantizer is not None:
+            m.weight_quantizer.mode = Mode.QUANT
+        if m.input_quantizer is not None:
+            m.input_quantizer.mode = Mode.QUANT
+        if fqn in ints:
+            m.set_weight_int(ints[fqn])
+    sites = getattr(model, "slimtorch_functional", None)
+    if sites is not None:
+        for qs in sites.sites.values():
+            for q in qs:
+                q.mode = Mode.QUANT

@@ -1,0 +1,285 @@
+"""Capture a model once into a QuantGraph by recording one real forward pass.
+
+Instead of symbolic tracing (torch.fx fails on data-dependent control flow, which HF and timm
+models are full of), capture runs the model on one calibration item under a
+``TorchFunctionMode`` that records every torch function call that returns a tensor: its op,
+the innermost running module, and which earlier calls produced its tensor inputs. Everything
+that runs is seen, including ``F.scaled_dot_product_attention`` and matmuls written inline.
+The price: the graph describes the path this input took (control flow is not generalised),
+which is exactly what calibration needs.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .tracker import FUNCTIONAL_KINDS, ModuleTracker
+
+KINDS = {
+    "conv1d": "conv", "conv2d": "conv", "conv3d": "conv3d", "linear": "linear",
+    "conv_transpose1d": "conv_transpose", "conv_transpose2d": "conv_transpose",
+    "conv_transpose3d": "conv_transpose", "einsum": "einsum",
+    "softmax": "softmax", "gelu": "gelu", "silu": "silu", "relu": "relu", "relu_": "relu",
+    "hardtanh": "relu6", "relu6": "relu6", "hardswish": "hardswish", "sigmoid": "sigmoid",
+    "layer_norm": "layer_norm", "batch_norm": "batch_norm", "group_norm": "group_norm",
+    "rms_norm": "rms_norm", "embedding": "embedding",
+    "add": "add", "__add__": "add", "__radd__": "add", "__iadd__": "add", "add_": "add",
+    "multi_head_attention_forward": "mha",
+    **FUNCTIONAL_KINDS,
+}
+# ops that move or reshape values without computing new ones
+PASSTHROUGH = {
+    "view", "reshape", "permute", "transpose", "flatten", "contiguous", "__getitem__",
+    "dropout", "unsqueeze", "squeeze", "clone", "to", "float", "expand", "chunk", "split",
+    "unbind", "type_as", "unflatten", "narrow", "select", "detach", "mT", "T",
+    "adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", "mean", "cat", "roll", "pad",
+}
+SUPPORTED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+# parameterised modules that are fine left in float (not counted as unsupported)
+FLOAT_OK = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Embedding,
+            nn.PReLU)
+
+
+@dataclass
+class Node:
+    idx: int
+    kind: str              # canonical kind, "input", "param" or "other"
+    op: str                # the torch function's name
+    module: str            # fqn of the innermost running module ("" = root)
+    inputs: list[int]      # indices of nodes producing tensor inputs
+    shape: list[int]
+    dynamic: bool          # depends on the model input (False for params/constants)
+    key: str | None = None  # functional-site name for matmul/sdpa
+    users: int = 0
+
+
+@dataclass
+class QuantGraph:
+    """What capture found: compute layers, functional sites, blocks and what stays float."""
+
+    nodes: list[Node]
+    layers: list[dict]          # {fqn, type, node, source}; Conv/Linear/Embedding
+    functional: list[dict]      # {key, kind, node, sources}
+    blocks: list[dict]          # {name, add_node, layers}
+    bn_folds: list[tuple[str, str]]
+    unsupported: list[dict]     # {what, where, why}
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary (nodes left out)."""
+        d = asdict(self)
+        d.pop("nodes")
+        return d
+
+    def source_of(self, node_idx: int) -> str:
+        """Kind of the op that computed a node's first tensor input (through reshapes)."""
+        n = self.nodes[node_idx]
+        return _source_kind(self.nodes, n.inputs[0]) if n.inputs else "input"
+
+
+def _source_kind(nodes: list[Node], idx: int) -> str:
+    n = nodes[idx]
+    while n.kind == "other" and n.op in PASSTHROUGH and n.inputs:
+        n = nodes[n.inputs[0]]
+    return n.op if n.kind == "other" else n.kind
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, tracker: ModuleTracker, params: dict[int, str]):
+        super().__init__()
+        self.tracker, self.params = tracker, params
+        self.nodes: list[Node] = []
+        self.producer: dict[int, int] = {}
+        self.keep: list[Tensor] = []  # keeps recorded tensors alive so ids stay unique
+
+    def add(self, kind: str, op: str, inputs: list[int], out: Tensor, dynamic: bool,
+            key: str | None = None) -> int:
+        node = Node(len(self.nodes), kind, op, self.tracker.current, inputs,
+                    list(out.shape), dynamic, key)
+        for i in inputs:
+            self.nodes[i].users += 1
+        self.nodes.append(node)
+        self.producer[id(out)] = node.idx
+        self.keep.append(out)
+        return node.idx
+
+    def node_of(self, t: Tensor) -> int:
+        if id(t) not in self.producer:
+            name = self.params.get(id(t), "constant")
+            self.add("param", name, [], t, dynamic=False)
+        return self.producer[id(t)]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        if not outs:
+            return out
+        op = getattr(func, "__name__", str(func))
+        ins = [self.node_of(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        dynamic = any(self.nodes[i].dynamic for i in ins)
+        kind = KINDS.get(op, "other")
+        key = self.tracker.next_key(kind) if kind in ("matmul", "sdpa") else None
+        first = self.add(kind, op, ins, outs[0], dynamic, key)
+        for t in outs[1:]:
+            self.producer[id(t)] = first
+            self.keep.append(t)
+        return out
+
+
+def call_model(model: nn.Module, item: Any) -> Any:
+    """Run the model on one calibration item: Tensor, tuple (positional) or dict (keywords)."""
+    if isinstance(item, dict):
+        return model(**item)
+    if isinstance(item, (tuple, list)):
+        return model(*item)
+    return model(item)
+
+
+def capture(model: nn.Module, example: Any) -> QuantGraph:
+    """Record one forward pass of ``model`` on ``example`` and analyse it."""
+    params = {id(p): n for n, p in model.named_parameters()}
+    params.update({id(b): n for n, b in model.named_buffers()})
+    tracker = ModuleTracker(model)
+    rec = _Recorder(tracker, params)
+    try:
+        for t in tree_flatten(example)[0]:
+            if isinstance(t, Tensor):
+                rec.add("input", "input", [], t, dynamic=True)
+        with torch.no_grad(), rec:
+            call_model(model, example)
+    finally:
+        tracker.close()
+    return analyse(model, rec.nodes)
+
+
+def analyse(model: nn.Module, nodes: list[Node]) -> QuantGraph:
+    modules = dict(model.named_modules())
+    layers, functional, unsupported = [], [], []
+    for n in nodes:
+        mod = modules.get(n.module)
+        if n.kind in ("conv", "linear"):
+            weight_node = nodes[n.inputs[1]] if len(n.inputs) > 1 else None
+            owns = (isinstance(mod, SUPPORTED_LAYERS) and weight_node is not None
+                    and weight_node.op == (f"{n.module}.weight" if n.module else "weight"))
+            if owns and n.inputs and nodes[n.inputs[0]].dynamic:
+                layers.append({"fqn": n.module, "type": type(mod).__name__, "node": n.idx,
+                               "source": _source_kind(nodes, n.inputs[0])})
+            else:
+                unsupported.append({"what": n.op, "where": n.module or "(root)",
+                                    "why": "functional call with a weight not owned by a "
+                                           "Conv/Linear module; left in float"})
+        elif n.kind == "embedding":
+            weight_node = nodes[n.inputs[1]] if len(n.inputs) > 1 else None
+            if isinstance(mod, nn.Embedding) and weight_node is not None and \
+                    weight_node.op == (f"{n.module}.weight" if n.module else "weight"):
+                layers.append({"fqn": n.module, "type": "Embedding", "node": n.idx,
+                               "source": "input"})
+        elif n.kind in ("matmul", "sdpa"):
+            dyn = [i for i in n.inputs if nodes[i].dynamic]
+            if n.kind == "sdpa" or len(dyn) >= 2:
+                functional.append({"key": n.key, "kind": n.kind, "node": n.idx,
+                                   "sources": [_source_kind(nodes, i) for i in n.inputs[:3]]})
+            elif dyn:
+                unsupported.append({"what": n.op, "where": n.module or "(root)",
+                                    "why": "matmul with a constant operand; left in float"})
+        elif n.kind in ("conv3d", "conv_transpose", "einsum", "mha"):
+            unsupported.append({"what": n.op, "where": n.module or "(root)",
+                                "why": f"{n.kind} is not quantized yet; left in float"})
+    unsupported += _unused_param_modules(model, layers, nodes)
+    counts: dict[str, int] = {}
+    for n in nodes:
+        counts[n.kind] = counts.get(n.kind, 0) + 1
+    return QuantGraph(nodes, layers, functional, _blocks(nodes, layers),
+                      _bn_folds(nodes, modules), _dedupe(unsupported), counts)
+
+
+def _unused_param_modules(model, layers, nodes) -> list[dict]:
+    """Modules with their own parameters that are neither quantized layers nor float-ok."""
+    seen = {l["fqn"] for l in layers}
+    ran = {n.module for n in nodes}
+    out = []
+    for name, mod in model.named_modules():
+        if name in seen or isinstance(mod, FLOAT_OK) or name not in ran:
+            continue
+        if any(True for _ in mod.parameters(recurse=False)) and isinstance(
+                mod, (SUPPORTED_LAYERS + (nn.ConvTranspose2d, nn.Conv3d, nn.RNNBase))):
+            if not isinstance(mod, SUPPORTED_LAYERS):
+                out.append({"what": type(mod).__name__, "where": name,
+                            "why": "layer type not quantized yet; left in float"})
+    return out
+
+
+def _dedupe(items: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for it in items:
+        k = (it["what"], it["where"])
+        if k not in seen:
+            seen.add(k)
+            out.append(it)
+    return out
+
+
+def _ancestors(nodes: list[Node], start: int, stop: int) -> set[int]:
+    """Dynamic ancestors of node ``start`` (inclusive) with index > ``stop``."""
+    seen, todo = set(), [start]
+    while todo:
+        i = todo.pop()
+        if i in seen or i <= stop or not nodes[i].dynamic:
+            continue
+        seen.add(i)
+        todo.extend(nodes[i].inputs)
+    return seen
+
+
+def _blocks(nodes: list[Node], layers: list[dict]) -> list[dict]:
+    """Residual blocks: for each add of two same-shaped activations, the layers between the
+    point where the two branches fork and the add."""
+    layer_at = {l["node"]: l["fqn"] for l in layers}
+    blocks = []
+    for n in nodes:
+        if n.kind != "add" or len(n.inputs) != 2:
+            continue
+        a, b = (nodes[i] for i in n.inputs)
+        if not (a.dynamic and b.dynamic and a.shape == b.shape == n.shape):
+            continue
+        anc_a, anc_b = _ancestors(nodes, a.idx, -1), _ancestors(nodes, b.idx, -1)
+        common = anc_a & anc_b
+        fork = max(common) if common else -1
+        members = (_ancestors(nodes, a.idx, fork) | _ancestors(nodes, b.idx, fork))
+        inner = [layer_at[i] for i in sorted(i for i in members if i in layer_at)]
+        if inner:
+            blocks.append({"name": _common_prefix(inner) or n.module, "add_node": n.idx,
+                           "fork_node": fork, "layers": inner})
+    return blocks
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
+
+
+def _bn_folds(nodes: list[Node], modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
+    """(conv/linear fqn, batchnorm fqn) pairs where the BN reads only that layer's output."""
+    folds = []
+    for n in nodes:
+        if n.kind != "batch_norm" or not n.inputs:
+            continue
+        src = nodes[n.inputs[0]]
+        bn = modules.get(n.module)
+        layer = modules.get(src.module)
+        if (src.kind in ("conv", "linear") and src.users == 1
+                and isinstance(bn, nn.modules.batchnorm._BatchNorm)
+                and isinstance(layer, SUPPORTED_LAYERS) and bn.track_running_stats):
+            folds.append((src.module, n.module))
+    return folds

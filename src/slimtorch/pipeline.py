@@ -1,0 +1,73 @@
+"""The main job, shared by the CLI and the benchmarks: quantize a known model with a recipe,
+evaluate float and quantized on the model's task, and report metrics."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import quantize
+from .errors import SlimtorchError
+from .eval.size import fp_size_bytes, quantized_size_bytes
+from .eval.tasks import task_for
+from .export.artifact import save, versions, write_json_atomic
+from .recipe import resolve_recipe
+from .zoo.sources import load_model
+
+
+def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int = 0,
+                 out: str | Path | None = None, data_dir: str | None = None,
+                 progress: bool = False, fp_cache: dict | None = None
+                 ) -> tuple[dict[str, Any], torch.nn.Module]:
+    """Quantize ``source`` with ``recipe``; returns the metrics (written to ``out`` too, with
+    the artifact, when given) and the quantized model."""
+    recipe_obj = resolve_recipe(recipe)
+    task = task_for(source, data_dir)
+    model = load_model(source)
+    calib = task.calibration(calib_size, seed, recipe_obj.calib.batch_size)
+    t0 = time.perf_counter()
+    qmodel = quantize(model, recipe_obj, calib, seed=seed, progress=progress)
+    calib_seconds = time.perf_counter() - t0
+    fp_out = (fp_cache or {}).get(source)
+    if fp_out is None:
+        fp_out = task.outputs(model, progress)
+        if fp_cache is not None:
+            fp_cache[source] = fp_out
+    t0 = time.perf_counter()
+    q_out = task.outputs(qmodel, progress)
+    eval_seconds = time.perf_counter() - t0
+    fp_score, q_score = task.score(fp_out), task.score(q_out, fp_out)
+    metrics = {"model": source, "recipe": recipe_obj.name, "method": recipe_obj.method,
+               "task": task.kind, "calib_size": calib_size, "seed": seed,
+               "fp_size_bytes": fp_size_bytes(model),
+               "q_size_bytes": quantized_size_bytes(qmodel),
+               "calib_seconds": round(calib_seconds, 3),
+               "eval_seconds": round(eval_seconds, 3),
+               "threads": torch.get_num_threads(), "versions": versions()}
+    for k, v in fp_score.items():
+        metrics[f"fp_{k}"] = v
+    for k, v in q_score.items():
+        metrics[f"q_{k}"] = v
+    if out is not None:
+        save(qmodel, out, extra={"task": task.kind})
+        write_json_atomic(Path(out) / "metrics.json", metrics)
+    return metrics, qmodel
+
+
+def run_eval(directory: str | Path, *, data_dir: str | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Reload an artifact and evaluate it against its float model again."""
+    from .export.artifact import load, read_config
+    cfg = read_config(directory)
+    source = cfg.get("source")
+    if not source:
+        raise SlimtorchError("this artifact was made from a custom model; evaluate it from Python")
+    task = task_for(source, data_dir)
+    qmodel = load(directory)
+    fp_out = task.outputs(load_model(source), progress)
+    q_out = task.outputs(qmodel, progress)
+    scores = {f"q_{k}": v for k, v in task.score(q_out, fp_out).items()}
+    scores.update({f"fp_{k}": v for k, v in task.score(fp_out).items()})
+    return {"model": source, "recipe": cfg["meta"]["recipe"]["name"], **scores}
