@@ -16,6 +16,7 @@ from ..graph.capture import QuantGraph, call_model, capture
 from ..graph.rewrite import decompose_attention, fold_batchnorm, set_submodule
 from ..recipe import LayerOverride, QuantSpec, Recipe, match_override
 from .functional import FunctionalSites
+from .granularity import PerChannel, PerTensor
 from .modules import QuantLayerMixin, qmodule_class
 from .quantizer import Mode, Quantizer
 
@@ -44,7 +45,7 @@ def make_plan(graph: QuantGraph, recipe: Recipe) -> dict[str, Any]:
         if layer["type"] == "Embedding":  # weight-only; the input is indices
             if not recipe.quantize_embeddings:
                 continue
-            w, a = w.model_copy(update={"granularity": "per_channel"}), None
+            w, a = w.model_copy(update={"granularity": PerChannel(0)}), None
         for is_edge, ov in ((layer["fqn"] == first, recipe.first_layer),
                             (layer["fqn"] == last, recipe.last_layer)):
             if is_edge and ov is not None:
@@ -57,7 +58,7 @@ def make_plan(graph: QuantGraph, recipe: Recipe) -> dict[str, Any]:
     functional: dict[str, dict] = {}
     if recipe.quantize_matmuls and recipe.activations is not None:
         for site in graph.functional:
-            a = recipe.activations.model_copy(update={"granularity": "per_tensor"})
+            a = recipe.activations.model_copy(update={"granularity": PerTensor()})
             hit, ov = match_override(recipe.overrides, site["key"], site["kind"])
             if hit:
                 a = _with_bits(a, ov, "activations")
