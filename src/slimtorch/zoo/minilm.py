@@ -102,3 +102,17 @@ def embed(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tenso
     if not outs:
         return torch.empty(0, EMBED_DIM)
     return torch.cat(outs)
+
+
+def minilm_param_count() -> int:
+    """Number of weights in the shipped checkpoint, read from the safetensors header only."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(minilm_path() / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            n = 1
+            for d in f.get_slice(key).get_shape():
+                n *= d
+            total += n
+    return total
