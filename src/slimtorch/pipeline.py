@@ -25,8 +25,8 @@ def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int 
     the artifact, when given) and the quantized model."""
     recipe_obj = resolve_recipe(recipe)
     task = task_for(source, data_dir)
-    model = load_model(source)
     calib = task.calibration(calib_size, seed, recipe_obj.calib.batch_size)
+    model = load_model(source)
     t0 = time.perf_counter()
     qmodel = quantize(model, recipe_obj, calib, seed=seed, progress=progress)
     calib_seconds = time.perf_counter() - t0
