@@ -250,7 +250,9 @@ def _blocks(nodes: list[Node], layers: list[dict]) -> list[dict]:
             continue
         anc_a, anc_b = _ancestors(nodes, a.idx, -1), _ancestors(nodes, b.idx, -1)
         common = anc_a & anc_b
-        fork = max(common) if common else -1
+        if not common:  # branches from different inputs (e.g. summed embeddings): no residual
+            continue
+        fork = max(common)
         members = (_ancestors(nodes, a.idx, fork) | _ancestors(nodes, b.idx, fork))
         inner = [layer_at[i] for i in sorted(i for i in members if i in layer_at)]
         if inner:
