@@ -21,6 +21,8 @@ def cpu_name() -> str:
 def machine_info() -> dict[str, str]:
     info = {"cpu": cpu_name(), "cores": str(os.cpu_count()),
             "torch threads": str(torch.get_num_threads()), "python": platform.python_version()}
+    if hasattr(os, "getloadavg"):  # other work on the machine inflates timings: say so
+        info["load avg (1 min) at start"] = f"{os.getloadavg()[0]:.1f}"
     for pkg in ("torch", "slimtorch", "onnxruntime", "transformers"):
         try:
             info[pkg] = metadata.version(pkg)
