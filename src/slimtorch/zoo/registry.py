@@ -1,0 +1,100 @@
+"""The slimtorch model zoo: names -> model builders, bundled Fashion-MNIST weights and cards.
+
+Weights live in ``zoo/weights/NAME.safetensors`` (a plain state_dict) beside a JSON card
+``NAME.json`` (accuracy, seed, command, time); both are produced by ``slimtorch zoo train NAME``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from safetensors.torch import load_file
+from torch import nn
+
+from slimtorch.errors import SlimtorchError, UnknownModelError
+from slimtorch.zoo.models import MobileNetV2Small, ResNet20, TinyViT
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One zoo model: how to build it, what it is, and the test top-1 (%) its weights must reach."""
+
+    name: str
+    builder: Callable[[], nn.Module]
+    description: str
+    target_top1: float
+
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in (
+        ZooEntry("resnet20", ResNet20, "CIFAR-style ResNet-20 (BasicBlocks 16/32/64), "
+                 "Fashion-MNIST", 92.0),
+        ZooEntry("mobilenetv2", MobileNetV2Small, "small MobileNetV2 (depthwise convs, ReLU6, "
+                 "inverted residuals), Fashion-MNIST", 91.0),
+        ZooEntry("vit", TinyViT, "tiny ViT (4x4 patches, 4 pre-norm blocks, d=64, 4 heads), "
+                 "Fashion-MNIST", 88.0),
+    )
+}
+
+
+def get_entry(name: str) -> ZooEntry:
+    """The ZooEntry for ``name``; UnknownModelError naming the known models otherwise."""
+    if name not in ZOO:
+        raise UnknownModelError(
+            f"Unknown zoo model {name!r}. Known models: {', '.join(sorted(ZOO))}."
+        )
+    return ZOO[name]
+
+
+def weights_path(name: str) -> Path:
+    """Path of the bundled safetensors weights of ``name`` (may not exist)."""
+    return WEIGHTS_DIR / f"{get_entry(name).name}.safetensors"
+
+
+def card_path(name: str) -> Path:
+    """Path of the JSON model card of ``name`` (may not exist)."""
+    return WEIGHTS_DIR / f"{get_entry(name).name}.json"
+
+
+def model_card(name: str) -> dict:
+    """The model card of ``name``: test_top1, seed, epochs, command, minutes, versions, params."""
+    path = card_path(name)
+    if not path.is_file():
+        raise SlimtorchError(f"No model card for {name!r} at {path}; run `slimtorch zoo train {name}`.")
+    return json.loads(path.read_text())
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (not buffers) of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def list_models() -> list[dict]:
+    """One dict per zoo model: name, description, params, target_top1, test_top1 (None if untrained)."""
+    rows = []
+    for name, entry in ZOO.items():
+        trained = weights_path(name).is_file() and card_path(name).is_file()
+        top1 = model_card(name)["test_top1"] if trained else None
+        rows.append({"name": name, "description": entry.description,
+                     "params": count_params(entry.builder()), "target_top1": entry.target_top1,
+                     "test_top1": top1})
+    return rows
+
+
+def load_zoo_model(name: str, pretrained: bool = True) -> nn.Module:
+    """Build zoo model ``name`` in eval mode, with its bundled weights if ``pretrained``."""
+    model = get_entry(name).builder()
+    if pretrained:
+        path = weights_path(name)
+        if not path.is_file():
+            raise SlimtorchError(
+                f"No weights for zoo model {name!r} at {path}; run `slimtorch zoo train {name}`."
+            )
+        model.load_state_dict(load_file(path))
+    return model.eval()
