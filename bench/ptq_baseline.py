@@ -29,8 +29,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "ptq_baseline"))
+    p.add_argument("--from-json", nargs="+", metavar="FILE",
+                   help="re-render the table from rows saved by earlier runs (no quantizing)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.from_json:
+        rows = [r for f in args.from_json for r in json.loads(Path(f).read_text())]
+        return write(rows, args)
     rows, fp_cache = [], {}
     for model in args.models:
         for recipe in args.recipes:
@@ -39,18 +44,27 @@ def main() -> None:
             rows.append(m)
             print(f"{model:12s} {recipe:5s} fp {m['fp_top1']:6.2f}  q {m['q_top1']:6.2f}  "
                   f"calib {m['calib_seconds']:6.1f}s", flush=True)
-    md = to_markdown(rows, args)
+    for m in rows:
+        m["machine"] = machine_markdown()
+    write(rows, args)
+
+
+def write(rows: list[dict], args) -> None:
+    md = to_markdown(rows)
     print("\n" + md)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".md").write_text(md + "\n")
     Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
 
 
-def to_markdown(rows: list[dict], args) -> str:
+def to_markdown(rows: list[dict]) -> str:
     head = ("| model | recipe | FP top-1 % | quantized top-1 % | Δ | FP size | quantized size | "
             "calibration s |\n|---|---|---:|---:|---:|---:|---:|---:|")
-    lines = [machine_markdown() + f"; calibration {args.calib_size} train images, seed "
-             f"{args.seed}; first/last layer W8A8.", "", head]
+    setups = sorted({f"calibration {m['calib_size']} train images, seed {m['seed']}, "
+                     f"{m['threads']} thread(s)" for m in rows})
+    machines = sorted({m.get("machine", "machine not recorded") for m in rows})
+    lines = [*machines, "", "; ".join(setups) + "; first and last layer W8A8; top-1 on the "
+             "full 10k test split.", "", head]
     for m in rows:
         lines.append(
             f"| {m['model'].removeprefix('zoo:')} | {m['recipe']} | {m['fp_top1']:.2f} | "
