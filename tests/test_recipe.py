@@ -5,7 +5,9 @@ from slimtorch.errors import RecipeError
 from slimtorch.recipe import (Recipe, builtin_recipe_names, load_builtin, load_recipe_text,
                               match_override, resolve_recipe)
 
-BUILTINS = ["w8a8", "w6a6", "w4a8", "w4a4", "w2a4", "w4a2", "w2a2"]
+BUILTINS = ["w8a8", "w6a6", "w4a8", "w4a4", "w2a4", "w4a2", "w2a2"] + [
+    f"{b}-{m}" for b in ("w4a4", "w2a4", "w4a2", "w2a2")
+    for m in ("adaround", "brecq", "qdrop", "pdquant")]
 
 
 def test_builtins_exist():

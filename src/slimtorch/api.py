@@ -22,11 +22,13 @@ __all__ = ["quantize", "save", "load"]
 
 
 def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, seed: int = 0,
-             progress: bool = False) -> nn.Module:
+             progress: bool = False, work_dir: str | None = None) -> nn.Module:
     """Return a quantized copy of ``model`` (same forward signature; the input is untouched).
 
     calib_data: a Tensor of samples, or an iterable of items — a Tensor (one positional
     argument), a tuple (positional arguments) or a dict (keyword arguments).
+    work_dir: where reconstruction methods keep per-unit state; a rerun with the same recipe,
+    seed and data resumes after the last finished unit.
     """
     recipe = resolve_recipe(recipe)
     batches = calibration_batches(calib_data, recipe.calib.batch_size)
@@ -34,8 +36,9 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
     qmodel = copy.deepcopy(model).eval()
     meta = prepare(qmodel, recipe, batches[0], seed=seed)
     calibrate(qmodel, batches, progress=progress)
-    meta["method_stats"] = ALGORITHMS[recipe.method](qmodel, recipe, batches, seed=seed,
-                                                     progress=progress)
+    meta["method_stats"] = ALGORITHMS[recipe.method](
+        qmodel, recipe, batches, seed=seed, progress=progress, float_model=model,
+        work_dir=work_dir)
     freeze(qmodel)
     setattr(qmodel, META_ATTR, meta)
     return qmodel

@@ -2,6 +2,7 @@
 evaluate float and quantized on the model's task, and report metrics."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from .errors import SlimtorchError
 from .eval.size import fp_size_bytes, quantized_size_bytes
 from .eval.tasks import task_for
 from .export.artifact import save, versions, write_json_atomic
+from .quant.prepare import META_ATTR
 from .recipe import resolve_recipe
 from .zoo.sources import load_model
 
@@ -28,7 +30,8 @@ def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int 
     calib = task.calibration(calib_size, seed, recipe_obj.calib.batch_size)
     model = load_model(source)
     t0 = time.perf_counter()
-    qmodel = quantize(model, recipe_obj, calib, seed=seed, progress=progress)
+    work = Path(out) / "recon-state" if out is not None else None  # resumable unit state
+    qmodel = quantize(model, recipe_obj, calib, seed=seed, progress=progress, work_dir=work)
     calib_seconds = time.perf_counter() - t0
     fp_out = (fp_cache or {}).get(source)
     if fp_out is None:
@@ -50,8 +53,12 @@ def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int 
         metrics[f"fp_{k}"] = v
     for k, v in q_score.items():
         metrics[f"q_{k}"] = v
+    stats = getattr(qmodel, META_ATTR, {}).get("method_stats")
+    if stats:
+        metrics["method_stats"] = stats  # per-unit loss before/after, seconds
     if out is not None:
         save(qmodel, out, extra={"task": task.kind})
+        shutil.rmtree(work, ignore_errors=True)
         write_json_atomic(Path(out) / "metrics.json", metrics)
     return metrics, qmodel
 

@@ -48,6 +48,8 @@ class QuantSpec(_Strict):
     observer: Literal["minmax", "percentile", "mse"] = "mse"
     p: float = Field(2.4, gt=0, description="norm of the MSE-p range search")
     percentile: float = Field(99.99, gt=50, le=100, description="for observer: percentile")
+    # quantizer family (quant/kinds.py): uniform grid, log√2 (RepQ-ViT), twin-uniform (PTQ4ViT)
+    kind: Literal["uniform", "log2sqrt2", "twin_uniform"] = "uniform"
 
     _bits = field_validator("bits")(classmethod(lambda cls, v: _check_bits(v)))
 
@@ -103,6 +105,18 @@ class Recipe(_Strict):
         from .algorithms import ALGORITHMS
         if v not in ALGORITHMS:
             raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(ALGORITHMS))}")
+        return v
+
+    @field_validator("method_args")
+    @classmethod
+    def _method_args(cls, v: dict[str, Any], info) -> dict[str, Any]:
+        from .algorithms import CONFIGS
+        config = CONFIGS.get(info.data.get("method", ""))
+        if config is not None:
+            try:
+                config.parse(v, info.data["method"])
+            except RecipeError as e:
+                raise ValueError(str(e)) from None
         return v
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..graph.tracker import FUNCTIONAL_KINDS, ModuleTracker
 from ..recipe import QuantSpec
+from .kinds import make_quantizer
 from .quantizer import Quantizer
 
 SITE_ROLES = {"matmul": ("a", "b"), "sdpa": ("q", "k", "probs", "v")}
@@ -36,13 +37,17 @@ class FunctionalSites(nn.Module):
         self.tracker: ModuleTracker | None = None
         self._handles = []
         self._mode: _SiteMode | None = None
+        # optional tap (key, kind, args, kwargs, out) called after each site runs; methods
+        # use it to read a site's float operands and its output (e.g. PTQ4ViT)
+        self.tap = None
 
     def add_site(self, key: str, kind: str, spec: QuantSpec, seed: int, max_samples: int,
                  overrides: dict[str, QuantSpec] | None = None) -> None:
         roles = SITE_ROLES[kind]
         specs = [(overrides or {}).get(r, spec) for r in roles]
         self.sites[_slot(key)] = nn.ModuleList(
-            Quantizer(s, seed=seed + i, max_samples=max_samples) for i, s in enumerate(specs))
+            make_quantizer(s, seed=seed + i, max_samples=max_samples)
+            for i, s in enumerate(specs))
 
     def site(self, key: str) -> nn.ModuleList | None:
         slot = _slot(key)
@@ -80,12 +85,17 @@ class _SiteMode(TorchFunctionMode):
         kind = FUNCTIONAL_KINDS.get(getattr(func, "__name__", ""))
         if kind is None:
             return func(*args, **kwargs)
-        qs = self.owner.site(self.owner.tracker.next_key(kind))
+        key = self.owner.tracker.next_key(kind)
+        qs = self.owner.site(key)
         if qs is None:
             return func(*args, **kwargs)
         if kind == "matmul":
-            return func(qs[0](args[0]), qs[1](args[1]), *args[2:], **kwargs)
-        return quantized_sdpa(qs, *args, **kwargs)
+            out = func(qs[0](args[0]), qs[1](args[1]), *args[2:], **kwargs)
+        else:
+            out = quantized_sdpa(qs, *args, **kwargs)
+        if self.owner.tap is not None:
+            self.owner.tap(key, kind, args, kwargs, out)
+        return out
 
 
 def quantized_sdpa(qs, query: Tensor, key: Tensor, value: Tensor, attn_mask=None,

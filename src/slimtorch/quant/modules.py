@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..recipe import QuantSpec
+from .kinds import make_quantizer
 from .quantizer import Quantizer
 
 QMODULES: dict[type[nn.Module], type[nn.Module]] = {}
@@ -40,8 +41,8 @@ class QuantLayerMixin:
 
     def _init_quant(self, w_spec: QuantSpec | None, a_spec: QuantSpec | None, seed: int,
                     max_samples: int) -> None:
-        self.weight_quantizer = Quantizer(w_spec, seed=seed) if w_spec else None
-        self.input_quantizer = (Quantizer(a_spec, seed=seed + 1, max_samples=max_samples)
+        self.weight_quantizer = make_quantizer(w_spec, seed=seed) if w_spec else None
+        self.input_quantizer = (make_quantizer(a_spec, seed=seed + 1, max_samples=max_samples)
                                 if a_spec else None)
         self.frozen = False
 

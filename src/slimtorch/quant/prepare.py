@@ -88,8 +88,10 @@ def attach(model: nn.Module, plan: dict[str, Any], *, seed: int = 0,
         set_submodule(model, fqn, qmod)
     sites = FunctionalSites()
     for j, (key, site) in enumerate(plan["functional"].items()):
+        roles = {r: _load(s) for r, s in site.get("roles", {}).items()}  # per-role kinds
         sites.add_site(key, site["kind"], _load(site["spec"]),
-                       seed=seed * 1_000_003 + 7919 + 10 * j, max_samples=max_samples)
+                       seed=seed * 1_000_003 + 7919 + 10 * j, max_samples=max_samples,
+                       overrides=roles)
     if len(sites.sites):
         model.add_module(SITES_ATTR, sites)
         sites.install(model)

@@ -12,6 +12,7 @@ percentile of |x| or of each tail); ``mse`` (search of the clipping range α·[l
 """
 from __future__ import annotations
 
+import math
 from enum import Enum
 
 import torch
@@ -21,6 +22,7 @@ from ..recipe import QuantSpec
 from .granularity import PerChannel, PerGroup, PerTensor
 
 MSE_CANDIDATES = 100
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch (Nagel et al. 2020)
 
 
 class Mode(str, Enum):
@@ -32,6 +34,21 @@ class Mode(str, Enum):
 def round_ste(x: Tensor) -> Tensor:
     """Round to nearest with a straight-through gradient."""
     return (x.round() - x).detach() + x
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    """AdaRound's h(V) = clip(σ(V)(ζ−γ)+γ, 0, 1)."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def rectified_sigmoid_inverse(frac: Tensor) -> Tensor:
+    """V with h(V) = frac for frac in [0, 1): V = −log((ζ−γ)/(frac−γ) − 1)."""
+    return -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
+
+
+def grad_scale(x: Tensor, g: float) -> Tensor:
+    """Value x, gradient scaled by g (LSQ)."""
+    return (x - x * g).detach() + x * g
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -135,6 +152,12 @@ class Quantizer(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
         self._stats: dict[str, list[Tensor] | Tensor] = {}
+        # reconstruction state (None/0 outside an algorithm; never part of a frozen artifact)
+        self.rounding: nn.Parameter | None = None   # AdaRound V, shaped like the weight layout
+        self.hard_rounding = False                   # h = 1[V >= 0] instead of h(V)
+        self.learned_scale: nn.Parameter | None = None  # LSQ step size
+        self.drop_prob = 0.0                          # QDrop: P(element stays float)
+        self.drop_mask: Tensor | None = None          # external keep-mask (True = quantize)
 
     # ------------------------------------------------------------------ layout
     def _rows(self, x: Tensor) -> Tensor:
@@ -205,16 +228,77 @@ class Quantizer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if self.mode is Mode.QUANT:
+            if self.drop_prob > 0 or self.drop_mask is not None:
+                return self._dropped(x)
             return self.fake_quant(x)
         if self.mode is Mode.OBSERVE:
             self._observe(x)
         return x
 
+    def _dropped(self, x: Tensor) -> Tensor:
+        """QDrop: each element keeps its quantized value with p = 1 − drop_prob, else float.
+        An external ``drop_mask`` (same shape as x) decides instead when given."""
+        keep = self.drop_mask
+        if keep is None or keep.shape != x.shape:
+            keep = torch.rand_like(x) >= self.drop_prob
+        return torch.where(keep, self.fake_quant(x), x)
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], self.scale.shape[1], -1) if isinstance(
+            self.spec.gran, PerGroup) else x  # [O, G, size] for per-group
+
+    def current_scale(self, x: Tensor) -> Tensor:
+        if self.learned_scale is None:
+            return self.scale
+        return grad_scale(self.learned_scale, 1.0 / math.sqrt(x.numel() * self.qmax))
+
     def fake_quant(self, x: Tensor) -> Tensor:
-        if isinstance(self.spec.gran, PerGroup):
-            g = x.reshape(x.shape[0], self.scale.shape[1], -1)  # [O, G, size]
-            return fake_quant(g, self.scale, self.zero_point, self.qmin, self.qmax).reshape(x.shape)
-        return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        g = self._layout(x)
+        if self.rounding is not None:
+            return self._adaround(g).reshape(x.shape)
+        return fake_quant(g, self.current_scale(g), self.zero_point, self.qmin,
+                          self.qmax).reshape(x.shape)
+
+    # ------------------------------------------------------------------ AdaRound
+    def soft_rounding(self) -> Tensor:
+        return (self.rounding >= 0).float() if self.hard_rounding else rectified_sigmoid(
+            self.rounding)
+
+    def _adaround(self, g: Tensor) -> Tensor:
+        """W̃ = s·(clip(⌊W/s⌋ + h(V) + z, q_min, q_max) − z)."""
+        q = torch.clamp(torch.floor(g / self.scale) + self.soft_rounding() + self.zero_point,
+                        self.qmin, self.qmax)
+        return (q - self.zero_point) * self.scale
+
+    def init_rounding(self, w: Tensor) -> None:
+        """Start AdaRound with h(V) = frac(W/s), i.e. the float weight inside the grid."""
+        x = self._layout(w.detach()) / self.scale
+        self.rounding = nn.Parameter(rectified_sigmoid_inverse(x - torch.floor(x)))
+        self.hard_rounding = False
+
+    def round_regularizer(self, beta: float) -> Tensor:
+        """Σ (1 − |2h(V) − 1|^β): pushes every h(V) to 0 or 1."""
+        return (1 - (2 * rectified_sigmoid(self.rounding) - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def commit_rounding(self, w: Tensor) -> Tensor:
+        """Hard-round, return the dequantized weight (round-to-nearest of it gives exactly the
+        AdaRound codes, so ``freeze`` and the artifact format stay unchanged); drop V."""
+        self.hard_rounding = True
+        out = self._adaround(self._layout(w)).reshape(w.shape)
+        self.rounding, self.hard_rounding = None, False
+        return out
+
+    # ------------------------------------------------------------------ LSQ
+    def enable_lsq(self) -> nn.Parameter:
+        self.learned_scale = nn.Parameter(self.scale.detach().clone())
+        return self.learned_scale
+
+    @torch.no_grad()
+    def disable_lsq(self) -> None:
+        if self.learned_scale is not None:
+            self.scale = self.learned_scale.detach().abs().clamp(min=1e-8).clone()
+            self.learned_scale = None
 
     def quantize_int(self, x: Tensor) -> Tensor:
         """Integer codes (as int16 so every grid fits) for x."""

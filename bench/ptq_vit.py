@@ -1,0 +1,92 @@
+"""Vision-transformer PTQ table: zoo ``vit`` (top-1) and MiniLM (cosine, retrieval agreement)
+× W8A8 / W6A6 / W4A4 × {RTN, PTQ4ViT, RepQ-ViT}, with calibration minutes.
+
+Zoo ``vit``: top-1 on the full Fashion-MNIST test set, calibration on a seeded subset of the
+train split. MiniLM: cosine similarity and top-1 retrieval agreement of its sentence embeddings
+with the float model on the project's text (Jane Austen sentences), calibration on the "calib"
+split. First and last layer at 8 bits in every recipe. RTN rows use the built-in ``w{b}a{b}``
+recipes; PTQ4ViT uses its default 32 calibration items (of the calibration set), RepQ-ViT the
+whole calibration set. Writes bench/results/ptq_vit.md (+ .json).
+
+    python bench/ptq_vit.py [--models vit minilm] [--bits 8 6 4] [--methods rtn ptq4vit repq]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from slimtorch.eval.machine import machine_markdown
+from slimtorch.pipeline import run_quantize
+
+SOURCES = {"vit": "zoo:vit", "minilm": "minilm"}
+METHOD_NAMES = {"rtn": "RTN", "ptq4vit": "PTQ4ViT", "repq": "RepQ-ViT"}
+
+
+def recipe_name(method: str, bits: int) -> str:
+    return f"w{bits}a{bits}" if method == "rtn" else f"vit-w{bits}a{bits}-{method}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(SOURCES), choices=list(SOURCES))
+    p.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4])
+    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=list(METHOD_NAMES))
+    p.add_argument("--calib-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "ptq_vit"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows, fp_cache = [], {}
+    for model in args.models:
+        for bits in args.bits:
+            for method in args.methods:
+                t0 = time.perf_counter()
+                try:
+                    m, _ = run_quantize(SOURCES[model], recipe_name(method, bits),
+                                        calib_size=args.calib_size, seed=args.seed,
+                                        fp_cache=fp_cache)
+                except Exception as e:  # e.g. zoo weights not trained yet: say so in the table
+                    m = {"model": SOURCES[model], "error": f"{type(e).__name__}: {e}"}
+                m.update(bits=bits, method_name=METHOD_NAMES[method],
+                         wall_seconds=round(time.perf_counter() - t0, 1))
+                m.pop("method_stats", None)
+                rows.append(m)
+                print(json.dumps({k: m.get(k) for k in ("model", "bits", "method_name",
+                      "q_top1", "q_cosine", "q_retrieval_agreement", "calib_seconds",
+                      "error")}), flush=True)
+                write(rows, args)  # after every row, so a partial run leaves a table
+    print("\n" + to_markdown(rows, args))
+
+
+def write(rows: list[dict], args) -> None:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".md").write_text(to_markdown(rows, args) + "\n")
+    Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
+
+
+def to_markdown(rows: list[dict], args) -> str:
+    lines = [machine_markdown() + f"; calibration set {args.calib_size} items, seed "
+             f"{args.seed}; first/last layer W8A8.", "",
+             "| model | bits | method | FP | quantized | Δ / retrieval agreement % | "
+             "calibration min |", "|---|---|---|---:|---:|---:|---:|"]
+    for m in rows:
+        name = m["model"].removeprefix("zoo:")
+        head = f"| {name} | W{m['bits']}A{m['bits']} | {m['method_name']} "
+        if "error" in m:
+            lines.append(head + f"| — | — | not run: {m['error'][:80]} | — |")
+        elif "q_top1" in m:
+            lines.append(head + f"| {m['fp_top1']:.2f} | {m['q_top1']:.2f} | "
+                         f"{m['q_top1'] - m['fp_top1']:+.2f} | {m['calib_seconds'] / 60:.2f} |")
+        else:
+            lines.append(head + f"| cos 1 | cos {m['q_cosine']:.4f} | "
+                         f"{m['q_retrieval_agreement']:.1f} | {m['calib_seconds'] / 60:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

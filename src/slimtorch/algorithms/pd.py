@@ -1,0 +1,118 @@
+"""PD-Quant's two additions (Liu et al., CVPR 2023), as its published code computes them.
+
+Prediction difference: the unit's output on the pure quantized input is pushed through the rest
+of the network in float, z_q; L_pd = KL(softmax(z_fp/T) ‖ softmax(z_q/T)) / λ_r ('batchmean').
+"The rest of the network" is obtained generically: the whole model runs with all quantizers off
+while the unit module's ``forward`` is replaced by "return this tensor" — the float prefix costs
+one forward (no autograd graph: nothing before the unit requires grad).
+
+Distribution correction: a trainable copy x of the unit's float input x₀ is optimised so that the
+per-sample, per-channel spatial mean/std of the input of every BatchNorm inside the unit (run on
+an *unfolded* float copy of the model) match the BN running statistics, plus ‖x − x₀‖²/λ_c.
+Adam, ReduceLROnPlateau(patience 100, min lr 1e-5). The objective is a mean over samples of
+per-sample terms and Adam is element-wise, so we optimise ``dc_batch`` samples at once (the code
+uses 32) — the same per-sample optimum, faster on CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..graph.capture import call_model
+from .recon import Context, Unit, pd_loss, quant_state, rec_loss, take, unit_map
+
+
+@dataclass(frozen=True)
+class PDSettings:
+    temperature: float = 4.0
+    pd_weight: float = 10.0      # 1/λ_r, λ_r = 0.1
+    dc_steps: int = 500
+    dc_lr: float = 1e-3
+    lambda_c: float = 0.02
+    dc_batch: int = 256
+
+
+def prediction_loss(ctx: Context, unit_mod: nn.Module, out_q: Tensor, idx: Tensor,
+                    pd: PDSettings) -> Tensor:
+    z_q = forward_rest(ctx.model, unit_mod, out_q, take(ctx.inputs, idx))
+    return pd.pd_weight * pd_loss(z_q, ctx.logits_fp[idx], pd.temperature)
+
+
+def forward_rest(model: nn.Module, unit_mod: nn.Module, unit_out: Tensor, inputs) -> Tensor:
+    """Model output in float when ``unit_mod`` produces ``unit_out``."""
+    unit_mod.forward = lambda *a, **k: unit_out
+    try:
+        with quant_state(model, weights=False, acts=False):
+            return call_model(model, inputs)
+    finally:
+        del unit_mod.forward
+
+
+def bn_stat_loss(inp: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """(1/N)Σ_n ‖μ − m_n(x)‖² + (1/N)Σ_n ‖σ − s_n(x)‖², m_n/s_n per-sample channel stats."""
+    flat = inp.flatten(2)  # [N, C, spatial]
+    m = flat.mean(2)
+    s = torch.sqrt(flat.var(2, unbiased=False) + bn.eps)
+    mu, sigma = bn.running_mean, torch.sqrt(bn.running_var + bn.eps)
+    return (mu - m).square().sum(1).mean() + (sigma - s).square().sum(1).mean()
+
+
+def dc_objective(x: Tensor, x0: Tensor, bn_inputs: list[tuple[Tensor, nn.Module]],
+                 lambda_c: float) -> Tensor:
+    return sum(bn_stat_loss(i, bn) for i, bn in bn_inputs) + rec_loss(x, x0) / lambda_c
+
+
+def correct(unit_float: nn.Module, bns: list[nn.Module], x0: Tensor, pd: PDSettings
+            ) -> tuple[Tensor, float, float]:
+    """Distribution-corrected copy of x0 (one chunk). Returns x*, objective before, after."""
+    seen: list[tuple[Tensor, nn.Module]] = []
+    hooks = [bn.register_forward_pre_hook(lambda m, a: seen.append((a[0], m))) for bn in bns]
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=pd.dc_lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=100, min_lr=1e-5)
+    first = last = float("nan")
+    try:
+        for step in range(pd.dc_steps + 1):
+            seen.clear()
+            unit_float(x)
+            loss = dc_objective(x, x0, seen, pd.lambda_c)
+            last = loss.item()
+            first = last if step == 0 else first
+            if step == pd.dc_steps:
+                break
+            (g,) = torch.autograd.grad(loss, x)
+            x.grad = g
+            opt.step()
+            sched.step(last)
+    finally:
+        for h in hooks:
+            h.remove()
+    return x.detach(), first, last
+
+
+def correct_unit_inputs(ctx: Context, unit: Unit, x_fp: Tensor, y_fp: Tensor,
+                        pd: PDSettings) -> tuple[Tensor, Tensor, dict]:
+    """DC for a unit: corrected inputs and their float targets (unchanged if the unit has no
+    BatchNorm or no float copy of the model was given)."""
+    convs = set(unit.layers)
+    bn_names = [bn for conv, bn in ctx.bn_folds if conv in convs]
+    if ctx.float_model is None or not bn_names:
+        return x_fp, y_fp, {"applied": False}
+    unit_float = ctx.float_model.get_submodule(unit.name)
+    bns = [ctx.float_model.get_submodule(b) for b in bn_names]
+    before, after = [], []
+    x_new = ctx.pool.empty(tuple(x_fp.shape))
+    for i in range(0, len(x_fp), pd.dc_batch):
+        x_new[i:i + pd.dc_batch], b, a = correct(unit_float, bns, x_fp[i:i + pd.dc_batch], pd)
+        before.append(b)
+        after.append(a)
+    mod = ctx.model.get_submodule(unit.name)
+    with quant_state(ctx.model, weights=False, acts=False):
+        y_new = unit_map(mod, x_new, ctx.pool)
+    ctx.pool.release(x_fp)
+    ctx.pool.release(y_fp)
+    n = len(before)
+    return x_new, y_new, {"applied": True, "bn_layers": len(bns),
+                          "objective_before": sum(before) / n, "objective_after": sum(after) / n}

@@ -1,0 +1,244 @@
+"""Reconstruction PTQ: formulas of AdaRound/BRECQ/QDrop/PD-Quant, unit partition, mechanics."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import slimtorch
+from slimtorch.algorithms import recon
+from slimtorch.algorithms.pd import PDSettings, bn_stat_loss, correct, dc_objective
+from slimtorch.errors import RecipeError
+from slimtorch.quant.quantizer import Quantizer, rectified_sigmoid, rectified_sigmoid_inverse
+from slimtorch.recipe import QuantSpec, load_builtin
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+class Block(nn.Module):
+    def __init__(self, c, stride=1, c_out=None):
+        super().__init__()
+        c_out = c_out or c
+        self.conv1, self.bn1 = nn.Conv2d(c, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.short = (nn.Identity() if stride == 1 and c == c_out else
+                      nn.Sequential(nn.Conv2d(c, c_out, 1, stride, bias=False),
+                                    nn.BatchNorm2d(c_out)))
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.short(x))
+
+
+class ResCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.b1, self.b2 = Block(8), Block(8, 2, 16)
+        self.head = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.head(self.b2(self.b1(self.stem(x)))).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A ResCNN whose BN statistics come from data (a 'trained-ish' float model)."""
+    torch.manual_seed(0)
+    m = ResCNN().train()
+    x = torch.randn(192, 1, 10, 10, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for _ in range(3):
+            m(x)
+    return m.eval(), x
+
+
+# ------------------------------------------------------------------ formulas
+def test_rectified_sigmoid_and_init_give_fractional_part():
+    assert rectified_sigmoid(torch.tensor([-100.0, 0.0, 100.0])).tolist() == [0.0, 0.5, 1.0]
+    v = torch.randn(1000)
+    expect = torch.clamp(torch.sigmoid(v) * 1.2 - 0.1, 0, 1)
+    assert torch.equal(rectified_sigmoid(v), expect)
+    frac = torch.rand(1000) * 0.999
+    assert torch.allclose(rectified_sigmoid(rectified_sigmoid_inverse(frac)), frac, atol=1e-5)
+    # a quantizer with AdaRound state starts exactly at the float weight inside the range
+    w = torch.randn(6, 3, 3, 3) * 0.1
+    q = Quantizer(QuantSpec(bits=4, granularity="per_channel"))
+    q.calibrate(w)
+    q.init_rounding(w)
+    x = w / q.scale
+    assert torch.allclose(q.soft_rounding(), x - torch.floor(x), atol=1e-5)
+    inside = ((torch.floor(x) + q.zero_point >= 0) & (torch.floor(x) + 1 + q.zero_point <= 15))
+    assert torch.allclose(q.fake_quant(w)[inside], w[inside], atol=1e-6)
+
+
+def test_hard_rounding_commits_exact_codes():
+    w = torch.randn(4, 8)
+    q = Quantizer(QuantSpec(bits=2, granularity="per_channel"))
+    q.calibrate(w)
+    q.init_rounding(w)
+    with torch.no_grad():
+        q.rounding.copy_(torch.randn_like(w))
+    q.hard_rounding = True
+    soft_codes = torch.floor(w / q.scale) + (q.rounding >= 0).float() + q.zero_point
+    expect = (soft_codes.clamp(0, 3) - q.zero_point) * q.scale
+    assert torch.equal(q.fake_quant(w), expect)
+    w_new = q.commit_rounding(w)
+    assert q.rounding is None
+    assert torch.equal(q.quantize_int(w_new).float(), soft_codes.clamp(0, 3))
+
+
+def test_round_regulariser_and_beta_schedule():
+    q = Quantizer(QuantSpec(bits=4))
+    q.scale = torch.tensor(1.0)
+    q.init_rounding(torch.tensor([0.0, 0.25, 0.5, 0.999]))
+    h = rectified_sigmoid(q.rounding)
+    for beta in (20.0, 2.0):
+        assert torch.allclose(q.round_regularizer(beta), (1 - (2 * h - 1).abs() ** beta).sum())
+    assert q.round_regularizer(2.0).item() == pytest.approx(0 + 0.75 + 1 + 0.004, abs=1e-2)
+    it = 1000
+    assert recon.beta_at(0, it, 0.2, (20, 2)) is None
+    assert recon.beta_at(199, it, 0.2, (20, 2)) is None
+    assert recon.beta_at(200, it, 0.2, (20, 2)) == 20
+    assert recon.beta_at(600, it, 0.2, (20, 2)) == pytest.approx(11)
+    assert recon.beta_at(1000, it, 0.2, (20, 2)) == pytest.approx(2)
+
+
+def test_qdrop_mix_and_drop_probability():
+    g = torch.Generator().manual_seed(0)
+    xq, xf = torch.ones(100_000), torch.zeros(100_000)
+    x, mask = recon.mix_inputs(xq, xf, 0.5, g)
+    assert abs(x.mean().item() - 0.5) < 0.01 and torch.equal(x, mask.float())
+    q = Quantizer(QuantSpec(bits=2))
+    q.scale, q.zero_point, q.mode = torch.tensor(1.0), torch.tensor(0.0), q.mode.QUANT
+    v = torch.full((100_000,), 0.4)  # quantizes to 0
+    q.drop_prob = 0.5
+    assert abs((q(v) == 0).float().mean().item() - 0.5) < 0.01
+    q.drop_mask = mask  # an external mask decides instead
+    assert torch.equal(q(v) == 0, mask)
+
+
+def test_pd_loss_is_batchmean_kl_of_tempered_softmax():
+    zf, zq = torch.randn(8, 10), torch.randn(8, 10)
+    p, T = torch.softmax(zf / 4, 1), 4.0
+    expect = (p * (p.log() - torch.log_softmax(zq / T, 1))).sum() / 8
+    assert recon.pd_loss(zq, zf, T).item() == pytest.approx(expect.item(), rel=1e-5)
+    assert recon.pd_loss(zf, zf, T).abs().item() < 1e-6
+
+
+def test_dc_objective_and_correction():
+    bn = nn.BatchNorm2d(3).eval()
+    bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    bn.running_var.copy_(torch.tensor([1.0, 4.0, 0.25]))
+    x = torch.randn(5, 3, 6, 6)
+    m = x.mean((2, 3))
+    s = torch.sqrt(x.var((2, 3), unbiased=False) + bn.eps)
+    sigma = torch.sqrt(bn.running_var + bn.eps)
+    expect = ((bn.running_mean - m) ** 2).sum(1).mean() + ((sigma - s) ** 2).sum(1).mean()
+    assert bn_stat_loss(x, bn).item() == pytest.approx(expect.item(), rel=1e-5)
+    x0 = x + 0.1
+    assert dc_objective(x, x0, [(x, bn)], 0.02).item() == pytest.approx(
+        expect.item() + 0.01 * 3 / 0.02, rel=1e-4)
+    conv = nn.Conv2d(3, 3, 1)
+    x_star, before, after = correct(nn.Sequential(conv, bn), [bn], x, PDSettings(dc_steps=50))
+    assert after < before and not torch.equal(x_star, x)
+
+
+# ------------------------------------------------------------------ partition
+def test_units_from_graph(trained):
+    from slimtorch.quant.prepare import calibrate, prepare
+    import copy
+    m, x = trained
+    q = copy.deepcopy(m)
+    prepare(q, load_builtin("w4a4"), x[:8])
+    units = recon.partition(q, x[:8])
+    assert [(u.name, u.kind, len(u.layers)) for u in units] == [
+        ("stem", "group", 1), ("b1", "block", 2), ("b2", "block", 3), ("head", "group", 1),
+        ("fc", "layer", 1)]
+    layer_units = recon.partition(q, x[:8], blocks=False, max_group=1)
+    assert [u.name for u in layer_units] == [
+        "stem.0", "b1.conv1", "b1.conv2", "b2.conv1", "b2.conv2", "b2.short.0", "head.0", "fc"]
+
+
+def test_units_of_zoo_resnet20():
+    from slimtorch.quant.prepare import prepare
+    from slimtorch.zoo.models import ResNet20
+    m = ResNet20().eval()
+    x = torch.randn(2, 1, 28, 28)
+    prepare(m, load_builtin("w4a4"), x)
+    units = recon.partition(m, x)
+    assert len(units) == 11 and units[0].layers == ["stem.0"] and units[-1].layers == ["fc"]
+    assert all(u.kind == "block" for u in units[1:-1])
+
+
+def test_conftest_block_without_module_falls_back_to_layers(cnn, images):
+    from slimtorch.quant.prepare import prepare
+    prepare(cnn, load_builtin("w4a4"), images[:4])
+    assert [u.name for u in recon.partition(cnn, images[:4])] == ["stem", "conv1", "conv2", "fc"]
+
+
+# ------------------------------------------------------------------ mechanics
+def _run(model, x, method, bits="w2a4", **args):
+    recipe = dict(load_builtin(bits).to_dict(), method=method, method_args=args)
+    return slimtorch.quantize(model, recipe, x[:128], seed=0)
+
+
+@pytest.mark.parametrize("method,args", [
+    ("adaround", {"iters": 300}),
+    ("brecq", {"iters": 300, "act_iters": 100}),
+    ("qdrop", {"iters": 300}),
+    ("pdquant", {"iters": 300, "dc_steps": 20}),
+])
+def test_reconstruction_beats_rtn(trained, method, args):
+    m, x = trained
+    test = x[128:]
+    with torch.no_grad():
+        ref = m(test)
+        rtn_err = (_run(m, x, "rtn")(test) - ref).square().mean().item()
+        q = _run(m, x, method, **args)
+        err = (q(test) - ref).square().mean().item()
+    stats = q._slimtorch_meta["method_stats"]["per_unit"]
+    blocks = [s for s in stats if s["layers"] > 1 or method == "adaround"]
+    assert sum(s["loss_after"] for s in blocks) < 0.85 * sum(s["loss_before"] for s in blocks)
+    assert err < 0.8 * rtn_err, (method, err, rtn_err)
+    # frozen codes are integers on the grid, and reload is bit-exact
+    assert all(torch.equal(l.weight_int.float(), l.weight_int.float().round())
+               for l in q.modules() if hasattr(l, "weight_int"))
+
+
+def test_deterministic_and_resumable(trained, tmp_path):
+    m, x = trained
+    a = _run(m, x, "qdrop", iters=60)
+    b = slimtorch.quantize(m, dict(load_builtin("w2a4").to_dict(), method="qdrop",
+                                   method_args={"iters": 60}), x[:128], seed=0,
+                           work_dir=tmp_path)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert files == [f"joint-{k}.safetensors" for k in range(5)]
+    (tmp_path / "joint-4.safetensors").unlink()  # "crash" before the last unit finished
+    c = slimtorch.quantize(m, dict(load_builtin("w2a4").to_dict(), method="qdrop",
+                                   method_args={"iters": 60}), x[:128], seed=0,
+                           work_dir=tmp_path)
+    resumed = [s.get("resumed", False) for s in c._slimtorch_meta["method_stats"]["per_unit"]]
+    assert resumed == [True] * 4 + [False]
+    slimtorch.save(c, tmp_path / "art")
+    r = slimtorch.load(tmp_path / "art", model=ResCNN())
+    with torch.no_grad():
+        assert torch.equal(r(x[128:]), a(x[128:]))  # artifact format unchanged, bit-exact
+    for q in (b, c):
+        for (n, t), (_, u) in zip(a.state_dict().items(), q.state_dict().items()):
+            assert torch.equal(t, u), n
+        for (n, l), (_, k) in zip(a.named_modules(), q.named_modules()):
+            if hasattr(l, "weight_int"):
+                assert torch.equal(l.weight_int, k.weight_int), n
+
+
+def test_method_args_are_validated():
+    with pytest.raises(RecipeError, match="method_args.iterz"):
+        slimtorch.quantize(nn.Linear(2, 2), dict(load_builtin("w4a4").to_dict(),
+                           method="qdrop", method_args={"iterz": 1}), torch.randn(4, 2))
