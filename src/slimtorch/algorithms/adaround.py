@@ -13,7 +13,8 @@ from typing import Any
 from pydantic import Field
 
 from . import recon
-from .recon import MethodConfig, Stage
+from .config import MethodConfig
+from .recon import Stage
 
 CPU_ITERS = 400  # CPU default, by measurement (report in bench/ptq_recon.py); papers: 20 000
 

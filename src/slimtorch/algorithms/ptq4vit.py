@@ -41,12 +41,13 @@ from ..quant.functional import quantized_sdpa
 from ..quant.prepare import quant_layers
 from ..quant.quantizer import Mode, Quantizer
 from ..quant.twin import SPLITS, TwinUniformQuantizer
-from .vit_sites import (MethodArgs, first_float, observe_only, post_gelu_layers,
+from .config import MethodConfig
+from .vit_sites import (first_float, observe_only, post_gelu_layers,
                         post_softmax_slots, quantizers_off, sites_of, swap_input_quantizer,
                         swap_site_quantizer)
 
 
-class PTQ4ViTConfig(MethodArgs):
+class PTQ4ViTConfig(MethodConfig):
     calib_items: int = Field(32, ge=1, description="calibration items used for the search")
     rounds: int = Field(3, ge=1)
     alpha: float = Field(0.01, gt=0)

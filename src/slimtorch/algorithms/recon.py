@@ -27,35 +27,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
 from ..data.cache import CachePool
-from ..errors import RecipeError
-from ..graph.capture import call_model, capture
-from ..quant.modules import QuantLayerMixin
+from ..graph.capture import call_model, capture, common_prefix
 from ..quant.prepare import SITES_ATTR, quant_layers
 from ..quant.quantizer import Mode, Quantizer
 
 
 # ============================================================== config
-class MethodConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @classmethod
-    def parse(cls, args: dict[str, Any], method: str) -> "MethodConfig":
-        try:
-            return cls.model_validate(args or {})
-        except ValidationError as e:
-            msgs = [f"method_args.{'.'.join(map(str, x['loc']))}: "
-                    f"{x['msg'].removeprefix('Value error, ')}" for x in e.errors()]
-            raise RecipeError(f"invalid method_args for {method!r}: " + "; ".join(msgs)
-                              + f" (allowed keys: {', '.join(cls.model_fields)})") from None
-
-
 @dataclass(frozen=True)
 class Stage:
     """One pass of reconstruction over all units (what is learned, from which input)."""
@@ -115,16 +98,6 @@ class Unit:
     kind: str                    # "block" | "layer" | "group"
 
 
-def _prefix(names: list[str]) -> str:
-    parts = [n.split(".") if n else [] for n in names]
-    out = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        out.append(level[0])
-    return ".".join(out)
-
-
 def _inside(fqn: str, mod: str) -> bool:
     return fqn == mod or fqn.startswith(mod + ".")
 
@@ -156,7 +129,7 @@ def partition(model: nn.Module, example: Any, *, blocks: bool = True, max_group:
         for b in sorted(graph.blocks, key=lambda b: -len(b["layers"])):
             layers = [f for f in b["layers"] if f in qnames]
             if layers:
-                claim(_prefix([graph.nodes[b["add_node"]].module] + layers), "block", False)
+                claim(common_prefix([graph.nodes[b["add_node"]].module] + layers), "block", False)
     for f in order:
         if f in taken:
             continue

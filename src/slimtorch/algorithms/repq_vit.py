@@ -32,13 +32,14 @@ from ..graph.capture import call_model
 from ..quant.granularity import PerChannel
 from ..quant.kinds import make_quantizer
 from ..quant.quantizer import Mode
-from .vit_sites import (LNGroup, MethodArgs, first_float, ln_linear_groups, observe_only,
+from .config import MethodConfig
+from .vit_sites import (LNGroup, first_float, ln_linear_groups, observe_only,
                         post_softmax_slots, quantizers_off, recapture, swap_site_quantizer)
 
 EXACT_RTOL = 1e-4  # relative max-abs change of the float output accepted as "unchanged"
 
 
-class RepQConfig(MethodArgs):
+class RepQConfig(MethodConfig):
     log2_softmax: bool = True
     reparameterize: bool = True
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
@@ -30,7 +29,6 @@ from ..quant.functional import SITE_ROLES, FunctionalSites
 from ..quant.kinds import make_quantizer
 from ..quant.prepare import META_ATTR, SITES_ATTR
 from ..quant.quantizer import Mode, Quantizer
-from ..errors import RecipeError
 
 # reshape-like ops through which a per-channel affine map still commutes (shape-checked too)
 SAFE_BETWEEN = PASSTHROUGH - {"cat", "mean", "adaptive_avg_pool2d", "avg_pool2d",
@@ -203,21 +201,6 @@ def ln_linear_groups(model: nn.Module, graph: QuantGraph) -> list[LNGroup]:
                                  consumers=None if None in fqns else fqns)
         groups[ln].layers.append(layer["fqn"])
     return list(groups.values())
-
-
-class MethodArgs(BaseModel):
-    """Base of the method configs: unknown keys are errors that list the allowed ones."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @classmethod
-    def parse(cls, args: dict[str, Any], method: str) -> "MethodArgs":
-        try:
-            return cls.model_validate(args or {})
-        except ValidationError as e:
-            msgs = [f"method_args.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()]
-            raise RecipeError(f"invalid method_args for {method!r}: " + "; ".join(msgs)
-                              + f" (allowed keys: {', '.join(cls.model_fields)})") from None
 
 
 def first_float(out: Any) -> torch.Tensor:

@@ -256,13 +256,14 @@ def _blocks(nodes: list[Node], layers: list[dict]) -> list[dict]:
         members = (_ancestors(nodes, a.idx, fork) | _ancestors(nodes, b.idx, fork))
         inner = [layer_at[i] for i in sorted(i for i in members if i in layer_at)]
         if inner:
-            blocks.append({"name": _common_prefix(inner) or n.module, "add_node": n.idx,
+            blocks.append({"name": common_prefix(inner) or n.module, "add_node": n.idx,
                            "fork_node": fork, "layers": inner})
     return blocks
 
 
-def _common_prefix(names: list[str]) -> str:
-    parts = [n.split(".") for n in names]
+def common_prefix(names: list[str]) -> str:
+    """Longest common dotted prefix of module names ("" for the root)."""
+    parts = [n.split(".") if n else [] for n in names]
     out = []
     for level in zip(*parts):
         if len(set(level)) != 1:
