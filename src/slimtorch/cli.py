@@ -1,4 +1,4 @@
-"""Command line: ``slimtorch zoo | recipes | quantize | eval``.
+"""Command line: ``slimtorch zoo | recipes | quantize | eval | export | bench``.
 
 Bad input ends with one line ``error: ...`` that says what to change (exit status 2), never a
 traceback from inside torch.
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    from .cli_deploy import register as register_deploy  # export, bench speed
+    register_deploy(sub)
     return p
 
 

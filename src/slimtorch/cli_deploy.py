@@ -1,0 +1,250 @@
+"""Deployment commands: ``slimtorch export DIR --onnx FILE`` and ``slimtorch bench speed DIR``.
+
+``register(subparsers)`` adds them to the parser of ``cli.py``. ``deploy_inputs`` and
+``measure_speed`` are shared with ``bench/speed.py``.
+
+Speed protocol (DESIGN.md): fp32 PyTorch, fp32 onnxruntime, int8 onnxruntime, int8 PyTorch
+(``intops.lower_to_int8``), at batch 1 and 64, 2 threads, median of repeated runs after warm-up,
+on real inputs of the artifact's task (Fashion-MNIST test images, Austen sentences).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .errors import SlimtorchError
+
+console = Console()
+BATCHES = (1, 64)
+
+
+# ---------------------------------------------------------------- inputs of an artifact's task
+def deploy_inputs(source: str, batch: int, *, offset: int = 0, data_dir: str | None = None
+                  ) -> Any:
+    """One input item of ``batch`` samples for the task of ``source``: a Tensor of test images
+    (zoo models) or a dict of token tensors of eval-pool sentences (MiniLM)."""
+    from .eval.tasks import TextEmbedding, task_for
+    task = task_for(source, data_dir)
+    if isinstance(task, TextEmbedding):
+        from .data.text import load_sentences, text_batches
+        from .zoo.minilm import load_tokenizer
+        sentences = load_sentences("eval")[offset: offset + batch]
+        return text_batches(load_tokenizer(), sentences, batch)[0]
+    from .data.fashion_mnist import test_set
+    return test_set(data_dir)[0][offset: offset + batch]
+
+
+def check_items(source: str, n: int, data_dir: str | None = None) -> list:
+    """``n`` test samples of the task of ``source`` in batches (500 images / 64 sentences)."""
+    from .eval.tasks import TextEmbedding, task_for
+    size = 64 if isinstance(task_for(source, data_dir), TextEmbedding) else 500
+    return [deploy_inputs(source, min(size, n - i), offset=i, data_dir=data_dir)
+            for i in range(0, n, size)]
+
+
+# ---------------------------------------------------------------- timing
+def median_ms(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 15,
+              min_seconds: float = 1.0, max_repeats: int = 200) -> float:
+    """Median wall time (ms) of ``fn`` over ≥ ``repeats`` runs (and ≥ ``min_seconds``)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_seconds
+                                   and len(times) < max_repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _torch_runner(model, item) -> Callable[[], Any]:
+    from .graph.capture import call_model
+
+    def run():
+        with torch.inference_mode():
+            return call_model(model, item)
+    return run
+
+
+def _ort_runner(path: Path, item, threads: int) -> Callable[[], Any]:
+    from .export.onnx import _signature
+    from .export.onnx_check import make_session
+    sess = make_session(path, threads)
+    names, tensors, _ = _signature(item)
+    feeds = {n: t.numpy() for n, t in zip(names, tensors)}
+    return lambda: sess.run(None, feeds)
+
+
+def measure_speed(directory: str | Path, *, batches=BATCHES, threads: int = 2,
+                  repeats: int = 15, data_dir: str | None = None) -> dict[str, Any]:
+    """Latency of the four engines for the artifact in ``directory`` and sizes on disk."""
+    from . import load
+    from .eval.size import fp_size_bytes
+    from .export.artifact import TENSORS, read_config
+    from .export.onnx import export_onnx
+    from .intops import lower_to_int8, lowering_summary
+    from .zoo.sources import load_model
+    source = read_config(directory).get("source")
+    if not source:
+        raise SlimtorchError("this artifact was made from a custom model; benchmark it from "
+                             "Python")
+    torch.set_num_threads(threads)
+    fp, q, q_int = load_model(source), load(directory), lower_to_int8(load(directory))
+    example = deploy_inputs(source, 2, data_dir=data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp_onnx, q_onnx = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        export_onnx(fp, fp_onnx, example, opset=17, threads=threads)
+        report = export_onnx(q, q_onnx, example, threads=threads)
+        rows = []
+        for b in batches:
+            item = deploy_inputs(source, b, data_dir=data_dir)
+            runners = {"fp32 PyTorch": _torch_runner(fp, item),
+                       "fp32 onnxruntime": _ort_runner(fp_onnx, item, threads),
+                       "int8 onnxruntime": _ort_runner(q_onnx, item, threads),
+                       "int8 PyTorch": _torch_runner(q_int, item)}
+            for engine, fn in runners.items():
+                rows.append({"engine": engine, "batch": b,
+                             "ms": round(median_ms(fn, repeats=repeats), 3)})
+        sizes = {"fp32_state_bytes": fp_size_bytes(fp),
+                 "artifact_bytes": (Path(directory) / TENSORS).stat().st_size,
+                 "fp32_onnx_bytes": fp_onnx.stat().st_size,
+                 "int8_onnx_bytes": q_onnx.stat().st_size}
+    return {"model": source, "threads": threads, "rows": rows, "sizes": sizes,
+            "int8_kernels": report.int8_kernels, "float_compute": report.float_compute,
+            "torch_int8_layers": len(lowering_summary(q_int)["int8"])}
+
+
+def speedups(result: dict) -> dict[int, dict[str, float]]:
+    """Per batch: speed of every engine relative to fp32 onnxruntime and to fp32 PyTorch."""
+    out: dict[int, dict[str, float]] = {}
+    for b in sorted({r["batch"] for r in result["rows"]}):
+        ms = {r["engine"]: r["ms"] for r in result["rows"] if r["batch"] == b}
+        out[b] = {"int8_ort_vs_fp32_ort": ms["fp32 onnxruntime"] / ms["int8 onnxruntime"],
+                  "int8_torch_vs_fp32_torch": ms["fp32 PyTorch"] / ms["int8 PyTorch"]}
+    return out
+
+
+# ---------------------------------------------------------------- commands
+def cmd_export(args) -> None:
+    from . import load
+    from .export.artifact import read_config, versions, write_json_atomic
+    from .export.onnx import export_onnx
+    directory = Path(args.dir)
+    source = read_config(directory).get("source")
+    if not source:
+        raise SlimtorchError("this artifact was made from a custom model; export it from "
+                             "Python with slimtorch.export.onnx.export_onnx")
+    qmodel = load(directory)
+    example = deploy_inputs(source, 8, data_dir=args.data_dir)
+    n = args.check_samples or (10000 if source.startswith("zoo:") else 1000)
+    report = export_onnx(qmodel, args.onnx, example, opset=args.opset,
+                         check_inputs=check_items(source, n, args.data_dir),
+                         conv_integer=args.conv_integer, threads=args.threads)
+    console.print(export_table(report, f"{directory} → {args.onnx}"))
+    write_json_atomic(directory / "export_report.json",
+                      {"source": source, "versions": versions(), **report.to_dict()})
+    console.print(f"report written to [bold]{directory / 'export_report.json'}[/bold]")
+
+
+def export_table(report, title: str) -> Table:
+    t = Table(title=title)
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("ONNX file", f"{report.file_bytes / 1e6:.3f} MB, opset {report.opset}")
+    t.add_row("QDQ in the file", f"{report.activation_qdq} activation Q/DQ, "
+              f"{report.weight_dq} integer weights ({report.int4_weights} as INT4)")
+    if report.ort_error:
+        t.add_row("[red]onnxruntime[/red]", report.ort_error)
+        return t
+    a = report.agreement
+    t.add_row("checked on", f"{a['n']} samples")
+    t.add_row("max |ORT − PyTorch|", f"{a['max_abs_diff']:.3g} ({a['max_rel_diff']:.2%} of max)")
+    for key, label in (("top1_agreement", "top-1 agreement %"), ("cosine_mean", "mean cosine"),
+                       ("retrieval_agreement", "retrieval top-1 agreement %")):
+        if key in a:
+            t.add_row(label, f"{a[key]:.5g}")
+    t.add_row("int8 kernels (ORT optimised graph)", _counts(report.int8_kernels) or "[red]none")
+    t.add_row("float compute left", _counts(report.float_compute) or "none")
+    if report.quantized_fallbacks:
+        t.add_row("[yellow]quantized ops run in float[/yellow]",
+                  ", ".join(_short(f["node"]) for f in report.quantized_fallbacks))
+    if report.float_quantizers or report.float_weights:
+        t.add_row("[yellow]exported as float arithmetic[/yellow]",
+                  ", ".join(report.float_quantizers + report.float_weights))
+    return t
+
+
+def _short(node: str) -> str:
+    """``/model/layers/layers.0/conv2/Conv`` -> ``layers.0/conv2``."""
+    parts = [p for p in node.split("/") if p][1:-1]  # drop the wrapper and the op name
+    return "/".join(p for i, p in enumerate(parts)
+                    if not any(q.startswith(p + ".") for q in parts[i + 1:])) or node
+
+
+def _counts(d: dict[str, int]) -> str:
+    return ", ".join(f"{k} ×{v}" for k, v in d.items())
+
+
+def cmd_bench_speed(args) -> None:
+    from .eval.machine import machine_markdown
+    result = measure_speed(args.dir, batches=tuple(args.batches), threads=args.threads,
+                           repeats=args.repeats, data_dir=args.data_dir)
+    console.print(speed_table(result))
+    console.print(machine_markdown(), highlight=False)
+
+
+def speed_table(result: dict) -> Table:
+    t = Table(title=f"{result['model']}: median latency (ms), {result['threads']} threads")
+    batches = sorted({r["batch"] for r in result["rows"]})
+    t.add_column("engine")
+    for b in batches:
+        t.add_column(f"batch {b}", justify="right")
+    for engine in dict.fromkeys(r["engine"] for r in result["rows"]):
+        ms = {r["batch"]: r["ms"] for r in result["rows"] if r["engine"] == engine}
+        t.add_row(engine, *(f"{ms[b]:.2f}" for b in batches))
+    sp = speedups(result)
+    t.add_row("int8 ORT speed-up vs fp32 ORT",
+              *(f"{sp[b]['int8_ort_vs_fp32_ort']:.2f}×" for b in batches))
+    s = result["sizes"]
+    t.add_row("size: fp32 → artifact", f"{s['fp32_state_bytes'] / 1e6:.3f} MB → "
+              f"{s['artifact_bytes'] / 1e6:.3f} MB "
+              f"({s['fp32_state_bytes'] / s['artifact_bytes']:.2f}× smaller)",
+              *([""] * (len(batches) - 1)))
+    t.add_row("size: fp32 ONNX → int8 ONNX", f"{s['fp32_onnx_bytes'] / 1e6:.3f} MB → "
+              f"{s['int8_onnx_bytes'] / 1e6:.3f} MB "
+              f"({s['fp32_onnx_bytes'] / s['int8_onnx_bytes']:.2f}× smaller)",
+              *([""] * (len(batches) - 1)))
+    return t
+
+
+def register(subparsers) -> None:
+    """Add ``export`` and ``bench speed`` to the subparsers of ``cli.build_parser``."""
+    ex = subparsers.add_parser("export", help="export an artifact to ONNX (QDQ) and check it "
+                               "with onnxruntime")
+    ex.add_argument("dir", help="artifact directory")
+    ex.add_argument("--onnx", required=True, help="output .onnx file")
+    ex.add_argument("--opset", type=int, default=21)
+    ex.add_argument("--check-samples", type=int,
+                    help="test samples to compare on (default: 10000 images / 1000 sentences)")
+    ex.add_argument("--conv-integer", action="store_true",
+                    help="run convs whose output is not re-quantized as ConvInteger")
+    ex.add_argument("--threads", type=int, default=2)
+    ex.add_argument("--data-dir", help="Fashion-MNIST IDX directory")
+    ex.set_defaults(fn=cmd_export)
+    bench = subparsers.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench_cmd", required=True)
+    sp = bench.add_parser("speed", help="latency of fp32/int8 in PyTorch and onnxruntime")
+    sp.add_argument("dir", help="artifact directory")
+    sp.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--repeats", type=int, default=15)
+    sp.add_argument("--data-dir")
+    sp.set_defaults(fn=cmd_bench_speed)

@@ -1,0 +1,109 @@
+"""Check an exported ONNX file with onnxruntime: does it agree with PyTorch, and which kernels
+run in onnxruntime's optimised graph (integer or float)?
+
+The optimised graph is the one onnxruntime executes (``SessionOptions.optimized_model_filepath``
+after all graph transformations on the CPU execution provider); its op types tell whether the
+QDQ node units were fused into integer kernels (QLinearConv, MatMulIntegerToFloat, ...) or
+whether a quantized op falls back to float (a float Conv/MatMul/Gemm reading DequantizeLinear).
+"""
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+INT8_KERNELS = frozenset({
+    "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "QGemm", "QAttention", "QLinearAdd", "QLinearMul",
+    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSoftmax",
+    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearReduceMean", "MatMulNBits", "NhwcQLinearConv",
+    "QEmbedLayerNormalization", "QOrderedMatMul"})
+QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+FLOAT_COMPUTE = frozenset({
+    "Conv", "FusedConv", "NchwcConv", "ConvTranspose", "MatMul", "FusedMatMul", "Gemm",
+    "FusedGemm", "Attention", "MultiHeadAttention", "Einsum"})
+
+
+def make_session(path: str | Path, threads: int = 2, optimized_path: str | Path | None = None):
+    """A CPUExecutionProvider session with ``threads`` intra-op threads, all optimisations."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def kernel_census(path: str | Path, threads: int = 2) -> dict:
+    """Op types of onnxruntime's optimised graph, split into int8 kernels, float compute and
+    quantize/dequantize ops, plus the float compute nodes that read dequantized values."""
+    import onnx
+    with tempfile.TemporaryDirectory() as d:
+        opt = Path(d) / "optimized.onnx"
+        make_session(path, threads, opt)
+        graph = onnx.load(str(opt), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    producer = {o: n for n in graph.node for o in n.output}
+    fallbacks = []
+    for n in graph.node:
+        if n.op_type not in FLOAT_COMPUTE:
+            continue
+        dq = [i for i in n.input if i in producer and producer[i].op_type == "DequantizeLinear"]
+        reason = ("reads dequantized values: the quantized op runs in float" if dq else
+                  "not quantized: float op")
+        fallbacks.append({"node": n.name, "op": n.op_type, "reason": reason})
+    return {"ops": dict(sorted(ops.items())),
+            "int8_kernels": {k: v for k, v in sorted(ops.items()) if k in INT8_KERNELS},
+            "float_compute": {k: v for k, v in sorted(ops.items()) if k in FLOAT_COMPUTE},
+            "quant_ops": {k: v for k, v in sorted(ops.items()) if k in QUANT_OPS},
+            "fallbacks": fallbacks}
+
+
+def run_session(session, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """First output of ``session`` over a list of feeds, concatenated along axis 0 (outputs
+    of different sequence lengths are padded with zeros on axis 1)."""
+    outs = [session.run(None, f)[0] for f in feeds]
+    return concat_padded(outs)
+
+
+def concat_padded(outs: list[np.ndarray]) -> np.ndarray:
+    if outs[0].ndim >= 2 and len({o.shape[1:] for o in outs}) > 1:
+        width = max(o.shape[1] for o in outs)
+        outs = [np.pad(o, [(0, 0), (0, width - o.shape[1])] + [(0, 0)] * (o.ndim - 2))
+                for o in outs]
+    return np.concatenate(outs, axis=0)
+
+
+def compare(ref: np.ndarray, got: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """Agreement of onnxruntime (``got``) with PyTorch (``ref``): max abs/rel diff, and top-1
+    agreement for [N, C] logits; otherwise cosine similarity and top-1 retrieval agreement of
+    per-sample vectors (mean-pooled over ``mask`` == 1 tokens for [N, T, D] outputs)."""
+    diff = np.abs(ref - got)
+    out = {"n": int(ref.shape[0]), "max_abs_diff": float(diff.max()),
+           "max_rel_diff": float(diff.max() / max(np.abs(ref).max(), 1e-12))}
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        agree = (ref.argmax(1) == got.argmax(1)).mean()
+        out["top1_agreement"] = round(100.0 * float(agree), 3)
+        return out
+    a, b = (_pool(x, mask) for x in (ref, got))
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1),
+                                      1e-12)
+    out.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
+    if a.shape[0] >= 2:  # top-1 nearest-neighbour agreement of the pooled embeddings
+        import torch
+        from ..eval.fidelity import retrieval_agreement
+        agree = retrieval_agreement(torch.from_numpy(a).float(), torch.from_numpy(b).float())
+        out["retrieval_agreement"] = round(100.0 * agree, 3)
+    return out
+
+
+def _pool(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    if x.ndim == 3 and mask is not None:  # [N, T, D] mean over real tokens -> [N, D]
+        m = mask[:, : x.shape[1], None].astype(np.float64)
+        return (x * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    return x.reshape(x.shape[0], -1).astype(np.float64)

@@ -1,0 +1,123 @@
+"""A Linear layer executed in integers: int8 activations × int8 weights → int32, then either
+dequantised with one float multiply per output channel or requantised onto an output grid with
+a dyadic multiplier (``dyadic.requantize``).
+
+With input codes q_x ∈ [q_min, q_max] (zero point z_x) and symmetric weight codes q_w:
+
+    y_o = s_x·s_w,o · Σ_i (q_x,i − z_x)·q_w,oi + b_o
+
+Unsigned activation codes are shifted into int8 (a = q_x − 128) so ``torch._int_mm`` can take
+them: Σ (q_x − z_x)·q_w = Σ a·q_w + (128 − z_x)·Σ_i q_w,oi, the last term precomputed per
+output channel. With an output grid (s_y, z_y) the bias joins the accumulator as
+b_int = round(b / (s_x·s_w)) and
+
+    q_y = clip(round(acc · m·2^−k) + z_y),   m·2^−k ≈ s_x·s_w,o / s_y
+
+which differs from fake quantization of the float output by at most one output step.
+Rows are processed in chunks of ~2 MB so the int32/float intermediates stay in cache (and below
+the allocator's mmap threshold: fresh page-faulting buffers cost more than the product itself).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..quant.granularity import PerChannel, PerTensor
+from ..quant.modules import QuantLinear
+from ..quant.quantizer import Quantizer
+from .dyadic import dyadic, requantize
+from .matmul import int8_matmul
+
+CHUNK_ELEMENTS = 1 << 19  # ~2 MB of float32 per chunk of output rows
+
+
+def int8_eligible(layer: nn.Module) -> str | None:
+    """None if ``layer`` can run as an IntLinear, else the reason it cannot."""
+    if not isinstance(layer, QuantLinear):
+        return "not a QuantLinear"
+    wq, xq = layer.weight_quantizer, layer.input_quantizer
+    if wq is None or not getattr(layer, "frozen", False):
+        return "weights not quantized and frozen"
+    if xq is None or not isinstance(xq.spec.gran, PerTensor):
+        return "input not quantized per tensor"
+    if not (wq.spec.symmetric and wq.qmin >= -128 and wq.qmax <= 127):
+        return "weights not symmetric int8"
+    if not isinstance(wq.spec.gran, (PerTensor, PerChannel)) or (
+            isinstance(wq.spec.gran, PerChannel) and wq.spec.gran.axis != 0):
+        return "weights not per tensor or per output channel"
+    if not ((xq.qmin >= 0 and xq.qmax <= 255) or (xq.qmin >= -128 and xq.qmax <= 127)):
+        return "input grid wider than 8 bits"
+    return None
+
+
+class IntLinear(nn.Module):
+    """Integer execution of a frozen QuantLinear (see module docstring)."""
+
+    def __init__(self, layer: QuantLinear, out_quantizer: Quantizer | None = None):
+        super().__init__()
+        reason = int8_eligible(layer)
+        if reason is not None:
+            raise ValueError(f"cannot lower this layer to int8: {reason}")
+        xq, wq = layer.input_quantizer, layer.weight_quantizer
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.x_scale, self.x_zp = float(xq.scale), float(xq.zero_point)
+        self.x_qmin, self.x_qmax = xq.qmin, xq.qmax
+        self.shift = 128 if xq.qmin >= 0 else 0  # unsigned codes -> int8
+        w = layer.weight_int.to(torch.int8)  # [O, I]
+        self.register_buffer("w_t", w.t().contiguous())  # [I, O]
+        w_sum = w.to(torch.int32).sum(1)  # [O]
+        self.register_buffer("offset", ((self.shift - self.x_zp) * w_sum).to(torch.int32))
+        w_scale = wq.scale.reshape(-1).double().expand(self.out_features)  # [O]
+        self.register_buffer("mult", (self.x_scale * w_scale).float())  # s_x·s_w,o
+        bias = layer.bias.detach().float() if layer.bias is not None else None
+        self.register_buffer("bias", bias)
+        self.out = None
+        if out_quantizer is not None:
+            self._set_output_grid(out_quantizer, self.x_scale * w_scale, bias)
+
+    def _set_output_grid(self, q: Quantizer, mult: Tensor, bias: Tensor | None) -> None:
+        if not isinstance(q.spec.gran, PerTensor):
+            raise ValueError("the output grid must be per tensor")
+        s_y = float(q.scale)
+        m, k = dyadic(mult / s_y)
+        b_int = (torch.round(bias.double() / mult).to(torch.int64) if bias is not None
+                 else torch.zeros(self.out_features, dtype=torch.int64))
+        self.register_buffer("req_m", m)
+        self.register_buffer("req_k", k)
+        self.register_buffer("bias_int", b_int)
+        self.out = (s_y, int(q.zero_point), q.qmin, q.qmax)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """int8 codes (shifted by −128 when the grid is unsigned) of x: [..., I] -> [M, I]."""
+        q = torch.div(x.reshape(-1, self.in_features), self.x_scale)  # as Quantizer: x / s
+        q.round_().add_(self.x_zp).clamp_(self.x_qmin, self.x_qmax)
+        return q.sub_(self.shift).to(torch.int8)
+
+    def accumulate(self, x: Tensor) -> Tensor:
+        """int32 Σ_i (q_x,i − z_x)·q_w,oi: [M, O]."""
+        return int8_matmul(self.quantize_input(x), self.w_t).add_(self.offset)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)  # [M, I]
+        out = x2.new_empty(x2.shape[0], self.out_features)  # [M, O]
+        rows = max(64, CHUNK_ELEMENTS // max(self.in_features, self.out_features))
+        for start in range(0, x2.shape[0], rows):  # row chunks stay in cache
+            self._rows(x2[start: start + rows], out[start: start + rows])
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _rows(self, x: Tensor, out: Tensor) -> None:
+        """Integer product of a row chunk x [m, I], written to out [m, O]."""
+        acc = self.accumulate(x)  # [m, O] int32
+        if self.out is None:  # y = acc·(s_x·s_w) + b
+            torch.mul(acc, self.mult, out=out)
+            if self.bias is not None:
+                out.add_(self.bias)
+            return
+        s_y, z_y, qmin, qmax = self.out
+        codes = requantize(acc.to(torch.int64) + self.bias_int, self.req_m, self.req_k, z_y,
+                           qmin, qmax)
+        torch.mul(codes - z_y, s_y, out=out)
+
+    def extra_repr(self) -> str:
+        grid = "float output" if self.out is None else f"requantised to s={self.out[0]:.3g}"
+        return f"{self.in_features} -> {self.out_features}, int8×int8→int32, {grid}"
