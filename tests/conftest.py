@@ -51,3 +51,15 @@ def images():
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     return (20 * torch.log10(ref.norm() / (ref - test).norm())).item()
+
+
+def load_minilm_or_skip():
+    """MiniLM and its tokenizer, or skip the test when transformers/the model are missing."""
+    pytest.importorskip("transformers")
+    from slimtorch.errors import UnknownModelError
+    from slimtorch.zoo.minilm import load_minilm
+
+    try:
+        return load_minilm()
+    except UnknownModelError as e:
+        pytest.skip(str(e))

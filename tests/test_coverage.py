@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pytest
+
+from conftest import load_minilm_or_skip
 import torch
 from torch import nn
 
@@ -104,15 +106,9 @@ def _timm(name: str, **kwargs) -> Callable:
 
 
 def _minilm():
-    pytest.importorskip("transformers")
     from slimtorch.data.text import load_sentences, text_batches
-    from slimtorch.errors import UnknownModelError
-    from slimtorch.zoo.minilm import load_minilm
 
-    try:
-        model, tok = load_minilm()
-    except UnknownModelError as e:
-        pytest.skip(str(e))
+    model, tok = load_minilm_or_skip()
     calib = text_batches(tok, load_sentences("calib", 16), batch_size=8)
     evals = text_batches(tok, load_sentences("eval", 32), batch_size=32)
     return model, calib, evals[0]

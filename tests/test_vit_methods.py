@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+
+from conftest import load_minilm_or_skip
 import torch
 from torch import nn
 
@@ -257,14 +259,9 @@ def test_methods_run_on_timm(method, arch):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ptq4vit", "repq"])
 def test_methods_run_on_minilm(method):
-    pytest.importorskip("transformers")
     from slimtorch.data.text import load_sentences, text_batches
-    from slimtorch.errors import UnknownModelError
-    from slimtorch.zoo.minilm import load_minilm
-    try:
-        model, tok = load_minilm()
-    except UnknownModelError as e:
-        pytest.skip(str(e))
+
+    model, tok = load_minilm_or_skip()
     calib = text_batches(tok, load_sentences("calib", 4), batch_size=4)
     args = dict(FAST, max_rows=64, steps=20) if method == "ptq4vit" else {}
     q = slimtorch.quantize(model, _recipe(method, 8, **args), calib, seed=0)
