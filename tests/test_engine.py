@@ -83,6 +83,24 @@ def test_attention_sites_are_found_and_quantized():
     assert sqnr_db(m(x), q(x)) > 30
 
 
+def test_deepcopy_of_quantized_model_with_sites_is_exact():
+    """The copy's module-tracker hooks must drive the copy's tracker (they used to point at the
+    original's, so the copy named its attention sites wrongly and skipped their quantizers)."""
+    torch.manual_seed(0)
+    m = TinyAttention().eval()
+    x = torch.randn(8, 10, 32)
+    q = slimtorch.quantize(m, "w8a8", x)
+    c = copy.deepcopy(q)
+    with torch.no_grad():
+        assert torch.equal(q(x), c(x))
+        assert torch.equal(c(x), c(x))
+    assert c.slimtorch_functional.tracker is not q.slimtorch_functional.tracker
+    c.slimtorch_functional.tracker.close()  # removing the copy's hooks leaves the original's
+    assert len(q.slimtorch_functional.tracker.handles) > 0
+    with torch.no_grad():
+        assert sqnr_db(m(x), q(x)) > 30
+
+
 def test_quantize_swaps_layers_and_keeps_input_model(cnn, images):
     before = copy.deepcopy(cnn.state_dict())
     q = slimtorch.quantize(cnn, "w8a8", images, seed=0)

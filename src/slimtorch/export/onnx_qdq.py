@@ -12,8 +12,7 @@ While ``qdq_export_mode(model)`` is active (used only around ``torch.onnx.export
   per-row DQ of the [O·G, size] codes and a ``Reshape``): the ONNX file holds the same integers
   the artifact holds, and DQ(codes) is the frozen ``weight`` bit for bit.
 
-Everything is patched on the instances and restored on exit; the model is not copied (a deep
-copy of a model with functional-site quantizers does not keep their module tracker hooks).
+Everything is patched on the instances and restored on exit; the model is not copied.
 A quantizer with no QDQ form (per-group activations) keeps its float arithmetic and is listed in
 ``ExportState.float_quantizers``.
 """

@@ -12,6 +12,7 @@ them with ``close()``.
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 
 from torch import nn
 
@@ -31,13 +32,13 @@ class ModuleTracker:
         for name, mod in model.named_modules():
             if isinstance(mod, skip):
                 continue
-            self.handles.append(mod.register_forward_pre_hook(self._enter(name)))
+            # hooks are bound methods (no closures): ``copy.deepcopy`` of the model then
+            # re-binds them to the copied tracker instead of the original one
+            self.handles.append(mod.register_forward_pre_hook(partial(self._enter, name)))
             self.handles.append(mod.register_forward_hook(self._exit, always_call=True))
 
-    def _enter(self, name: str):
-        def hook(module, args):
-            self.stack.append((name, Counter()))
-        return hook
+    def _enter(self, name: str, module, args) -> None:
+        self.stack.append((name, Counter()))
 
     def _exit(self, module, args, output):
         if self.stack:

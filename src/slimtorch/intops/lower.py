@@ -2,9 +2,8 @@
 
 Every frozen QuantLinear with symmetric ≤ 8-bit weights (per tensor or per output channel) and a
 per-tensor ≤ 8-bit input quantizer is replaced by an ``IntLinear`` (int8 × int8 → int32 through
-``torch._int_mm``). The swap is done in place: a deep copy of a model that has functional-site
-quantizers does not carry their module-tracker hooks over correctly, so reload the artifact
-(``slimtorch.load``) when the fake-quant model is needed as well.
+``torch._int_mm``). The swap is done in place; ``copy.deepcopy`` the model first when the
+fake-quant model is needed as well.
 
 Attention matmuls stay in fake quant: at the zoo's and MiniLM's sequence lengths they are ~2 % of
 the multiply-adds, and ``torch._int_mm`` has no batched form.
