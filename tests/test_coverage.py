@@ -214,15 +214,19 @@ def test_every_conv_and_linear_is_quantized_and_calibrated(run):
             assert _calibrated(m.weight_quantizer), f"{name}: weight quantizer not calibrated"
 
 
+def _attention_sites(meta: dict) -> dict:
+    return {k: v for k, v in meta["plan"]["functional"].items() if v["kind"] != "add"}
+
+
 def test_attention_matmuls_have_calibrated_sites(run):
-    plan = run.meta["plan"]["functional"]
     found = {s["key"] for s in run.meta["graph"]["functional"]}
-    assert set(plan) == found
+    assert set(run.meta["plan"]["functional"]) == found
+    plan = _attention_sites(run.meta)
     sites = getattr(run.qmodel, "slimtorch_functional", None)
     if run.case.attention_layers == 0:
-        assert plan == {} and sites is None
+        assert plan == {}
         return
-    assert sorted(sites.keys()) == sorted(plan)
+    assert sorted(sites.keys()) == sorted(run.meta["plan"]["functional"])
     kinds_by_module = defaultdict(list)
     for key, site in plan.items():
         module, kind, _ = key.rsplit(":", 2)
@@ -245,13 +249,27 @@ def test_residual_blocks_found(run):
     assert all(set(b["layers"]) <= layers for b in blocks)
     # an attention module's projections (q/k/v, output) all sit in one block
     block_of = {fqn: i for i, b in enumerate(blocks) for fqn in b["layers"]}
-    attention = {key.rsplit(":", 2)[0] for key in run.meta["plan"]["functional"]}
+    attention = {key.rsplit(":", 2)[0] for key in _attention_sites(run.meta)}
     assert len(attention) == run.case.attention_layers
     for module in attention:
         inside = {block_of.get(fqn) for fqn in layers if fqn.startswith(module + ".")}
         assert len(inside) == 1 and None not in inside, (module, inside)
     if run.case.block_members:
         assert {b["name"]: set(b["layers"]) for b in blocks} == run.case.block_members
+
+
+def test_residual_adds_quantized_where_an_int8_chain_continues(run):
+    """CNN residual adds feed convs: both operands quantized. Transformer residual adds feed
+    LayerNorm (float), so they stay float; so does ConvNeXt's residual stream."""
+    graph, plan = run.meta["graph"], run.meta["plan"]["functional"]
+    adds = [s for s in graph["functional"] if s["kind"] == "add"]
+    assert {s["node"] for s in adds} <= {b["add_node"] for b in graph["blocks"]}
+    assert all(plan[s["key"]]["kind"] == "add" for s in adds)
+    sites = getattr(run.qmodel, "slimtorch_functional", None)
+    for s in adds:
+        assert all(_calibrated(q) for q in sites.site(s["key"]))
+    cnn = run.name in ("resnet18", "mobilenet_v2")
+    assert len(adds) == (len(graph["blocks"]) if cnn else 0)
 
 
 def test_outputs_stay_close_to_float(run):

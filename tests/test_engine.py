@@ -101,6 +101,55 @@ def test_deepcopy_of_quantized_model_with_sites_is_exact():
         assert sqnr_db(m(x), q(x)) > 30
 
 
+class InplaceResidual(nn.Module):
+    """Two readers of one tensor (conv1 and a 1x1 shortcut) and an in-place residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.short, self.head = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x)))
+        y += self.short(x)
+        return self.head(torch.relu(y))
+
+
+def test_one_quantizer_per_tensor_and_quantized_residual_add(cnn, images):
+    q = slimtorch.quantize(cnn, "w8a8", images)
+    plan, sites = q._slimtorch_meta["plan"], q.slimtorch_functional
+    adds = [k for k, v in plan["functional"].items() if v["kind"] == "add"]
+    assert len(adds) == 1 and plan["shared"] == {f"{adds[0]}#a": "conv1"}  # x + y
+    qa, qb = sites.site(adds[0])
+    assert qa is q.conv1.input_quantizer and qa is not qb  # skip operand = conv1's input
+    seen = []
+    sites.tap = lambda key, kind, args, kwargs, out: seen.append((key, args, out))
+    with torch.no_grad():
+        q(images[:4])
+    sites.tap = None
+    (key, (a, b), out), = [s for s in seen if s[0] == adds[0]]
+    assert torch.equal(out, qa(a) + qb(b))  # Q_a(a) + Q_b(b)
+    off = slimtorch.quantize(cnn, Recipe.from_dict({**load_builtin("w8a8").to_dict(),
+                                                    "quantize_adds": False}), images)
+    assert not any(v["kind"] == "add" for v in off._slimtorch_meta["plan"]["functional"].values())
+
+
+def test_inplace_residual_add_site():
+    torch.manual_seed(0)
+    m, x = InplaceResidual().eval(), torch.randn(16, 4, 8, 8)
+    q = slimtorch.quantize(m, "w8a8", x)
+    plan = q._slimtorch_meta["plan"]
+    assert [v["kind"] for v in plan["functional"].values()] == ["add"]
+    assert plan["shared"] == {"short": "conv1"}
+    key = next(iter(plan["functional"]))
+    qa, qb = q.slimtorch_functional.site(key)
+    with torch.no_grad():
+        y = q.conv2(torch.relu(q.conv1(x)))
+        want = q.head(torch.relu(qa(y) + qb(q.short(x))))
+        assert torch.equal(q(x), want)
+        assert sqnr_db(m(x), q(x)) > 25
+
+
 def test_quantize_swaps_layers_and_keeps_input_model(cnn, images):
     before = copy.deepcopy(cnn.state_dict())
     q = slimtorch.quantize(cnn, "w8a8", images, seed=0)

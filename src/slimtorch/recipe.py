@@ -87,6 +87,9 @@ class Recipe(_Strict):
     last_layer: LayerOverride | None = None
     overrides: dict[str, LayerOverride | None] = Field(default_factory=dict)
     quantize_matmuls: bool = True
+    # residual adds read only by quantized layers (graph.capture._add_sites): quantize both
+    # operands so integer engines keep the residual chain in int8
+    quantize_adds: bool = True
     quantize_embeddings: bool = True
     fold_bn: bool = True
     calib: CalibConfig = Field(default_factory=CalibConfig)

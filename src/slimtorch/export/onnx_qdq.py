@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..quant.granularity import PerChannel, PerGroup, PerTensor
 from ..quant.modules import QuantLayerMixin
+from ..quant.prepare import activation_quantizers, quant_layers
 from ..quant.quantizer import Mode, Quantizer, fake_quant
 
 
@@ -136,28 +137,27 @@ def _patch_weight(layer: QuantLayerMixin) -> None:
 def qdq_export_mode(model: nn.Module):
     """Patch every calibrated quantizer and frozen weight of ``model`` for QDQ export."""
     state, patched = ExportState(), []
+    names = {id(m): n for n, m in model.named_modules()}
     try:
-        for name, mod in model.named_modules():
-            if isinstance(mod, Quantizer) and mod.mode is Mode.QUANT and not _is_weight_q(
-                    model, name):
-                if _qdq_supported(mod):
-                    _patch_quantizer(mod)
-                    patched.append((mod, "forward"))
-                    state.act_qdq += 1
-                else:
-                    state.float_quantizers.append(name)
-            elif isinstance(mod, QuantLayerMixin) and mod.weight_quantizer is not None:
-                if getattr(mod, "frozen", False):
-                    _patch_weight(mod)
-                    patched.append((mod, "quantized_weight"))
-                    state.weight_dq += 1
-                else:
-                    state.float_weights.append(name)
+        for q in activation_quantizers(model):  # each shared quantizer once
+            if q.mode is not Mode.QUANT:
+                continue
+            if _qdq_supported(q):
+                _patch_quantizer(q)
+                patched.append((q, "forward"))
+                state.act_qdq += 1
+            else:
+                state.float_quantizers.append(names[id(q)])
+        for name, layer in quant_layers(model):
+            if layer.weight_quantizer is None:
+                continue
+            if layer.frozen:
+                _patch_weight(layer)
+                patched.append((layer, "quantized_weight"))
+                state.weight_dq += 1
+            else:
+                state.float_weights.append(name)
         yield state
     finally:
         for mod, attr in patched:
             mod.__dict__.pop(attr, None)
-
-
-def _is_weight_q(model: nn.Module, name: str) -> bool:
-    return name.rpartition(".")[2] == "weight_quantizer"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .tracker import FUNCTIONAL_KINDS, ModuleTracker
+from .tracker import FUNCTIONAL_KINDS, SITE_KINDS, ModuleTracker
 
 KINDS = {
     "conv1d": "conv", "conv2d": "conv", "conv3d": "conv3d", "linear": "linear",
@@ -54,7 +54,7 @@ class Node:
     inputs: list[int]      # indices of nodes producing tensor inputs
     shape: list[int]
     dynamic: bool          # depends on the model input (False for params/constants)
-    key: str | None = None  # functional-site name for matmul/sdpa
+    key: str | None = None  # functional-site name for matmul/sdpa/add
     users: int = 0
 
 
@@ -64,7 +64,7 @@ class QuantGraph:
 
     nodes: list[Node]
     layers: list[dict]          # {fqn, type, node, source}; Conv/Linear/Embedding
-    functional: list[dict]      # {key, kind, node, sources}
+    functional: list[dict]      # {key, kind, node, sources}: matmul, sdpa, residual add
     blocks: list[dict]          # {name, add_node, layers}
     bn_folds: list[tuple[str, str]]
     unsupported: list[dict]     # {what, where, why}
@@ -124,7 +124,7 @@ class _Recorder(TorchFunctionMode):
         ins = [self.node_of(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         dynamic = any(self.nodes[i].dynamic for i in ins)
         kind = KINDS.get(op, "other")
-        key = self.tracker.next_key(kind) if kind in ("matmul", "sdpa") else None
+        key = self.tracker.next_key(kind) if kind in SITE_KINDS else None
         first = self.add(kind, op, ins, outs[0], dynamic, key)
         for t in outs[1:]:
             self.producer[id(t)] = first
@@ -191,12 +191,69 @@ def analyse(model: nn.Module, nodes: list[Node]) -> QuantGraph:
         elif n.kind in ("conv3d", "conv_transpose", "einsum", "mha"):
             unsupported.append({"what": n.op, "where": n.module or "(root)",
                                 "why": f"{n.kind} is not quantized yet; left in float"})
+    functional += _add_sites(nodes, layers)
     unsupported += _unused_param_modules(model, layers, nodes)
     counts: dict[str, int] = {}
     for n in nodes:
         counts[n.kind] = counts.get(n.kind, 0) + 1
     return QuantGraph(nodes, layers, functional, _blocks(nodes, layers),
                       _bn_folds(nodes, modules), _dedupe(unsupported), counts)
+
+
+# elementwise ops an integer engine folds into the quantized output range of their producer
+FOLDED_ACTIVATIONS = {"relu", "relu6"}
+# ops that only re-lay out values: a per-tensor quantizer of their output equals their input's
+VIEWS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "clone", "dropout",
+         "unsqueeze", "squeeze", "detach", "unflatten", "mT", "T"}
+
+
+def view_source(nodes: list[Node], idx: int) -> int:
+    """The node whose values ``idx`` shows, looking through pure re-layouts (VIEWS)."""
+    while nodes[idx].kind == "other" and nodes[idx].op in VIEWS and nodes[idx].inputs:
+        idx = nodes[idx].inputs[0]
+    return idx
+
+
+def _readers(nodes: list[Node], users: dict[int, list[int]], idx: int) -> list[int] | None:
+    """The compute nodes that read node ``idx``'s values, looking through passthrough ops and
+    foldable activations; None when the value (or a view of it) is a model output."""
+    out, todo, seen = [], [idx], set()
+    while todo:
+        i = todo.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        n = nodes[i]
+        if i != idx and not (n.kind in FOLDED_ACTIVATIONS or (n.kind == "other"
+                                                              and n.op in PASSTHROUGH)):
+            out.append(i)
+            continue
+        if not users.get(i):
+            return None
+        todo.extend(users[i])
+    return out
+
+
+def _add_sites(nodes: list[Node], layers: list[dict]) -> list[dict]:
+    """Residual adds worth quantizing: two same-shaped activations whose sum is read only by
+    quantized layers or by other such adds (through ReLU and passthrough ops). Quantizing both
+    operands lets an integer engine run the producers and the add in int8 (QLinearConv →
+    QLinearAdd); an add that feeds a float op (LayerNorm, the model output) is left alone."""
+    users: dict[int, list[int]] = {}
+    for n in nodes:
+        for i in dict.fromkeys(n.inputs):
+            users.setdefault(i, []).append(n.idx)
+    layer_nodes = {l["node"] for l in layers if l["type"] != "Embedding"}
+    cand = {n.idx: _readers(nodes, users, n.idx) for n in nodes
+            if n.kind == "add" and n.key and len(n.inputs) == 2
+            and all(nodes[i].dynamic and nodes[i].shape == n.shape for i in n.inputs)}
+    cand = {i: r for i, r in cand.items() if r}
+    changed = True
+    while changed:  # drop adds read by anything else, until no more drop out
+        keep = {i: r for i, r in cand.items() if all(j in layer_nodes or j in cand for j in r)}
+        changed, cand = len(keep) != len(cand), keep
+    return [{"key": nodes[i].key, "kind": "add", "node": i,
+             "sources": [_source_kind(nodes, j) for j in nodes[i].inputs]} for i in sorted(cand)]
 
 
 def _unused_param_modules(model, layers, nodes) -> list[dict]:

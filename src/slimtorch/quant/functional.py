@@ -1,10 +1,11 @@
-"""Quantizers for functional sites: activation×activation matmuls and attention.
+"""Quantizers for functional sites: activation×activation matmuls, attention, residual adds.
 
 A ``FunctionalSites`` module is attached to the model root. While the root's forward runs it
-enters a ``TorchFunctionMode`` that intercepts matmul-like calls and
+enters a ``TorchFunctionMode`` that intercepts matmul-like calls, adds and
 ``F.scaled_dot_product_attention``; the site's name (see ``graph.tracker``) selects its
-quantizers. Matmul: both operands are quantized. SDPA is evaluated as its reference
-definition with quantized q, k, attention probabilities and v:
+quantizers. Matmul and add: both operands are quantized (an add on two int8 grids is what an
+integer engine's QLinearAdd computes, Jacob et al. 2018 §2.4). SDPA is evaluated as its
+reference definition with quantized q, k, attention probabilities and v:
 
     P = softmax(Q(q)·Q(k)ᵀ·scale + mask),   out = Q(P)·Q(v)
 """
@@ -21,7 +22,8 @@ from ..recipe import QuantSpec
 from .kinds import make_quantizer
 from .quantizer import Quantizer
 
-SITE_ROLES = {"matmul": ("a", "b"), "sdpa": ("q", "k", "probs", "v")}
+SITE_ROLES = {"matmul": ("a", "b"), "sdpa": ("q", "k", "probs", "v"), "add": ("a", "b")}
+INPLACE = {"__iadd__", "add_"}
 
 
 def _slot(key: str) -> str:
@@ -60,9 +62,19 @@ class FunctionalSites(nn.Module):
         """Hook the model root so the interception is active during its forward only."""
         if self.tracker is not None or not len(self.sites):
             return
-        self.tracker = ModuleTracker(model, skip=(Quantizer, FunctionalSites))
+        self.tracker = ModuleTracker(model, opaque=(Quantizer, FunctionalSites))
         self._handles = [model.register_forward_pre_hook(self._enter),
                          model.register_forward_hook(self._exit, always_call=True)]
+
+    def reinstall(self, model: nn.Module) -> None:
+        """Hook the model's current modules again (after modules were swapped)."""
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.install(model)
 
     def _enter(self, module, args):
         self._mode = _SiteMode(self)
@@ -86,16 +98,26 @@ class _SiteMode(TorchFunctionMode):
         if kind is None:
             return func(*args, **kwargs)
         key = self.owner.tracker.next_key(kind)
-        qs = self.owner.site(key)
+        qs = self.owner.site(key) if key is not None else None
         if qs is None:
             return func(*args, **kwargs)
-        if kind == "matmul":
+        if kind == "add":
+            out = quantized_add(qs, func, args, kwargs)
+        elif kind == "matmul":
             out = func(qs[0](args[0]), qs[1](args[1]), *args[2:], **kwargs)
         else:
             out = quantized_sdpa(qs, *args, **kwargs)
         if self.owner.tap is not None:
             self.owner.tap(key, kind, args, kwargs, out)
         return out
+
+
+def quantized_add(qs, func, args: tuple, kwargs: dict) -> Tensor:
+    """Q_a(a) + Q_b(b); an in-place add writes the sum into ``a`` as the original would."""
+    total = torch.add(qs[0](args[0]), qs[1](args[1]), *args[2:], **kwargs)
+    if getattr(func, "__name__", "") in INPLACE:
+        return args[0].copy_(total)
+    return total
 
 
 def quantized_sdpa(qs, query: Tensor, key: Tensor, value: Tensor, attn_mask=None,

@@ -1,21 +1,28 @@
 """Prepare a model for quantization: rewrite, capture, plan, attach quantizers, calibrate, freeze.
 
 The *plan* is plain data (``{"layers": {fqn: {"weights": spec|None, "activations":
-spec|None}}, "functional": {key: {"kind", "spec"}}}``) so that ``load`` can replay it on a fresh
-copy of the architecture.
+spec|None}}, "functional": {key: {"kind", "spec"}}, "shared": {reader: owner}}``) so that
+``load`` can replay it on a fresh copy of the architecture.
+
+One tensor, one quantizer: every reader of the same activation tensor with the same spec (the
+first conv of a residual block and its downsample shortcut, the q/k/v projections of one
+LayerNorm output, a residual add's skip operand) uses the quantizer of the first reader
+(``plan["shared"]``; readers are layer fqns or ``"site key#role"``). The readers then agree on
+the grid, as an integer engine needs (one QuantizeLinear per tensor).
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..graph.capture import QuantGraph, call_model, capture
+from ..graph.capture import QuantGraph, call_model, capture, view_source
 from ..graph.rewrite import decompose_attention, fold_batchnorm, set_submodule
 from ..recipe import LayerOverride, QuantSpec, Recipe, match_override
-from .functional import FunctionalSites
+from .functional import SITE_ROLES, FunctionalSites
 from .granularity import PerChannel, PerTensor
 from .modules import QuantLayerMixin, qmodule_class
 from .quantizer import Mode, Quantizer
@@ -56,15 +63,85 @@ def make_plan(graph: QuantGraph, recipe: Recipe) -> dict[str, Any]:
         if w is not None or a is not None:
             layers[layer["fqn"]] = {"weights": _dump(w), "activations": _dump(a)}
     functional: dict[str, dict] = {}
-    if recipe.quantize_matmuls and recipe.activations is not None:
+    if recipe.activations is not None:
         for site in graph.functional:
+            if not (recipe.quantize_adds if site["kind"] == "add" else recipe.quantize_matmuls):
+                continue
             a = recipe.activations.model_copy(update={"granularity": PerTensor()})
             hit, ov = match_override(recipe.overrides, site["key"], site["kind"])
             if hit:
                 a = _with_bits(a, ov, "activations")
             if a is not None:
                 functional[site["key"]] = {"kind": site["kind"], "spec": _dump(a)}
-    return {"layers": layers, "functional": functional}
+    plan = {"layers": layers, "functional": functional}
+    plan["shared"] = shared_readers(graph, plan)
+    return plan
+
+
+# which input of the site's call each role quantizes (sdpa's "probs" is computed inside)
+_ROLE_INPUT = {"matmul": {"a": 0, "b": 1}, "add": {"a": 0, "b": 1},
+               "sdpa": {"q": 0, "k": 1, "v": 2}}
+
+
+def _readers(graph: QuantGraph, plan: dict) -> list[tuple[int, str, int, dict]]:
+    """(reading node, reader ref, tensor node, spec) of every planned activation quantizer."""
+    out = []
+    for layer in graph.layers:
+        spec = (plan["layers"].get(layer["fqn"]) or {}).get("activations")
+        if spec is not None:
+            out.append((layer["node"], layer["fqn"], graph.nodes[layer["node"]].inputs[0], spec))
+    for site in graph.functional:
+        if site["key"] not in plan["functional"]:
+            continue
+        node = graph.nodes[site["node"]]
+        for role, j in _ROLE_INPUT[site["kind"]].items():
+            if j < len(node.inputs):
+                out.append((site["node"], f"{site['key']}#{role}", node.inputs[j],
+                            _spec_of(plan, f"{site['key']}#{role}")))
+    return sorted(out, key=lambda r: r[0])
+
+
+def shared_readers(graph: QuantGraph, plan: dict) -> dict[str, str]:
+    """{reader: owner} for readers of one tensor with one spec (owner: the first reader)."""
+    owners: dict[tuple, str] = {}
+    shared = {}
+    for _, ref, tensor, spec in _readers(graph, plan):
+        per_tensor = spec.get("granularity") == "per_tensor"
+        key = (view_source(graph.nodes, tensor) if per_tensor else tensor,
+               json.dumps(spec, sort_keys=True))
+        if key in owners:
+            shared[ref] = owners[key]
+        else:
+            owners[key] = ref
+    return shared
+
+
+def _spec_of(plan: dict, ref: str) -> dict | None:
+    """Planned activation spec of a reader (layer fqn or ``"key#role"``)."""
+    if "#" not in ref:
+        return (plan["layers"].get(ref) or {}).get("activations")
+    key, role = ref.rsplit("#", 1)
+    site = plan["functional"].get(key)
+    return None if site is None else site.get("roles", {}).get(role, site["spec"])
+
+
+def _act_slot(model: nn.Module, plan: dict, ref: str) -> tuple[nn.Module, str]:
+    """(container, attribute) holding the activation quantizer of a reader."""
+    if "#" not in ref:
+        return model.get_submodule(ref), "input_quantizer"
+    key, role = ref.rsplit("#", 1)
+    roles = SITE_ROLES[plan["functional"][key]["kind"]]
+    return getattr(model, SITES_ATTR).site(key), str(roles.index(role))
+
+
+def share_quantizers(model: nn.Module, plan: dict) -> None:
+    """Point every reader in ``plan["shared"]`` at its owner's quantizer (same spec only)."""
+    for reader, owner in plan.get("shared", {}).items():
+        if _spec_of(plan, reader) != _spec_of(plan, owner):
+            continue  # a method changed one reader's quantizer kind: keep them apart
+        src, src_attr = _act_slot(model, plan, owner)
+        dst, dst_attr = _act_slot(model, plan, reader)
+        setattr(dst, dst_attr, getattr(src, src_attr))
 
 
 def _dump(spec: QuantSpec | None) -> dict | None:
@@ -94,6 +171,8 @@ def attach(model: nn.Module, plan: dict[str, Any], *, seed: int = 0,
                        overrides=roles)
     if len(sites.sites):
         model.add_module(SITES_ATTR, sites)
+    share_quantizers(model, plan)
+    if len(sites.sites):
         sites.install(model)
 
 
@@ -102,6 +181,7 @@ def quant_layers(model: nn.Module) -> Iterable[tuple[str, QuantLayerMixin]]:
 
 
 def activation_quantizers(model: nn.Module) -> list[Quantizer]:
+    """Every activation quantizer once (a shared one is read by several layers/sites)."""
     out = []
     for _, m in quant_layers(model):
         if m.input_quantizer is not None:
@@ -109,7 +189,7 @@ def activation_quantizers(model: nn.Module) -> list[Quantizer]:
     sites = getattr(model, SITES_ATTR, None)
     if sites is not None:
         out += [q for qs in sites.sites.values() for q in qs]
-    return out
+    return list({id(q): q for q in out}.values())
 
 
 def set_activation_mode(model: nn.Module, mode: Mode) -> None:
