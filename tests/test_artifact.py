@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 import slimtorch
 from slimtorch.errors import ArtifactError
 from slimtorch.export.artifact import CONFIG, TENSORS, pack_bits, unpack_bits
+from slimtorch.export.compact import compact, expand
+from slimtorch.quant.quantizer import Quantizer
 from slimtorch.eval.size import fp_size_bytes, quantized_size_bytes
 
 from conftest import make_cnn
@@ -45,11 +47,37 @@ def test_artifact_contents(tmp_path, images):
     cfg = json.loads((tmp_path / "a" / CONFIG).read_text())
     assert cfg["meta"]["recipe"]["name"] == "w4a4" and cfg["packed"]["conv1"]["bits"] == 4
     assert {"slimtorch", "torch", "python"} <= set(cfg["versions"])
-    state = load_file(tmp_path / "a" / TENSORS)
+    raw = load_file(tmp_path / "a" / TENSORS)
+    assert len(raw) <= 3  # small tensors are concatenated: one entry per dtype
+    state = expand(raw, cfg["layout"])
     assert state["conv1.weight_int.packed"].dtype == torch.uint8
     assert state["conv1.weight_int.packed"].numel() == 8 * 8 * 9 * 4 // 8
     assert "conv1.weight" not in state
+    # symmetric weights: zero-points stored as shapes only; the shared input quantizer once
+    zero_zp = [f"{n}.zero_point" for n, m in q.named_modules()
+               if isinstance(m, Quantizer) and not torch.any(m.zero_point)]
+    assert zero_zp and set(zero_zp) <= set(cfg["layout"]["zeros"])
+    assert "conv1.input_quantizer.scale" in cfg["layout"]["aliases"].values()
     assert quantized_size_bytes(q) < fp_size_bytes(model) / 2
+
+
+def test_compact_layout_round_trip_is_exact():
+    torch.manual_seed(0)
+    shared = torch.randn(3)
+    state = {"big": torch.randn(2000), "neg_zero": torch.tensor([-0.0, 0.0]),
+             "zeros": torch.zeros(4, 2), "izeros": torch.zeros(5, dtype=torch.int16),
+             "s": torch.tensor(0.5), "shared": shared, "alias": shared,
+             "codes": torch.randint(0, 255, (7,), dtype=torch.uint8), "empty": torch.zeros(0)}
+    tensors, layout = compact(state)
+    assert set(layout["zeros"]) == {"zeros", "izeros"} and layout["aliases"] == {
+        "alias": "shared"}
+    assert set(tensors) == {"big", "__small__.float32", "__small__.uint8"}
+    back = expand(tensors, layout)
+    assert set(back) == set(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        assert torch.equal(back[k].reshape(-1).view(torch.uint8),
+                           v.reshape(-1).view(torch.uint8)), k  # bit for bit
 
 
 def test_overwrite_is_atomic_and_leaves_no_temp(tmp_path, images):

@@ -88,8 +88,9 @@ class Recipe(_Strict):
     overrides: dict[str, LayerOverride | None] = Field(default_factory=dict)
     quantize_matmuls: bool = True
     # residual adds read only by quantized layers (graph.capture._add_sites): quantize both
-    # operands so integer engines keep the residual chain in int8
-    quantize_adds: bool = True
+    # operands so integer engines keep the residual chain in int8 (on in the deployable w8a8;
+    # off by default as in the BRECQ/QDrop protocol, which quantizes layer inputs only)
+    quantize_adds: bool = False
     quantize_embeddings: bool = True
     fold_bn: bool = True
     calib: CalibConfig = Field(default_factory=CalibConfig)

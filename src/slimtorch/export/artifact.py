@@ -1,7 +1,9 @@
 """The slimtorch artifact: ``model.safetensors`` + ``slimtorch.json``; no pickle.
 
 - Integer weight codes are stored bit-packed (b bits per weight, offset to be non-negative),
-  next to their scales and zero-points and every other tensor of the model.
+  next to their scales and zero-points and every other tensor of the model, in the compact
+  layout of ``compact`` (all-zero tensors as shapes, shared tensors once, small tensors
+  concatenated per dtype).
 - ``slimtorch.json`` holds the recipe, the plan (which quantizer sits where), the graph
   description, the model's source (``zoo:resnet20``, ``torchvision:resnet18``...), versions and
   the SHA-256 of the tensor file, so a truncated or edited artifact is refused on load.
@@ -29,6 +31,7 @@ from ..errors import ArtifactError
 from ..graph.rewrite import apply_fold_structure, decompose_attention
 from ..quant.prepare import META_ATTR, attach, quant_layers
 from ..quant.quantizer import Mode
+from .compact import compact, expand
 
 FORMAT = "slimtorch-artifact"
 FORMAT_VERSION = 1
@@ -58,7 +61,8 @@ def _sha256(path: Path) -> str:
 
 
 def artifact_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """State of a quantized model with frozen weights replaced by packed integer codes."""
+    """Tensors to write for a quantized model (frozen weights as packed integer codes, in the
+    compact layout of ``compact``) and the config entries that describe them."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     packed: dict[str, dict] = {}
     for fqn, m in quant_layers(model):
@@ -68,17 +72,8 @@ def artifact_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
         state.pop(f"{fqn}.weight")
         state[f"{fqn}.weight_int.packed"] = pack_bits(m.weight_int, wq.spec.bits, wq.qmin)
         packed[fqn] = {"bits": wq.spec.bits, "qmin": wq.qmin, "shape": list(m.weight_int.shape)}
-    return _unshare(state), packed
-
-
-def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (tied weights): store copies."""
-    seen, out = set(), {}
-    for k, v in state.items():
-        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        out[k] = v.clone() if ptr in seen and v.numel() else v
-        seen.add(ptr)
-    return out
+    tensors, layout = compact(state)
+    return tensors, {"packed": packed, "layout": layout}
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, extra: dict | None = None) -> Path:
@@ -88,13 +83,13 @@ def save(model: nn.Module, directory: str | os.PathLike, *, extra: dict | None =
         raise ArtifactError("this model was not produced by slimtorch.quantize; nothing to save")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    state, packed = artifact_tensors(model)
+    state, layout = artifact_tensors(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         save_file(state, str(tmp / TENSORS))
         config = {"format": FORMAT, "format_version": FORMAT_VERSION,
                   "source": getattr(model, "slimtorch_source", None), "meta": meta,
-                  "packed": packed, "sha256": _sha256(tmp / TENSORS),
+                  **layout, "sha256": _sha256(tmp / TENSORS),
                   "versions": versions(), **(extra or {})}
         (tmp / CONFIG).write_text(json.dumps(config, indent=1))
         replace_dir(tmp, directory)
@@ -151,7 +146,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     if _sha256(directory / TENSORS) != cfg.get("sha256"):
         raise ArtifactError(f"{directory / TENSORS} does not match the checksum in {CONFIG}: "
                             "the artifact is truncated or was modified; re-create it")
-    state = load_file(str(directory / TENSORS))
+    state = expand(load_file(str(directory / TENSORS)), cfg.get("layout"))
     if model is None:
         if not cfg.get("source"):
             raise ArtifactError("this artifact was made from a custom model: pass the float "
