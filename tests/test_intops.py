@@ -130,3 +130,29 @@ def test_lowered_attention_model_keeps_functional_sites():
     assert len(lowering_summary(q)["int8"]) == 5  # qkv, proj, mlp.0, mlp.2, head
     y = q(imgs)
     assert (y - ref).abs().max() <= 1e-3 * ref.abs().max() + 1e-5
+
+
+class ResidualMLP(nn.Module):
+    """A residual add read by a Linear: an add site in the same module as lowered layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(48, 48), nn.Linear(48, 48), nn.Linear(48, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x))) + x))
+
+
+def test_lowering_keeps_residual_add_site(x):
+    torch.manual_seed(0)
+    q = slimtorch.quantize(ResidualMLP().eval(), "w8a8", x)
+    key = next(k for k, v in q._slimtorch_meta["plan"]["functional"].items()
+               if v["kind"] == "add")
+    ref = q(x)
+    lower_to_int8(q)
+    assert len(lowering_summary(q)["int8"]) == 3
+    hits = []
+    q.slimtorch_functional.tap = lambda k, *rest: hits.append(k)
+    y = q(x)
+    assert hits == [key]  # IntLinear's own adds do not shift the site count of the root
+    assert (y - ref).abs().max() <= 2e-2 * ref.abs().max()

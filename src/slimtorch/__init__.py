@@ -4,12 +4,13 @@
     qmodel = slimtorch.quantize(model, "w4a4", calib_data, seed=0)
     slimtorch.save(qmodel, "out/")
     qmodel = slimtorch.load("out/")
+    report = slimtorch.export_onnx(qmodel, "model.onnx", example_inputs)
 """
 __version__ = "0.1.0"
 
-from .api import load, quantize, save  # noqa: E402
+from .api import export_onnx, load, quantize, save  # noqa: E402
 from .errors import SlimtorchError  # noqa: E402
 from .recipe import Recipe, resolve_recipe  # noqa: E402
 
-__all__ = ["quantize", "save", "load", "Recipe", "resolve_recipe", "SlimtorchError",
+__all__ = ["quantize", "save", "load", "export_onnx", "Recipe", "resolve_recipe", "SlimtorchError",
            "__version__"]

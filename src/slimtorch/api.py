@@ -1,4 +1,4 @@
-"""Public entry points: ``quantize``, ``save``, ``load``.
+"""Public entry points: ``quantize``, ``save``, ``load``, ``export_onnx``.
 
 ``quantize`` composes small steps: resolve the recipe → check the calibration data → copy and
 prepare the model (rewrite, capture, plan, attach quantizers) → calibrate → run the recipe's
@@ -18,7 +18,7 @@ from .export.artifact import load, save
 from .quant.prepare import META_ATTR, calibrate, freeze, prepare
 from .recipe import Recipe, resolve_recipe
 
-__all__ = ["quantize", "save", "load"]
+__all__ = ["quantize", "save", "load", "export_onnx"]
 
 
 def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, seed: int = 0,
@@ -42,3 +42,10 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
     freeze(qmodel)
     setattr(qmodel, META_ATTR, meta)
     return qmodel
+
+
+def export_onnx(qmodel: nn.Module, path, example_inputs: Any, **kwargs):
+    """ONNX QDQ export checked by onnxruntime (``export.onnx.export_onnx``; needs the
+    ``export`` extra: onnx, onnxruntime). Returns the ExportReport."""
+    from .export.onnx import export_onnx as _export
+    return _export(qmodel, path, example_inputs, **kwargs)

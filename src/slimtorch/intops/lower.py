@@ -14,6 +14,7 @@ from torch import nn
 
 from ..graph.rewrite import set_submodule
 from ..quant.modules import QuantLayerMixin
+from ..quant.prepare import SITES_ATTR
 from ..quant.quantizer import Quantizer
 from .linear import IntLinear, int8_eligible
 
@@ -29,6 +30,9 @@ def lower_to_int8(qmodel: nn.Module, *, output_grids: dict[str, Quantizer] | Non
     for fqn, mod in list(qmodel.named_modules()):
         if fqn and int8_eligible(mod) is None:
             set_submodule(qmodel, fqn, IntLinear(mod, grids.get(fqn)))
+    sites = getattr(qmodel, SITES_ATTR, None)
+    if sites is not None:  # the new modules must take part in naming the sites
+        sites.reinstall(qmodel)
     return qmodel
 
 
