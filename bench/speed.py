@@ -48,10 +48,29 @@ def run_model(name: str, args, workdir: Path) -> dict | None:
     report = export_onnx(load(art), workdir / f"{name}.onnx", deploy_inputs(source, 8),
                          check_inputs=items, threads=args.threads)
     ort_quality = ort_task_score(source, workdir / f"{name}.onnx", items, args.threads)
+    float64 = float64_agreement(load(art), items)
     speed = measure_speed(art, threads=args.threads, repeats=args.repeats)
     print(f"{name}: exported, agreement {report.agreement}, speed {speed['rows']}", flush=True)
     return {"model": name, "metrics": metrics, "export": report.to_dict(), "speed": speed,
-            "ort_quality": ort_quality}
+            "ort_quality": ort_quality, "float64": float64}
+
+
+def float64_agreement(qmodel, items: list) -> dict:
+    """The same quantized PyTorch model evaluated in float64 vs float32, compared like
+    onnxruntime vs PyTorch: the agreement that float rounding alone allows."""
+    from slimtorch.export.onnx import reference_output
+    from slimtorch.export.onnx_check import compare, concat_padded
+    ref = concat_padded([reference_output(qmodel, it) for it in items])
+    q64 = qmodel.double()
+    got = concat_padded([reference_output(q64, _to_double(it)) for it in items])
+    masks = [it["attention_mask"].numpy() for it in items if isinstance(it, dict)]
+    return compare(ref, got, concat_padded(masks) if masks else None)
+
+
+def _to_double(item):
+    if isinstance(item, dict):
+        return {k: v.double() if v.is_floating_point() else v for k, v in item.items()}
+    return item.double()
 
 
 def ort_task_score(source: str, path: Path, items: list, threads: int) -> dict:
@@ -106,16 +125,21 @@ def to_markdown(results: list[dict], args, load_before: tuple, load_after: tuple
                 lines.append(f"| {r['model']} | {key} | {m.get('fp_' + key, '')} | "
                              f"{m['q_' + key]} | {o[key]} |")
     lines += ["", "onnxruntime vs PyTorch quantized (same inputs), kernels in ORT's optimised "
-              "graph:", "", "| model | samples | agreement | max abs diff | int8 kernels | "
-              "float compute left |", "|---|---:|---:|---:|---|---|"]
+              "graph; last column: the same PyTorch quantized model in float64 vs float32 "
+              "(what float rounding alone changes):", "",
+              "| model | samples | ORT vs PyTorch | max abs diff | int8 kernels | "
+              "float compute left | PyTorch fp64 vs fp32 |", "|---|---:|---:|---:|---|---|---:|"]
     for r in results:
         e, a = r["export"], r["export"]["agreement"]
-        agree = (f"top-1 {a['top1_agreement']:.2f} %" if "top1_agreement" in a else
-                 f"retrieval top-1 {a['retrieval_agreement']:.2f} %, cosine "
-                 f"{a['cosine_mean']:.5f}")
-        lines.append(f"| {r['model']} | {a['n']} | {agree} | {a['max_abs_diff']:.3g} | "
-                     f"{_counts(e['int8_kernels'])} | {_counts(e['float_compute']) or '-'} |")
+        lines.append(f"| {r['model']} | {a['n']} | {_agree(a)} | {a['max_abs_diff']:.3g} | "
+                     f"{_counts(e['int8_kernels'])} | {_counts(e['float_compute']) or '-'} | "
+                     f"{_agree(r['float64'])} |")
     return "\n".join(lines)
+
+
+def _agree(a: dict) -> str:
+    return (f"top-1 {a['top1_agreement']:.2f} %" if "top1_agreement" in a else
+            f"retrieval top-1 {a['retrieval_agreement']:.2f} %, cosine {a['cosine_mean']:.5f}")
 
 
 def _counts(d: dict) -> str:

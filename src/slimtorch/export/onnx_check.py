@@ -107,3 +107,33 @@ def _pool(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         m = mask[:, : x.shape[1], None].astype(np.float64)
         return (x * m).sum(1) / np.maximum(m.sum(1), 1e-9)
     return x.reshape(x.shape[0], -1).astype(np.float64)
+
+
+def op_profile(path: str | Path, feeds: dict[str, np.ndarray], *, threads: int = 1,
+               runs: int = 20, warmup: int = 3) -> dict:
+    """Where onnxruntime spends its time: per op type and per node, the median kernel time
+    (ms) per run from onnxruntime's own profiler (``SessionOptions.enable_profiling``)."""
+    import json
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory() as d:
+        so.enable_profiling, so.profile_file_prefix = True, str(Path(d) / "ort")
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        for _ in range(warmup + runs):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per_node: dict[str, list[float]] = {}
+    op_of: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_node.setdefault(e["name"], []).append(e["dur"] / 1e3)
+            op_of[e["name"]] = e["args"]["op_name"]
+    nodes = {n: float(np.median(t[-runs:])) for n, t in per_node.items()}  # drop warm-up
+    ops: Counter = Counter()
+    for n, ms in nodes.items():
+        ops[op_of[n]] += ms
+    return {"ops": dict(ops.most_common()), "nodes": [
+        {"node": n.removesuffix("_kernel_time"), "op": op_of[n], "ms": ms}
+        for n, ms in nodes.items()], "total_ms": float(sum(nodes.values()))}
