@@ -57,8 +57,19 @@ def test_artifact_contents(tmp_path, images):
     zero_zp = [f"{n}.zero_point" for n, m in q.named_modules()
                if isinstance(m, Quantizer) and not torch.any(m.zero_point)]
     assert zero_zp and set(zero_zp) <= set(cfg["layout"]["zeros"])
-    assert "conv1.input_quantizer.scale" in cfg["layout"]["aliases"].values()
     assert quantized_size_bytes(q) < fp_size_bytes(model) / 2
+
+
+def test_shared_quantizer_saved_once_and_shared_after_load(tmp_path, images):
+    model = make_cnn()
+    q = slimtorch.quantize(model, "w8a8", images)  # conv1's input = the residual add's x
+    slimtorch.save(q, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / CONFIG).read_text())
+    assert "conv1.input_quantizer.scale" in cfg["layout"]["aliases"].values()
+    r = slimtorch.load(tmp_path / "a", model=model)
+    key = next(iter(r._slimtorch_meta["plan"]["functional"]))
+    assert r.slimtorch_functional.site(key)[0] is r.conv1.input_quantizer
+    assert torch.equal(r(images), q(images))
 
 
 def test_compact_layout_round_trip_is_exact():

@@ -83,7 +83,7 @@ _ROLE_INPUT = {"matmul": {"a": 0, "b": 1}, "add": {"a": 0, "b": 1},
                "sdpa": {"q": 0, "k": 1, "v": 2}}
 
 
-def _readers(graph: QuantGraph, plan: dict) -> list[tuple[int, str, int, dict]]:
+def _act_readers(graph: QuantGraph, plan: dict) -> list[tuple[int, str, int, dict]]:
     """(reading node, reader ref, tensor node, spec) of every planned activation quantizer."""
     out = []
     for layer in graph.layers:
@@ -105,7 +105,7 @@ def shared_readers(graph: QuantGraph, plan: dict) -> dict[str, str]:
     """{reader: owner} for readers of one tensor with one spec (owner: the first reader)."""
     owners: dict[tuple, str] = {}
     shared = {}
-    for _, ref, tensor, spec in _readers(graph, plan):
+    for _, ref, tensor, spec in _act_readers(graph, plan):
         per_tensor = spec.get("granularity") == "per_tensor"
         key = (view_source(graph.nodes, tensor) if per_tensor else tensor,
                json.dumps(spec, sort_keys=True))
