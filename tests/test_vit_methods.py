@@ -248,6 +248,22 @@ def test_post_ln_reparameterisation_is_exact_and_leaves_the_layernorm():
     assert getattr(m, META_ATTR)["plan"]["layers"]["q"]["activations"]["kind"] == "reparam_uniform"
 
 
+def test_layers_on_different_grids_get_their_own_reparameterisation():
+    """An 8-bit and a 4-bit layer reading one LayerNorm: each carries its own (r, b), exact."""
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(0))
+    d = _recipe("repq").to_dict()
+    d["overrides"] = {"q": {"activations": 8}}
+    m = _prepared(PostLN(), x, Recipe.from_dict(d))
+    with torch.no_grad(), quantizers_off(m):
+        before = m(x)[0]
+    stats = {"reparameterized": [], "carried": [], "skipped": []}
+    reparameterize(m, [x], stats)
+    qq, qk = m.q.input_quantizer, m.k.input_quantizer
+    assert (qq.spec.bits, qk.spec.bits) == (8, 4) and not torch.equal(qq.in_scale, qk.in_scale)
+    with torch.no_grad(), quantizers_off(m):
+        torch.testing.assert_close(m(x)[0], before, atol=1e-5, rtol=1e-5)
+
+
 def test_carried_reparam_equals_per_channel_quantization():
     """Per-tensor (Δ̄, z̄) after x/r − b, with W·r and bias + W'b, gives exactly the Linear on
     the per-channel fake-quantized input (Δ_c, z_c): RepQ-ViT's equivalence."""
