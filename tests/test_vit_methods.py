@@ -17,7 +17,8 @@ from slimtorch.algorithms.vit_sites import (ln_linear_groups, post_gelu_layers,
                                             post_softmax_slots, quantizers_off, recapture)
 from slimtorch.quant.log2 import Log2Sqrt2Quantizer, log2sqrt2_quant
 from slimtorch.quant.prepare import META_ATTR, calibrate, prepare
-from slimtorch.quant.quantizer import Mode
+from slimtorch.quant.quantizer import Mode, fake_quant
+from slimtorch.quant.reparam import ReparamQuantizer
 from slimtorch.quant.twin import TwinUniformQuantizer
 from slimtorch.recipe import QuantSpec, Recipe, load_builtin, load_recipe_text
 
@@ -187,7 +188,7 @@ def test_repq_reparameterisation_keeps_float_output(build):
     lns = {n: p.detach().clone() for n, p in m.named_parameters() if "norm" in n or "ln" in n}
     with torch.no_grad(), quantizers_off(m):
         before = m(x)
-    stats = {"reparameterized": [], "skipped": []}
+    stats = {"reparameterized": [], "carried": [], "skipped": []}
     reparameterize(m, [x], stats)
     assert len(stats["reparameterized"]) == (2 if build == "explicit" else 5)
     with torch.no_grad(), quantizers_off(m):
@@ -199,21 +200,101 @@ def test_repq_reparameterisation_keeps_float_output(build):
     assert qkv.input_quantizer.scale.dim() == 0      # one per-tensor quantizer remains
 
 
-def test_repq_skips_layernorm_that_feeds_the_residual():
-    class PostLN(nn.Module):  # BERT-style: LN output feeds the next Linear AND the residual
-        def __init__(self):
-            super().__init__()
-            self.fc0, self.ln, self.fc = nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8)
+class PostLN(nn.Module):
+    """BERT-style: the LN output feeds the next Linear layers AND the residual add; the last
+    LN output is also returned (and read by a Linear, like BERT's pooler)."""
 
-        def forward(self, x):
-            h = self.ln(self.fc0(x))
-            return h + self.fc(h)
+    def __init__(self, d=8):
+        super().__init__()
+        self.fc0, self.ln1, self.q, self.k = (nn.Linear(d, d), nn.LayerNorm(d),
+                                              nn.Linear(d, d), nn.Linear(d, d, bias=False))
+        self.ln2, self.pool = nn.LayerNorm(d), nn.Linear(d, d)
+        with torch.no_grad():
+            for ln in (self.ln1, self.ln2):
+                ln.weight.uniform_(0.2, 3.0)
+                ln.bias.normal_()
 
-    x = torch.randn(4, 8)
+    def forward(self, x):  # [B, T, d]
+        h = self.ln1(self.fc0(x))
+        h = self.ln2(h + self.q(h) * torch.sigmoid(self.k(h)))
+        return h, self.pool(h[:, 0])
+
+
+def test_post_ln_groups_are_not_exclusive():
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(0))
     m = _prepared(PostLN(), x, _recipe("repq"))
-    stats = {"reparameterized": [], "skipped": []}
+    groups = {g.weight: g for g in ln_linear_groups(m, recapture(m, x))}
+    assert groups["ln1.weight"].layers == ["q", "k"]
+    assert groups["ln2.weight"].layers == ["pool"]
+    assert not groups["ln1.weight"].exclusive  # also read by the residual add
+    assert not groups["ln2.weight"].exclusive  # returned by the model
+
+
+def test_post_ln_reparameterisation_is_exact_and_leaves_the_layernorm():
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(0))
+    m = _prepared(PostLN(), x, _recipe("repq"))
+    ln = {n: p.detach().clone() for n, p in m.named_parameters() if n.startswith("ln")}
+    with torch.no_grad(), quantizers_off(m):
+        before = m(x)
+    stats = {"reparameterized": [], "carried": [], "skipped": []}
     reparameterize(m, [x], stats)
-    assert stats["reparameterized"] == [] and stats["skipped"] == ["ln.weight"]
+    assert stats["carried"] == ["ln1.weight", "ln2.weight"] and not stats["reparameterized"]
+    with torch.no_grad(), quantizers_off(m):
+        after = m(x)
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(p, ln[n]) for n, p in m.named_parameters() if n in ln)
+    assert isinstance(m.q.input_quantizer, ReparamQuantizer) and m.q.input_quantizer.scale.dim() == 0
+    assert getattr(m, META_ATTR)["plan"]["layers"]["q"]["activations"]["kind"] == "reparam_uniform"
+
+
+def test_layers_on_different_grids_get_their_own_reparameterisation():
+    """An 8-bit and a 4-bit layer reading one LayerNorm: each carries its own (r, b), exact."""
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(0))
+    d = _recipe("repq").to_dict()
+    d["overrides"] = {"q": {"activations": 8}}
+    m = _prepared(PostLN(), x, Recipe.from_dict(d))
+    with torch.no_grad(), quantizers_off(m):
+        before = m(x)[0]
+    stats = {"reparameterized": [], "carried": [], "skipped": []}
+    reparameterize(m, [x], stats)
+    qq, qk = m.q.input_quantizer, m.k.input_quantizer
+    assert (qq.spec.bits, qk.spec.bits) == (8, 4) and not torch.equal(qq.in_scale, qk.in_scale)
+    with torch.no_grad(), quantizers_off(m):
+        torch.testing.assert_close(m(x)[0], before, atol=1e-5, rtol=1e-5)
+
+
+def test_carried_reparam_equals_per_channel_quantization():
+    """Per-tensor (Δ̄, z̄) after x/r − b, with W·r and bias + W'b, gives exactly the Linear on
+    the per-channel fake-quantized input (Δ_c, z_c): RepQ-ViT's equivalence."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g) * torch.tensor([0.1, 1, 5, 0.5, 2, 20]) + 1.0
+    delta = torch.tensor([0.02, 0.3, 1.1, 0.1, 0.5, 4.0])
+    zp = torch.tensor([8.0, 7.0, 6.0, 9.0, 7.0, 5.0])
+    lin = nn.Linear(6, 3)
+    ref = lin(fake_quant(x, delta, zp, 0, 15))
+    r, b, d_mean, z_mean = reparam_params(delta, zp)
+    q = ReparamQuantizer(QuantSpec(bits=4, kind="reparam_uniform"))
+    q.set_affine(r, b)
+    q.scale, q.zero_point, q.mode = d_mean, z_mean, Mode.QUANT
+    with torch.no_grad():
+        w = lin.weight * r  # [out, in] · r over input columns
+        out = nn.functional.linear(q(x), w, lin.bias + w @ b)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_post_ln_artifact_bit_exact(tmp_path):
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(0))
+    model = PostLN().eval()
+    q = slimtorch.quantize(model, _recipe("repq"), x, seed=0)
+    assert getattr(q, META_ATTR)["method_stats"]["carried"]
+    slimtorch.save(q, tmp_path / "a")
+    r = slimtorch.load(tmp_path / "a", model=model)
+    assert isinstance(r.q.input_quantizer, ReparamQuantizer)
+    sq, sr = q.state_dict(), r.state_dict()
+    assert sq.keys() == sr.keys() and all(torch.equal(sq[k], sr[k]) for k in sq)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(q(x), r(x)))
 
 
 # ---------------------------------------------------------------- PTQ4ViT search
@@ -270,8 +351,9 @@ def test_methods_run_on_minilm(method):
         out = q(**calib[0]).last_hidden_state
     assert _cos(ref, out) > 0.9
     stats = getattr(q, META_ATTR)["method_stats"]
-    if method == "repq":
-        assert stats["log2_sites"] == 6  # post-LN BERT: LNs feed residuals, none folded
+    if method == "repq":  # post-LN BERT: every LN feeds a residual (or is returned): carried
+        assert stats["log2_sites"] == 6 and len(stats["carried"]) == 13
+        assert stats["float_output_rel_change"] < 1e-4 and not stats["reparameterized"]
     else:
         assert stats["units"]
 

@@ -48,8 +48,9 @@ class QuantSpec(_Strict):
     observer: Literal["minmax", "percentile", "mse"] = "mse"
     p: float = Field(2.4, gt=0, description="norm of the MSE-p range search")
     percentile: float = Field(99.99, gt=50, le=100, description="for observer: percentile")
-    # quantizer family (quant/kinds.py): uniform grid, log√2 (RepQ-ViT), twin-uniform (PTQ4ViT)
-    kind: Literal["uniform", "log2sqrt2", "twin_uniform"] = "uniform"
+    # quantizer family (quant/kinds.py): uniform grid, log√2 (RepQ-ViT), twin-uniform (PTQ4ViT),
+    # uniform after a per-channel affine (RepQ-ViT on a post-LN input)
+    kind: Literal["uniform", "log2sqrt2", "twin_uniform", "reparam_uniform"] = "uniform"
 
     _bits = field_validator("bits")(classmethod(lambda cls, v: _check_bits(v)))
 

@@ -7,9 +7,9 @@ Everything is found from the QuantGraph, never from module names:
 * post-GELU quantizers: the input quantizer of every layer whose graph source is ``gelu``;
 * LayerNorm → Linear groups: walk back from each layer's input through reshape-like ops to a
   ``layer_norm`` node; its weight/bias parameter nodes name the affine parameters. A group is
-  only usable for reparameterisation when *every* consumer of the LayerNorm output is one of
-  those layers (pre-LN transformers: yes; post-LN BERT, whose LN output also feeds the
-  residual add: no).
+  *exclusive* when every consumer of the LayerNorm output is one of those layers and the
+  model does not return it (pre-LN transformers: yes; post-LN BERT, whose LN output also
+  feeds the residual add or is the returned hidden state: no).
 
 Swapping a quantizer for another kind also rewrites the plan stored on the model, so the
 artifact rebuilds the same quantizer classes on load.
@@ -94,12 +94,18 @@ def swap_site_quantizer(model: nn.Module, key: str, idx: int, kind: str) -> Quan
 
 
 def swap_input_quantizer(model: nn.Module, fqn: str, kind: str) -> Quantizer:
-    layer, plan = model.get_submodule(fqn), getattr(model, META_ATTR)["plan"]
-    old = layer.input_quantizer
+    old = model.get_submodule(fqn).input_quantizer
     spec = old.spec.model_copy(update={"kind": kind})
-    layer.input_quantizer = make_quantizer(spec, seed=old.seed, max_samples=old.max_samples)
-    plan["layers"][fqn]["activations"] = spec.model_dump(mode="json")
-    return layer.input_quantizer
+    return set_input_quantizer(model, fqn, make_quantizer(spec, seed=old.seed,
+                                                          max_samples=old.max_samples))
+
+
+def set_input_quantizer(model: nn.Module, fqn: str, q: Quantizer) -> Quantizer:
+    """Install ``q`` as the layer's input quantizer and record its spec in the plan."""
+    model.get_submodule(fqn).input_quantizer = q
+    getattr(model, META_ATTR)["plan"]["layers"][fqn]["activations"] = q.spec.model_dump(
+        mode="json")
+    return q
 
 
 @torch.no_grad()
@@ -176,6 +182,19 @@ def _consumers(graph: QuantGraph, users: dict, start: int) -> set[int]:
     return out
 
 
+def _returned(graph: QuantGraph, users: dict, start: int) -> bool:
+    """Whether node ``start`` or a reshape-like view of it is a model output."""
+    todo, seen, outs = [start], set(), set(graph.outputs)
+    while todo:
+        i = todo.pop()
+        if i in outs:
+            return True
+        seen.add(i)
+        todo += [u for u in users.get(i, []) if u not in seen
+                 and _safe(graph, graph.nodes[u]) and graph.nodes[u].inputs[0] == i]
+    return False
+
+
 def ln_linear_groups(model: nn.Module, graph: QuantGraph) -> list[LNGroup]:
     """LayerNorm → Linear groups (see module docstring)."""
     users = _users(graph)
@@ -197,6 +216,8 @@ def ln_linear_groups(model: nn.Module, graph: QuantGraph) -> list[LNGroup]:
         if ln not in groups:
             cons = _consumers(graph, users, ln)
             fqns = {linear_node.get(c) for c in cons}
+            if _returned(graph, users, ln):
+                fqns.add(None)  # the model returns it: a fold would change the output
             groups[ln] = LNGroup(params[0].op, params[1].op,
                                  consumers=None if None in fqns else fqns)
         groups[ln].layers.append(layer["fqn"])

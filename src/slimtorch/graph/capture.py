@@ -69,6 +69,7 @@ class QuantGraph:
     bn_folds: list[tuple[str, str]]
     unsupported: list[dict]     # {what, where, why}
     counts: dict[str, int] = field(default_factory=dict)
+    outputs: list[int] = field(default_factory=list)  # nodes the model returns
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary (nodes left out)."""
@@ -152,10 +153,13 @@ def capture(model: nn.Module, example: Any) -> QuantGraph:
             if isinstance(t, Tensor):
                 rec.add("input", "input", [], t, dynamic=True)
         with torch.no_grad(), rec:
-            call_model(model, example)
+            out = call_model(model, example)
     finally:
         tracker.close()
-    return analyse(model, rec.nodes)
+    graph = analyse(model, rec.nodes)
+    graph.outputs = [rec.producer[id(t)] for t in tree_flatten(out)[0]
+                     if isinstance(t, Tensor) and id(t) in rec.producer]
+    return graph
 
 
 def analyse(model: nn.Module, nodes: list[Node]) -> QuantGraph:

@@ -1,7 +1,9 @@
 """Quantizer families selected by ``QuantSpec.kind`` — the one place a spec becomes a module.
 
 ``uniform`` → ``Quantizer``; ``log2sqrt2`` → ``Log2Sqrt2Quantizer`` (RepQ-ViT, post-softmax);
-``twin_uniform`` → ``TwinUniformQuantizer`` (PTQ4ViT, post-softmax / post-GELU). The plan stores
+``twin_uniform`` → ``TwinUniformQuantizer`` (PTQ4ViT, post-softmax / post-GELU);
+``reparam_uniform`` → ``ReparamQuantizer`` (RepQ-ViT's x/r − b on a post-LN input whose
+LayerNorm cannot absorb it). The plan stores
 the spec (with its kind), so ``load`` rebuilds the same class and the buffers restore its state.
 """
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 from ..recipe import QuantSpec
 from .log2 import Log2Sqrt2Quantizer
 from .quantizer import Quantizer
+from .reparam import ReparamQuantizer
 from .twin import TwinUniformQuantizer
 
 QUANTIZER_KINDS: dict[str, type[Quantizer]] = {
-    "uniform": Quantizer, "log2sqrt2": Log2Sqrt2Quantizer, "twin_uniform": TwinUniformQuantizer}
+    "uniform": Quantizer, "log2sqrt2": Log2Sqrt2Quantizer, "twin_uniform": TwinUniformQuantizer,
+    "reparam_uniform": ReparamQuantizer}
 
 
 def make_quantizer(spec: QuantSpec, **kwargs) -> Quantizer:
