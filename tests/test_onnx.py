@@ -253,3 +253,19 @@ def test_attention_scale_folded_into_dq(tmp_path, imgs):
     assert not any(n.op_type == "Mul" and any(
         prod.get(i) is not None and prod[i].op_type == "MatMul" for i in n.input)
         for n in model.graph.node)
+
+
+@pytest.mark.parametrize("recipe", ["vit-w8a8-repq", "vit-w8a8-ptq4vit"])
+def test_non_uniform_quantizers_export_as_float_and_agree(tmp_path, imgs, recipe):
+    """log√2 / twin-uniform grids have no QuantizeLinear form: they keep their float arithmetic
+    (so onnxruntime computes what PyTorch computes), are reported, and are not lowered to int8."""
+    from slimtorch.intops import int8_eligible
+    from slimtorch.quant.prepare import activation_quantizers, quant_layers
+    q, r, _ = export(tiny_vit(), recipe, imgs, tmp_path / "v.onnx")
+    odd = [m for m in activation_quantizers(q) if m.spec.kind != "uniform"]
+    assert odd and len(r.float_quantizers) == len(odd)
+    assert r.ort_error is None and r.agreement["top1_agreement"] == 100.0
+    assert r.agreement["max_rel_diff"] < 0.02  # exported as uniform QDQ it was ~1.0
+    for _, layer in quant_layers(q):
+        if layer.input_quantizer is not None and layer.input_quantizer.spec.kind != "uniform":
+            assert "not uniform" in (int8_eligible(layer) or "not uniform")

@@ -15,7 +15,7 @@ from torch import nn
 from .algorithms import ALGORITHMS
 from .data.calibration import calibration_batches
 from .export.artifact import load, save
-from .quant.prepare import META_ATTR, calibrate, freeze, prepare
+from .quant.prepare import META_ATTR, calibrate, freeze, prepare, sync_shared
 from .recipe import Recipe, resolve_recipe
 
 __all__ = ["quantize", "save", "load", "export_onnx"]
@@ -39,6 +39,7 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
     meta["method_stats"] = ALGORITHMS[recipe.method](
         qmodel, recipe, batches, seed=seed, progress=progress, float_model=model,
         work_dir=work_dir)
+    sync_shared(qmodel, meta["plan"])
     freeze(qmodel)
     setattr(qmodel, META_ATTR, meta)
     return qmodel

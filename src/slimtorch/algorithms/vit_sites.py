@@ -110,7 +110,9 @@ def set_input_quantizer(model: nn.Module, fqn: str, q: Quantizer) -> Quantizer:
 
 @torch.no_grad()
 def observe_only(model: nn.Module, batches: list, quantizers: list[Quantizer]) -> None:
-    """Calibrate ``quantizers`` on one float pass (every other quantizer off)."""
+    """Calibrate ``quantizers`` on one float pass (every other quantizer off); a quantizer shared
+    by several readers (q/k/v of one LayerNorm output) is listed once."""
+    quantizers = list({id(q): q for q in quantizers}.values())
     if not quantizers:
         return
     with quantizers_off(model):

@@ -13,7 +13,9 @@ While ``qdq_export_mode(model)`` is active (used only around ``torch.onnx.export
   the artifact holds, and DQ(codes) is the frozen ``weight`` bit for bit.
 
 Everything is patched on the instances and restored on exit; the model is not copied.
-A quantizer with no QDQ form (per-group activations) keeps its float arithmetic and is listed in
+A quantizer with no QDQ form (per-group activations; the non-uniform kinds log√2, twin-uniform and
+the reparameterising ``reparam_uniform``, whose grids QuantizeLinear cannot express) keeps its
+float arithmetic, so onnxruntime computes what PyTorch computes, and is listed in
 ``ExportState.float_quantizers``.
 """
 from __future__ import annotations
@@ -117,8 +119,9 @@ class ExportState:
 
 
 def _qdq_supported(q: Quantizer) -> bool:
-    """Per-tensor at any width; per-channel at 8 bits (a per-channel Clip is not exact)."""
-    if isinstance(q.spec.gran, PerGroup):
+    """Uniform grids only: per-tensor at any width; per-channel at 8 bits (a per-channel Clip
+    is not exact)."""
+    if q.spec.kind != "uniform" or isinstance(q.spec.gran, PerGroup):
         return False
     return q.spec.bits == 8 or isinstance(q.spec.gran, PerTensor)
 

@@ -40,6 +40,8 @@ def int8_eligible(layer: nn.Module) -> str | None:
         return "weights not quantized and frozen"
     if xq is None or not isinstance(xq.spec.gran, PerTensor):
         return "input not quantized per tensor"
+    if xq.spec.kind != "uniform" or wq.spec.kind != "uniform":
+        return f"{xq.spec.kind}/{wq.spec.kind} grid is not uniform"
     if not (wq.spec.symmetric and wq.qmin >= -128 and wq.qmax <= 127):
         return "weights not symmetric int8"
     if not isinstance(wq.spec.gran, (PerTensor, PerChannel)) or (

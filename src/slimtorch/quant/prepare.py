@@ -144,6 +144,14 @@ def share_quantizers(model: nn.Module, plan: dict) -> None:
         setattr(dst, dst_attr, getattr(src, src_attr))
 
 
+def sync_shared(model: nn.Module, plan: dict) -> None:
+    """Keep in ``plan["shared"]`` only the readers that still hold their owner's quantizer: a
+    method that swaps one reader's quantizer (RepQ-ViT's reparameterising input quantizers)
+    un-shares it, and ``load`` must rebuild exactly that."""
+    plan["shared"] = {r: o for r, o in plan.get("shared", {}).items()
+                      if getattr(*_act_slot(model, plan, r)) is getattr(*_act_slot(model, plan, o))}
+
+
 def _dump(spec: QuantSpec | None) -> dict | None:
     return None if spec is None else spec.model_dump(mode="json")
 
