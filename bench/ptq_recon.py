@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -125,9 +126,8 @@ def main() -> None:
 def _cell(rows: list[dict]) -> tuple[str, str, str]:
     ok = [r for r in rows if "error" not in r and r.get("q_top1") is not None]
     if not ok:
-        r = rows[0]
-        why = r.get("error") or r.get("status") or "no result"
-        return f"not run: {why.strip().splitlines()[-1][:160]}".replace("|", "/"), "", ""
+        why = " ".join((rows[0].get("error") or "no result").strip().splitlines()[-1].split())
+        return f"failed: {why[:110]}".replace("|", "/"), "", ""
     acc = [r["q_top1"] for r in ok]
     top = (f"{statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f} (n={len(acc)})"
            if len(acc) > 1 else f"{acc[0]:.2f}")
@@ -135,8 +135,33 @@ def _cell(rows: list[dict]) -> tuple[str, str, str]:
     return top, f"{mins:.1f}", f"{max(r['peak_rss_mb'] for r in ok):.0f}"
 
 
+def _machines(rows: list[dict]) -> list[str]:
+    """One line per machine; the load average at each row's start becomes a range."""
+    pat = re.compile(r", load avg \(1 min\) at start ([0-9.]+)")
+    loads: dict[str, list[float]] = {}
+    for r in rows:
+        if "machine" in r:
+            m = pat.search(r["machine"])
+            loads.setdefault(pat.sub("", r["machine"]), []).extend(
+                [float(m.group(1))] if m else [])
+    return [f"{k}; load avg (1 min) at row start {min(v):.1f}–{max(v):.1f}" if v else k
+            for k, v in loads.items()]
+
+
+def _peer_notes(rows: list[dict]) -> list[str]:
+    seen = {}
+    for r in rows:
+        if r["method"] in PEERS:
+            key = (r["method"], r["bits"])
+            seen.setdefault(key, f"- {r['method']} {r['bits']}: " + (
+                f"{r['tool_version']}: {r['setting']}" if "setting" in r
+                else "failed: `" + " ".join(r["error"].strip().splitlines()[-1].split()) + "`"))
+    return ["", "Other tools (same model, calibration images and test set):", *seen.values()
+            ] if seen else []
+
+
 def to_markdown(rows: list[dict]) -> str:
-    machines = sorted({r["machine"] for r in rows if "machine" in r})
+    machines = _machines(rows)
     setups = sorted({f"calibration {r['calib_size']} train images, {r['threads']} thread(s), "
                      f"method_args override {r.get('method_args') or 'none'}"
                      for r in rows if "calib_size" in r})
@@ -155,7 +180,7 @@ def to_markdown(rows: list[dict]) -> str:
         top, mins, mem = _cell(rs)
         lines.append(f"| {model} | {bits} | {method} | {'' if fp is None else f'{fp:.2f}'} | "
                      f"{top} | {mins} | {mem} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _peer_notes(rows))
 
 
 if __name__ == "__main__":
