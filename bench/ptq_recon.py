@@ -1,137 +1,186 @@
-"""Reconstruction PTQ table: zoo CNNs × bit widths × {RTN, AdaRound, BRECQ, QDrop, PD-Quant}.
+"""Reconstruction PTQ table: zoo CNNs × bit widths × {RTN, AdaRound, BRECQ, QDrop, PD-Quant}
+and other tools (AIMET AdaRound, NNCF, Brevitas) on the same models and calibration images.
 
 Top-1 on the full Fashion-MNIST test set (10 000 images) through
 ``slimtorch.pipeline.run_quantize``; calibration on a seeded subset of the train split (default
-1024 images); first/last layer W8A8 (the built-in recipes). Each run is a subprocess so its peak
-RSS is its own. W2A2 rows: mean ± std over ``--w2a2-seeds`` seeds. Other tools (AIMET AdaRound,
-NNCF, Brevitas) are tried on the same model and calibration images where importable; failures are
-recorded verbatim. Writes bench/results/ptq_recon.{md,json}.
+1024 images, the seed is the row's seed); first/last layer W8A8 (the built-in recipes). Each row
+runs in a child process (its peak RSS is its own) and is written at once to
+``OUT/rows/MODEL_BITS_METHOD_sSEED.json``, so a killed run resumes where it stopped (rows on disk
+are skipped) and ``--from-json`` re-renders the table without running anything. W2A2 rows run
+for every ``--seeds`` seed (mean ± std), the other bit widths for the first seed only.
 
     python bench/ptq_recon.py [--models resnet20 mobilenetv2] [--bits w4a4 w2a4 w4a2 w2a2]
-                              [--methods rtn adaround brecq qdrop pdquant] [--iters N]
+        [--methods rtn adaround brecq qdrop pdquant aimet nncf brevitas] [--seeds 0 1 2]
+        [--threads 1] [--method-args '{"iters": 20000}'] [--from-json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
-import traceback
+import time
 from pathlib import Path
 
 MODELS = ["resnet20", "mobilenetv2"]
 BITS = ["w4a4", "w2a4", "w4a2", "w2a2"]
-METHODS = ["rtn", "adaround", "brecq", "qdrop", "pdquant"]
-WEIGHTS = Path(__file__).parents[1] / "src" / "slimtorch" / "zoo" / "weights"
+OURS = ["rtn", "adaround", "brecq", "qdrop", "pdquant"]
+PEERS = ["aimet", "nncf", "brevitas"]
+OUT = Path(__file__).parent / "results" / "ptq_recon"
 
 
-def one(model: str, recipe: str, seed: int, calib: int, threads: int, args: dict) -> dict:
-    """Run in this process (called in a child): quantize, evaluate, report peak RSS."""
+def one(model: str, bits: str, method: str, seed: int, a) -> dict:
+    """One row, in this (child) process."""
     import torch
-    from slimtorch.pipeline import run_quantize
-    from slimtorch.recipe import load_builtin
-    torch.set_num_threads(threads)
-    r = load_builtin(recipe).to_dict()
-    if args and r["method"] != "rtn":
-        r["method_args"] = {**r["method_args"], **args}
-    m, _ = run_quantize(f"zoo:{model}", r, calib_size=calib, seed=seed)
-    m.pop("versions", None)
-    m["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return m
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    if method in PEERS:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from peers_recon import run_peer
+        m = run_peer(method, model, bits, seed, a.calib_size)
+    else:
+        from slimtorch.pipeline import run_quantize
+        from slimtorch.recipe import load_builtin
+        r = load_builtin(bits if method == "rtn" else f"{bits}-{method}").to_dict()
+        if a.method_args and method != "rtn":
+            r["method_args"] = {**r["method_args"], **a.method_args}
+        m, _ = run_quantize(f"zoo:{model}", r, calib_size=a.calib_size, seed=seed)
+        m.pop("versions", None)
+        m["per_unit"] = m.pop("method_stats", {}).get("per_unit")
+    from slimtorch.eval.machine import machine_markdown
+    return {**m, "model": model, "bits": bits, "method": method, "seed": seed,
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "machine": machine_markdown(), "method_args": a.method_args}
 
 
-def child(model, recipe, seed, a) -> dict:
-    cmd = [sys.executable, __file__, "--one", model, recipe, str(seed), "--calib-size",
-           str(a.calib_size), "--threads", str(a.threads), "--method-args",
-           json.dumps(a.method_args)]
+def row_file(out: Path, model: str, bits: str, method: str, seed: int) -> Path:
+    return out / "rows" / f"{model}_{bits}_{method}_s{seed}.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_row(model, bits, method, seed, a) -> dict:
+    f = row_file(Path(a.out), model, bits, method, seed)
+    if f.is_file():
+        return json.loads(f.read_text())
+    cmd = [sys.executable, __file__, "--one", model, bits, method, str(seed),
+           "--calib-size", str(a.calib_size), "--threads", str(a.threads),
+           "--method-args", json.dumps(a.method_args)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
-        return {"model": model, "recipe": recipe, "seed": seed, "error": p.stderr[-2000:]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def peers(model: str) -> list[dict]:
-    """Other tools: record what imports and any failure verbatim."""
-    out = []
-    for tool, mod in (("AIMET (aimet-torch, AdaRound)", "aimet_torch"), ("NNCF", "nncf"),
-                      ("Brevitas", "brevitas")):
-        try:
-            __import__(mod)
-            out.append({"tool": tool, "model": model,
-                        "status": "importable; comparison not implemented in this script yet"})
-        except Exception:
-            out.append({"tool": tool, "model": model,
-                        "status": traceback.format_exc().strip().splitlines()[-1]})
-    return out
+        row = {"model": model, "bits": bits, "method": method, "seed": seed,
+               "error": p.stderr.strip()[-3000:] or f"exit status {p.returncode}"}
+    else:
+        row = json.loads(p.stdout.strip().splitlines()[-1])
+    write_atomic(f, json.dumps(row, indent=1))
+    return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--bits", nargs="+", default=BITS)
-    p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--w2a2-seeds", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=OURS + PEERS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--calib-size", type=int, default=1024)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--method-args", type=json.loads, default={},
-                   help='JSON merged into method_args, e.g. \'{"iters": 20000}\'')
-    p.add_argument("--one", nargs=3, metavar=("MODEL", "RECIPE", "SEED"))
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "ptq_recon"))
+                   help='JSON merged into method_args of our methods, e.g. \'{"iters": 20000}\'')
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--from-json", action="store_true",
+                   help="only re-render the table from the rows saved in OUT/rows")
+    p.add_argument("--one", nargs=4, metavar=("MODEL", "BITS", "METHOD", "SEED"))
     a = p.parse_args()
     if a.one:
-        print(json.dumps(one(a.one[0], a.one[1], int(a.one[2]), a.calib_size, a.threads,
-                             a.method_args)))
+        print(json.dumps(one(*a.one[:3], int(a.one[3]), a)))
         return
-    rows, peer_rows = [], []
-    for model in a.models:
-        if not (WEIGHTS / f"{model}.safetensors").is_file():
-            print(f"skip {model}: no trained weights in {WEIGHTS}", flush=True)
-            continue
-        peer_rows += peers(model)
-        for bits in a.bits:
-            for method in a.methods:
-                recipe = bits if method == "rtn" else f"{bits}-{method}"
-                for seed in range(a.w2a2_seeds if bits == "w2a2" else 1):
-                    m = child(model, recipe, seed, a)
-                    rows.append({**m, "bits": bits, "method": method})
-                    print(json.dumps({k: m.get(k) for k in (
-                        "model", "recipe", "seed", "fp_top1", "q_top1", "calib_seconds",
-                        "peak_rss_mb", "error")}), flush=True)
-                    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-                    Path(a.out + ".json").write_text(json.dumps(
-                        {"rows": rows, "peers": peer_rows}, indent=1))
-    md = to_markdown(rows, peer_rows, a)
+    if not a.from_json:
+        for bad in set(a.methods) - set(OURS + PEERS):
+            p.error(f"unknown method {bad!r}; choose from {OURS + PEERS}")
+        for model in a.models:
+            for bits in a.bits:
+                for method in a.methods:
+                    for seed in (a.seeds if bits == "w2a2" else a.seeds[:1]):
+                        row = run_row(model, bits, method, seed, a)
+                        print(json.dumps({k: row.get(k) for k in (
+                            "model", "bits", "method", "seed", "fp_top1", "q_top1",
+                            "calib_seconds", "peak_rss_mb")} | (
+                            {"error": row["error"].splitlines()[-1]} if "error" in row else {})),
+                            flush=True)
+    rows = [json.loads(f.read_text()) for f in sorted((Path(a.out) / "rows").glob("*.json"))]
+    md = to_markdown(rows)
     print("\n" + md)
-    Path(a.out + ".md").write_text(md + "\n")
+    write_atomic(Path(a.out + ".md"), md + "\n")
 
 
-def to_markdown(rows: list[dict], peer_rows: list[dict], a) -> str:
-    from slimtorch.eval.machine import machine_markdown
-    lines = [machine_markdown() + f"; calibration {a.calib_size} train images; first/last "
-             f"layer W8A8; {a.threads} threads; method_args override {a.method_args or 'none'}.",
-             "", "| model | bits | method | FP top-1 % | top-1 % | calib min | peak MB |",
+def _cell(rows: list[dict]) -> tuple[str, str, str]:
+    ok = [r for r in rows if "error" not in r and r.get("q_top1") is not None]
+    if not ok:
+        why = " ".join((rows[0].get("error") or "no result").strip().splitlines()[-1].split())
+        return f"failed: {why[:110]}".replace("|", "/"), "", ""
+    acc = [r["q_top1"] for r in ok]
+    top = (f"{statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f} (n={len(acc)})"
+           if len(acc) > 1 else f"{acc[0]:.2f}")
+    mins = statistics.mean(r["calib_seconds"] for r in ok) / 60
+    return top, f"{mins:.1f}", f"{max(r['peak_rss_mb'] for r in ok):.0f}"
+
+
+def _machines(rows: list[dict]) -> list[str]:
+    """One line per machine; the load average at each row's start becomes a range."""
+    pat = re.compile(r", load avg \(1 min\) at start ([0-9.]+)")
+    loads: dict[str, list[float]] = {}
+    for r in rows:
+        if "machine" in r:
+            m = pat.search(r["machine"])
+            loads.setdefault(pat.sub("", r["machine"]), []).extend(
+                [float(m.group(1))] if m else [])
+    return [f"{k}; load avg (1 min) at row start {min(v):.1f}–{max(v):.1f}" if v else k
+            for k, v in loads.items()]
+
+
+def _peer_notes(rows: list[dict]) -> list[str]:
+    seen = {}
+    for r in rows:
+        if r["method"] in PEERS:
+            key = (r["method"], r["bits"])
+            seen.setdefault(key, f"- {r['method']} {r['bits']}: " + (
+                f"{r['tool_version']}: {r['setting']}" if "setting" in r
+                else "failed: `" + " ".join(r["error"].strip().splitlines()[-1].split()) + "`"))
+    return ["", "Other tools (same model, calibration images and test set):", *seen.values()
+            ] if seen else []
+
+
+def to_markdown(rows: list[dict]) -> str:
+    machines = _machines(rows)
+    setups = sorted({f"calibration {r['calib_size']} train images, {r['threads']} thread(s), "
+                     f"method_args override {r.get('method_args') or 'none'}"
+                     for r in rows if "calib_size" in r})
+    lines = [*machines, "", "; ".join(setups) + "; first/last layer W8A8 (ours); top-1 on the "
+             "full 10k test split; W2A2 = mean ± std over seeds (seed = calibration subset and "
+             "method seed).", "",
+             "| model | bits | method | FP top-1 % | top-1 % | calib min | peak RSS MB |",
              "|---|---|---|---:|---:|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    order = {k: i for i, k in enumerate(MODELS + BITS + OURS + PEERS)}
+    for r in sorted(rows, key=lambda r: (order.get(r["model"], 99), order.get(r["bits"], 99),
+                                         order.get(r["method"], 99), r["seed"])):
         groups.setdefault((r["model"], r["bits"], r["method"]), []).append(r)
     for (model, bits, method), rs in groups.items():
-        ok = [r for r in rs if "error" not in r]
-        if not ok:
-            lines.append(f"| {model} | {bits} | {method} | | failed: "
-                         f"{rs[0]['error'].strip().splitlines()[-1]} | | |")
-            continue
-        acc = [r["q_top1"] for r in ok]
-        top = (f"{statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f} (n={len(acc)})"
-               if len(acc) > 1 else f"{acc[0]:.2f}")
-        lines.append(f"| {model.removeprefix('zoo:')} | {bits} | {method} | "
-                     f"{ok[0]['fp_top1']:.2f} | {top} | "
-                     f"{statistics.mean(r['calib_seconds'] for r in ok) / 60:.1f} | "
-                     f"{max(r['peak_rss_mb'] for r in ok):.0f} |")
-    lines += ["", "| tool | model | status |", "|---|---|---|"]
-    lines += [f"| {r['tool']} | {r['model']} | {r['status']} |" for r in peer_rows]
-    return "\n".join(lines)
+        fp = next((r["fp_top1"] for r in rs if r.get("fp_top1") is not None), None)
+        top, mins, mem = _cell(rs)
+        lines.append(f"| {model} | {bits} | {method} | {'' if fp is None else f'{fp:.2f}'} | "
+                     f"{top} | {mins} | {mem} |")
+    return "\n".join(lines + _peer_notes(rows))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Reconstruction PTQ: formulas of AdaRound/BRECQ/QDrop/PD-Quant, unit partition, mechanics."""
+import json
 import math
 
 import pytest
@@ -242,3 +243,80 @@ def test_method_args_are_validated():
     with pytest.raises(RecipeError, match="method_args.iterz"):
         slimtorch.quantize(nn.Linear(2, 2), dict(load_builtin("w4a4").to_dict(),
                            method="qdrop", method_args={"iterz": 1}), torch.randn(4, 2))
+
+
+def test_workdir_of_another_run_is_an_error(trained, tmp_path):
+    m, x = trained
+    recipe = dict(load_builtin("w2a4").to_dict(), method="qdrop", method_args={"iters": 5})
+    slimtorch.quantize(m, recipe, x[:64], seed=0, work_dir=tmp_path)
+    with pytest.raises(ValueError, match="different run"):
+        slimtorch.quantize(m, recipe, x[:64], seed=1, work_dir=tmp_path)
+
+
+def test_cli_refuses_stale_state_without_resume(tmp_path, capsys):
+    from slimtorch.cli import main
+    (tmp_path / "out" / "recon-state").mkdir(parents=True)
+    code = main(["quantize", "--model", "zoo:resnet20", "--recipe", "w2a2-qdrop", "--out",
+                 str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--resume" in err and "interrupted run" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------ PD-Quant suffix cache
+class LongSkip(nn.Module):
+    """The stem output is read again after the blocks: the prefix cannot be skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1), nn.ReLU())
+        self.b1, self.b2 = Block(8), Block(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        s = self.stem(x)
+        return self.fc((self.b2(self.b1(s)) + s).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model_cls,skips", [(ResCNN, True), (LongSkip, False)])
+def test_suffix_cache_equals_recompute(trained, model_cls, skips):
+    from slimtorch.algorithms.suffix import SuffixRunner
+    from slimtorch.quant.prepare import calibrate, prepare
+    x = trained[1][:32]
+    torch.manual_seed(0)
+    m = model_cls().eval()
+    prepare(m, load_builtin("w4a4"), x)
+    calibrate(m, [x])
+    for unit in recon.partition(m, x)[1:]:
+        mod = m.get_submodule(unit.name)
+        with torch.no_grad():
+            out = mod(recon.collect(m, mod, [x], recon.CachePool(1 << 30), False)[0])
+        run = SuffixRunner(m, mod, x, out)
+        # the classifier's output is the logits: nothing after it reads the prefix
+        assert run.mode.startswith("skip prefix") == (skips or unit.name == "fc"), unit.name
+        assert run.mode.startswith("skip prefix") or run.mode == "recompute"
+        noisy = out + torch.randn_like(out)  # a different unit output each step
+        assert torch.equal(run(noisy, x), run.recompute(noisy, x))
+        if unit.name == "fc":
+            assert torch.equal(run(noisy, x), noisy)
+
+
+def test_pdquant_same_seed_same_artifact(trained, tmp_path):
+    m, x = trained
+    recipe = dict(load_builtin("w2a2").to_dict(), method="pdquant",
+                  method_args={"iters": 20, "dc_steps": 3})
+    for d in ("a", "b"):
+        slimtorch.save(slimtorch.quantize(m, recipe, x[:64], seed=3), tmp_path / d)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert any(f.endswith(".safetensors") for f in files)
+    for f in files:
+        a, b = ((tmp_path / d / f).read_bytes() for d in "ab")
+        if f.endswith(".json"):  # identical except the wall-clock timings it records
+            a, b = (_no_timings(json.loads(t)) for t in (a, b))
+        assert a == b, f
+
+
+def _no_timings(d):
+    if isinstance(d, dict):
+        return {k: _no_timings(v) for k, v in d.items() if not k.endswith("seconds")}
+    return [_no_timings(v) for v in d] if isinstance(d, list) else d

@@ -85,7 +85,8 @@ def cmd_quantize(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     m, _ = run_quantize(args.model, args.recipe, calib_size=args.calib_size, seed=args.seed,
-                        out=args.out, data_dir=args.data_dir, progress=not args.quiet)
+                        out=args.out, data_dir=args.data_dir, progress=not args.quiet,
+                        resume=args.resume)
     title = f"{m['model']} · {m['recipe']} · calib {m['calib_size']} · seed {m['seed']}"
     console.print(_metrics_table(m, title))
     console.print(f"artifact and metrics.json written to [bold]{args.out}[/bold]")
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-dir", help="Fashion-MNIST IDX directory")
     q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted reconstruction run from OUT/recon-state")
     q.set_defaults(fn=cmd_quantize)
 
     e = sub.add_parser("eval", help="reload an artifact and evaluate it again")

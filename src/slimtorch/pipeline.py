@@ -21,16 +21,23 @@ from .zoo.sources import load_model
 
 def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int = 0,
                  out: str | Path | None = None, data_dir: str | None = None,
-                 progress: bool = False, fp_cache: dict | None = None
+                 progress: bool = False, fp_cache: dict | None = None, resume: bool = False
                  ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Quantize ``source`` with ``recipe``; returns the metrics (written to ``out`` too, with
-    the artifact, when given) and the quantized model."""
+    the artifact, when given) and the quantized model.
+
+    Reconstruction methods keep per-unit state in ``OUT/recon-state`` until the artifact is
+    written. ``resume=True`` continues an interrupted run from it; without it, finding that
+    directory is an error (it is never silently reused, nor silently thrown away)."""
+    work = Path(out) / "recon-state" if out is not None else None  # resumable unit state
+    if work is not None and work.exists() and not resume:
+        raise SlimtorchError(f"{work} holds the state of an interrupted run; pass --resume "
+                             "(resume=True) to continue it, or delete that directory")
     recipe_obj = resolve_recipe(recipe)
     task = task_for(source, data_dir)
     calib = task.calibration(calib_size, seed, recipe_obj.calib.batch_size)
     model = load_model(source)
     t0 = time.perf_counter()
-    work = Path(out) / "recon-state" if out is not None else None  # resumable unit state
     qmodel = quantize(model, recipe_obj, calib, seed=seed, progress=progress, work_dir=work)
     calib_seconds = time.perf_counter() - t0
     fp_out = (fp_cache or {}).get(source)

@@ -20,7 +20,7 @@ from .recon import Stage
 
 
 class BRECQConfig(AdaRoundConfig):
-    act_iters: int = Field(200, ge=0, description="steps per unit of the activation stage")
+    act_iters: int = Field(100, ge=0, description="steps per unit of the activation stage")
     act_lr: float = Field(4e-4, gt=0)
     act_p: float = Field(2.4, gt=0, description="Lp exponent of the activation stage loss")
 

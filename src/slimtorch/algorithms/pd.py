@@ -2,9 +2,7 @@
 
 Prediction difference: the unit's output on the pure quantized input is pushed through the rest
 of the network in float, z_q; L_pd = KL(softmax(z_fp/T) ‖ softmax(z_q/T)) / λ_r ('batchmean').
-"The rest of the network" is obtained generically: the whole model runs with all quantizers off
-while the unit module's ``forward`` is replaced by "return this tensor" — the float prefix costs
-one forward (no autograd graph: nothing before the unit requires grad).
+"The rest of the network" is ``suffix.SuffixRunner`` (the float prefix is not recomputed).
 
 Distribution correction: a trainable copy x of the unit's float input x₀ is optimised so that the
 per-sample, per-channel spatial mean/std of the input of every BatchNorm inside the unit (run on
@@ -20,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..graph.capture import call_model
 from .recon import Context, Unit, pd_loss, quant_state, rec_loss, take, unit_map
 
 
@@ -34,27 +31,17 @@ class PDSettings:
     dc_batch: int = 256
 
 
-def prediction_loss(ctx: Context, unit_mod: nn.Module, out_q: Tensor, idx: Tensor,
-                    pd: PDSettings) -> Tensor:
-    z_q = forward_rest(ctx.model, unit_mod, out_q, take(ctx.inputs, idx))
+def prediction_loss(suffix, ctx: Context, out_q: Tensor, idx: Tensor, pd: PDSettings
+                    ) -> Tensor:
+    """L_pd on a batch: ``suffix`` (a ``SuffixRunner``) gives z_q from the unit output."""
+    z_q = suffix(out_q, take(ctx.inputs, idx))
     return pd.pd_weight * pd_loss(z_q, ctx.logits_fp[idx], pd.temperature)
-
-
-def forward_rest(model: nn.Module, unit_mod: nn.Module, unit_out: Tensor, inputs) -> Tensor:
-    """Model output in float when ``unit_mod`` produces ``unit_out``."""
-    unit_mod.forward = lambda *a, **k: unit_out
-    try:
-        with quant_state(model, weights=False, acts=False):
-            return call_model(model, inputs)
-    finally:
-        del unit_mod.forward
 
 
 def bn_stat_loss(inp: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
     """(1/N)Σ_n ‖μ − m_n(x)‖² + (1/N)Σ_n ‖σ − s_n(x)‖², m_n/s_n per-sample channel stats."""
-    flat = inp.flatten(2)  # [N, C, spatial]
-    m = flat.mean(2)
-    s = torch.sqrt(flat.var(2, unbiased=False) + bn.eps)
+    var, m = torch.var_mean(inp.flatten(2), 2, unbiased=False)  # [N, C, spatial] -> [N, C]
+    s = torch.sqrt(var + bn.eps)
     mu, sigma = bn.running_mean, torch.sqrt(bn.running_var + bn.eps)
     return (mu - m).square().sum(1).mean() + (sigma - s).square().sum(1).mean()
 

@@ -24,8 +24,8 @@ class PDQuantConfig(QDropConfig):
     lr: float = Field(3e-3, gt=0)
     temperature: float | Literal["auto"] = "auto"
     pd_weight: float = Field(10.0, ge=0, description="1/λ_r")
-    dc_steps: int = Field(25, ge=0, description="Adam steps of distribution correction "
-                          "(paper: 500; CPU default by measurement)")
+    dc_steps: int = Field(10, ge=0, description="Adam steps of distribution correction "
+                          "(paper: 500; CPU default by measurement, see adaround.CPU_ITERS)")
     dc_lr: float = Field(1e-3, gt=0)
     lambda_c: float | Literal["auto"] = "auto"
     dc_batch: int = Field(256, ge=1)

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
 from ..data.cache import CachePool
+from ..errors import SlimtorchError
 from ..graph.capture import call_model, capture, common_prefix
 from ..quant.prepare import SITES_ATTR, quant_layers
 from ..quant.quantizer import Mode, Quantizer
@@ -295,10 +296,12 @@ class WorkDir:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         fp_file = self.path / "fingerprint.json"
-        if not fp_file.is_file() or json.loads(fp_file.read_text()) != fingerprint:
-            for f in self.path.glob("*.safetensors"):
-                f.unlink()
-            fp_file.write_text(json.dumps(fingerprint))
+        if fp_file.is_file() and json.loads(fp_file.read_text()) != fingerprint:
+            if any(self.path.glob("*.safetensors")):
+                raise SlimtorchError(
+                    f"{self.path} holds unit state of a different run (recipe, seed, data or "
+                    "model differ); delete it or use another work_dir")
+        fp_file.write_text(json.dumps(fingerprint))
 
     def _file(self, stage: str, k: int) -> Path | None:
         return None if self.path is None else self.path / f"{stage}-{k}.safetensors"
@@ -396,7 +399,9 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage, gen: torch.Generato
                           "stage": stage.name}
     if stage.pd is not None and stage.pd.dc_steps > 0:
         from .pd import correct_unit_inputs
+        t_dc = time.perf_counter()
         x_fp, y_fp, st["dc"] = correct_unit_inputs(ctx, unit, x_fp, y_fp, stage.pd)
+        st["dc"]["seconds"] = round(time.perf_counter() - t_dc, 2)
     st["loss_before"] = eval_loss(mod, x_q, y_fp, stage.rec_p)
     ws, acts = unit_quantizers(model, unit)
     params_w, params_a = [], []
@@ -409,9 +414,13 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage, gen: torch.Generato
     boundary = _boundary(mod, acts, x_q[:2]) if stage.acts_on else []
     for q in acts:
         q.drop_prob = stage.drop_prob if stage.acts_on else 0.0
+    extra = None
+    if stage.pd is not None:
+        extra, st["suffix"] = _pd_term(ctx, mod, y_fp, stage)
+    t_opt = time.perf_counter()
     try:
         st["loss_train_last"] = _optimise(ctx, mod, ws, acts, boundary, params_w, params_a,
-                                          x_q, x_fp, y_fp, stage, gen, desc)
+                                          x_q, x_fp, y_fp, stage, gen, desc, extra)
     finally:
         for q in acts:
             q.drop_prob, q.drop_mask = 0.0, None
@@ -419,6 +428,7 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage, gen: torch.Generato
         for _, m in ws:
             if m.weight_quantizer.rounding is not None:
                 m.weight_quantizer.hard_rounding = True
+    st["optimise_seconds"] = round(time.perf_counter() - t_opt, 2)
     st["loss_after"] = eval_loss(mod, x_q, y_fp, stage.rec_p)
     st["seconds"] = round(time.perf_counter() - t0, 2)
     for t in (x_fp, y_fp, x_q):
@@ -426,8 +436,20 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage, gen: torch.Generato
     return st
 
 
+def _pd_term(ctx: Context, mod: nn.Module, y_fp: Tensor, stage: Stage):
+    """PD-Quant's prediction loss on (unit output, sample indices), and how the suffix runs."""
+    from .pd import prediction_loss
+    from .suffix import SuffixRunner
+    first = torch.arange(min(stage.batch_size, len(y_fp)))
+    if len(first) < stage.batch_size:
+        raise ValueError(f"PD-Quant needs at least batch_size={stage.batch_size} calibration "
+                         f"samples, got {len(first)}")
+    runner = SuffixRunner(ctx.model, mod, take(ctx.inputs, first), y_fp[first])
+    return (lambda out_q, idx: prediction_loss(runner, ctx, out_q, idx, stage.pd)), runner.mode
+
+
 def _optimise(ctx, mod, ws, acts, boundary, params_w, params_a, x_q, x_fp, y_fp,
-              stage: Stage, gen, desc) -> float | None:
+              stage: Stage, gen, desc, extra=None) -> float | None:
     if not params_w and not params_a:
         return None
     opt_w = torch.optim.Adam(params_w, lr=stage.lr_round) if params_w else None
@@ -449,9 +471,8 @@ def _optimise(ctx, mod, ws, acts, boundary, params_w, params_a, x_q, x_fp, y_fp,
             q.drop_mask = mask
         out = mod(x)
         loss = rec_loss(out[:len(idx)], y, stage.rec_p)
-        if stage.pd is not None:
-            from .pd import prediction_loss
-            loss = loss + prediction_loss(ctx, mod, out[len(idx):], idx, stage.pd)
+        if extra is not None:
+            loss = loss + extra(out[len(idx):], idx)
         beta = beta_at(t, stage.iters, stage.warmup, stage.b_range)
         if params_w and beta is not None:
             loss = loss + stage.round_weight * sum(

@@ -1,0 +1,106 @@
+"""Other PTQ tools for ``ptq_recon.py``, on the same zoo model, calibration images and test set.
+
+- ``aimet``: AIMET (aimet-torch) AdaRound on BN-folded weights, then QuantSim activation
+  encodings (``post_training_tf_enhanced``); first and last layer weights at 8 bits.
+- ``nncf``: NNCF ``nncf.quantize`` (min-max PTQ, bias correction) with the row's bit widths
+  forced through ``AdvancedQuantizationParameters``.
+- ``brevitas``: Brevitas' ImageNet PTQ example recipe: ``preprocess_for_quantize`` (BN merge),
+  ``layerwise`` backend (first/last layer 8-bit), per-channel weights, activation calibration,
+  GPTQ.
+Each returns a metrics row like ``run_quantize``; a failure propagates and is recorded verbatim
+by the caller.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from importlib import metadata
+
+import torch
+
+AIMET_ITERS = 400  # AdaRound steps per layer: the same budget as slimtorch's CPU default
+
+
+def _bits(bits: str) -> tuple[int, int]:
+    w, a = bits.removeprefix("w").split("a")
+    return int(w), int(a)
+
+
+def run_peer(tool: str, model_name: str, bits: str, seed: int, calib_size: int) -> dict:
+    from slimtorch.eval.tasks import task_for
+    from slimtorch.zoo.sources import load_model
+    task = task_for(f"zoo:{model_name}", None)
+    calib = task.calibration(calib_size, seed, 32)
+    model = load_model(f"zoo:{model_name}").eval()
+    torch.manual_seed(seed)
+    fp_out = task.outputs(model)
+    t0 = time.perf_counter()
+    qmodel, setting, pkg = TOOLS[tool](copy.deepcopy(model), calib, *_bits(bits))
+    calib_seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        q_out = task.outputs(qmodel)
+    fp, q = task.score(fp_out), task.score(q_out, fp_out)
+    return {"tool": tool, "tool_version": metadata.version(pkg), "setting": setting,
+            "calib_size": calib_size, "threads": torch.get_num_threads(),
+            "calib_seconds": round(calib_seconds, 3),
+            **{f"fp_{k}": v for k, v in fp.items()}, **{f"q_{k}": v for k, v in q.items()}}
+
+
+def aimet(model, calib, wb: int, ab: int):
+    from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
+    from aimet_torch.batch_norm_fold import fold_all_batch_norms
+    from aimet_torch.common.defs import QuantScheme
+    from aimet_torch.quantsim import QuantizationSimModel
+    dummy = calib[0][:1]
+    fold_all_batch_norms(model, input_shapes=tuple(dummy.shape))
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    loader = [(x, torch.zeros(len(x))) for x in calib]
+    params = AdaroundParameters(data_loader=loader, num_batches=len(loader),
+                                default_num_iterations=AIMET_ITERS)
+    scheme = QuantScheme.post_training_tf_enhanced
+    with tempfile.TemporaryDirectory() as tmp:
+        ada = Adaround.apply_adaround(model, dummy, params, path=tmp, filename_prefix="ada",
+                                      default_param_bw=wb, default_quant_scheme=scheme,
+                                      param_bw_override_list=[(convs[0], 8), (convs[-1], 8)])
+        sim = QuantizationSimModel(ada, dummy, quant_scheme=scheme, default_param_bw=wb,
+                                   default_output_bw=ab)
+        sim.set_and_freeze_param_encodings(encoding_path=f"{tmp}/ada.encodings")
+    sim.compute_encodings(lambda m, _: [m(x) for x in calib], None)
+    return sim.model, (f"AdaRound {AIMET_ITERS} it/layer, tf_enhanced, W{wb}A{ab}, "
+                       "first/last weights 8-bit"), "aimet-torch"
+
+
+def nncf(model, calib, wb: int, ab: int):
+    import nncf as nn_cf
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                       QuantizationParameters)
+    adv = AdvancedQuantizationParameters(
+        weights_quantization_params=QuantizationParameters(num_bits=wb),
+        activations_quantization_params=QuantizationParameters(num_bits=ab))
+    n = sum(len(x) for x in calib)
+    q = nn_cf.quantize(model, nn_cf.Dataset(calib), subset_size=n, advanced_parameters=adv)
+    return q, f"nncf.quantize defaults, num_bits W{wb}/A{ab} on every layer", "nncf"
+
+
+def brevitas(model, calib, wb: int, ab: int):
+    from brevitas.graph.quantize import preprocess_for_quantize
+    from brevitas_examples.imagenet_classification.ptq.ptq_common import (apply_gptq,
+                                                                         calibrate,
+                                                                         quantize_model)
+    model = preprocess_for_quantize(model, equalize_iters=0, merge_bn=True)
+    q = quantize_model(model, backend="layerwise", weight_bit_width=wb, act_bit_width=ab,
+                       bias_bit_width=32, weight_quant_granularity="per_channel",
+                       act_quant_percentile=99.999, act_quant_type="asym",
+                       scale_factor_type="float_scale", quant_format="int",
+                       weight_quant_type="asym", layerwise_first_last_bit_width=8)
+    loader = [(x, torch.zeros(len(x))) for x in calib]
+    with torch.no_grad():
+        q(calib[0])
+    calibrate(loader, q)
+    apply_gptq(loader, q, act_order=True)
+    return q, (f"layerwise W{wb}A{ab} (first/last 8-bit), per-channel asym weights, "
+               "percentile 99.999 acts, calibrate + GPTQ"), "brevitas"
+
+
+TOOLS = {"aimet": aimet, "nncf": nncf, "brevitas": brevitas}
