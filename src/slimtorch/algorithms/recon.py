@@ -181,7 +181,7 @@ def _all_quantizers(model: nn.Module) -> tuple[list[Quantizer], list[Quantizer]]
     sites = getattr(model, SITES_ATTR, None)
     if sites is not None:
         acts += [q for qs in sites.sites.values() for q in qs]
-    return ws, acts
+    return ws, list({id(q): q for q in acts}.values())  # a shared quantizer once
 
 
 @contextmanager
@@ -350,7 +350,7 @@ def unit_quantizers(model: nn.Module, unit: Unit) -> tuple[list, list[Quantizer]
     layers = [(f, model.get_submodule(f)) for f in unit.layers]
     ws = [(f, m) for f, m in layers if m.weight_quantizer is not None and not m.frozen]
     acts = [m.input_quantizer for _, m in layers if m.input_quantizer is not None]
-    return ws, acts
+    return ws, list({id(q): q for q in acts}.values())  # a shared quantizer once
 
 
 def _boundary(unit_mod: nn.Module, acts: list[Quantizer], x: Tensor) -> list[Quantizer]:
@@ -496,7 +496,7 @@ def _state(model: nn.Module, unit: Unit, stage: Stage) -> dict[str, Tensor]:
         if m.weight_quantizer is not None and m.weight_quantizer.rounding is not None:
             out[f + ".rounding"] = m.weight_quantizer.rounding.detach()
         if m.input_quantizer is not None:
-            out[f + ".scale"] = m.input_quantizer.scale
+            out[f + ".scale"] = m.input_quantizer.scale.detach().clone()  # may be shared
     return out
 
 
