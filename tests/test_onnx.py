@@ -269,3 +269,13 @@ def test_non_uniform_quantizers_export_as_float_and_agree(tmp_path, imgs, recipe
     for _, layer in quant_layers(q):
         if layer.input_quantizer is not None and layer.input_quantizer.spec.kind != "uniform":
             assert "not uniform" in (int8_eligible(layer) or "not uniform")
+
+
+def test_op_profile_reads_onnxruntime_kernel_times(tmp_path, imgs):
+    q, r, _ = export(make_cnn(), "w8a8", imgs, tmp_path / "p.onnx")
+    name = onnx.load(str(tmp_path / "p.onnx")).graph.input[0].name
+    prof = onnx_check.op_profile(tmp_path / "p.onnx", {name: imgs[:4].numpy()}, runs=3,
+                                 warmup=1)
+    assert prof["total_ms"] > 0 and prof["nodes"]
+    assert abs(sum(prof["ops"].values()) - prof["total_ms"]) < 1e-6
+    assert "QLinearConv" in prof["ops"]  # the int8 kernels that actually ran

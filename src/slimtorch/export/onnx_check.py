@@ -26,8 +26,10 @@ FLOAT_COMPUTE = frozenset({
     "FusedGemm", "Attention", "MultiHeadAttention", "Einsum"})
 
 
-def make_session(path: str | Path, threads: int = 2, optimized_path: str | Path | None = None):
-    """A CPUExecutionProvider session with ``threads`` intra-op threads, all optimisations."""
+def make_session(path: str | Path, threads: int = 2, optimized_path: str | Path | None = None,
+                 profile_prefix: str | Path | None = None):
+    """A CPUExecutionProvider session with ``threads`` intra-op threads, all optimisations;
+    with ``profile_prefix``, onnxruntime's profiler writes its trace there."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -36,6 +38,8 @@ def make_session(path: str | Path, threads: int = 2, optimized_path: str | Path 
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        so.enable_profiling, so.profile_file_prefix = True, str(profile_prefix)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -114,13 +118,8 @@ def op_profile(path: str | Path, feeds: dict[str, np.ndarray], *, threads: int =
     """Where onnxruntime spends its time: per op type and per node, the median kernel time
     (ms) per run from onnxruntime's own profiler (``SessionOptions.enable_profiling``)."""
     import json
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with tempfile.TemporaryDirectory() as d:
-        so.enable_profiling, so.profile_file_prefix = True, str(Path(d) / "ort")
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess = make_session(path, threads, profile_prefix=Path(d) / "ort")
         for _ in range(warmup + runs):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
