@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..data.cache import CachePool
 from ..errors import SlimtorchError
 from ..graph.capture import call_model, capture, common_prefix
-from ..quant.prepare import SITES_ATTR, quant_layers
+from ..quant.prepare import activation_quantizers, distinct, quant_layers
 from ..quant.quantizer import Mode, Quantizer
 
 
@@ -172,16 +172,9 @@ def _checked(model: nn.Module, units: list[Unit], example: Any) -> list[Unit]:
 
 # ============================================================== model-wide switches
 def _all_quantizers(model: nn.Module) -> tuple[list[Quantizer], list[Quantizer]]:
-    ws, acts = [], []
-    for _, m in quant_layers(model):
-        if m.weight_quantizer is not None and not m.frozen:
-            ws.append(m.weight_quantizer)
-        if m.input_quantizer is not None:
-            acts.append(m.input_quantizer)
-    sites = getattr(model, SITES_ATTR, None)
-    if sites is not None:
-        acts += [q for qs in sites.sites.values() for q in qs]
-    return ws, list({id(q): q for q in acts}.values())  # a shared quantizer once
+    ws = [m.weight_quantizer for _, m in quant_layers(model)
+          if m.weight_quantizer is not None and not m.frozen]
+    return ws, activation_quantizers(model)
 
 
 @contextmanager
@@ -350,7 +343,7 @@ def unit_quantizers(model: nn.Module, unit: Unit) -> tuple[list, list[Quantizer]
     layers = [(f, model.get_submodule(f)) for f in unit.layers]
     ws = [(f, m) for f, m in layers if m.weight_quantizer is not None and not m.frozen]
     acts = [m.input_quantizer for _, m in layers if m.input_quantizer is not None]
-    return ws, list({id(q): q for q in acts}.values())  # a shared quantizer once
+    return ws, distinct(acts)
 
 
 def _boundary(unit_mod: nn.Module, acts: list[Quantizer], x: Tensor) -> list[Quantizer]:

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..graph.capture import PASSTHROUGH, QuantGraph, call_model, capture
+from ..graph.capture import PASSTHROUGH, QuantGraph, call_model, capture, users_of
 from ..quant.functional import SITE_ROLES, FunctionalSites
 from ..quant.kinds import make_quantizer
-from ..quant.prepare import META_ATTR, SITES_ATTR
+from ..quant.prepare import META_ATTR, SITES_ATTR, distinct
 from ..quant.quantizer import Mode, Quantizer
 
 # reshape-like ops through which a per-channel affine map still commutes (shape-checked too)
@@ -112,7 +112,7 @@ def set_input_quantizer(model: nn.Module, fqn: str, q: Quantizer) -> Quantizer:
 def observe_only(model: nn.Module, batches: list, quantizers: list[Quantizer]) -> None:
     """Calibrate ``quantizers`` on one float pass (every other quantizer off); a quantizer shared
     by several readers (q/k/v of one LayerNorm output) is listed once."""
-    quantizers = list({id(q): q for q in quantizers}.values())
+    quantizers = distinct(quantizers)
     if not quantizers:
         return
     with quantizers_off(model):
@@ -139,14 +139,6 @@ class LNGroup:
     def exclusive(self) -> bool:
         """Every consumer of the LN output is one of ``layers`` (so the fold is exact)."""
         return self.consumers is not None and self.consumers <= set(self.layers)
-
-
-def _users(graph: QuantGraph) -> dict[int, list[int]]:
-    users: dict[int, list[int]] = {}
-    for n in graph.nodes:
-        for i in n.inputs:
-            users.setdefault(i, []).append(n.idx)
-    return users
 
 
 def _safe(graph: QuantGraph, n) -> bool:
@@ -199,7 +191,7 @@ def _returned(graph: QuantGraph, users: dict, start: int) -> bool:
 
 def ln_linear_groups(model: nn.Module, graph: QuantGraph) -> list[LNGroup]:
     """LayerNorm → Linear groups (see module docstring)."""
-    users = _users(graph)
+    users = users_of(graph.nodes)
     linear_node = {l["node"]: l["fqn"] for l in graph.layers
                    if isinstance(model.get_submodule(l["fqn"]), nn.Linear)}
     groups: dict[int, LNGroup] = {}

@@ -218,6 +218,15 @@ def view_source(nodes: list[Node], idx: int) -> int:
     return idx
 
 
+def users_of(nodes: list[Node]) -> dict[int, list[int]]:
+    """{node: the nodes that read it}, each reader once per node it reads."""
+    users: dict[int, list[int]] = {}
+    for n in nodes:
+        for i in dict.fromkeys(n.inputs):
+            users.setdefault(i, []).append(n.idx)
+    return users
+
+
 def _readers(nodes: list[Node], users: dict[int, list[int]], idx: int) -> list[int] | None:
     """The compute nodes that read node ``idx``'s values, looking through passthrough ops and
     foldable activations; None when the value (or a view of it) is a model output."""
@@ -243,10 +252,7 @@ def _add_sites(nodes: list[Node], layers: list[dict]) -> list[dict]:
     quantized layers or by other such adds (through ReLU and passthrough ops). Quantizing both
     operands lets an integer engine run the producers and the add in int8 (QLinearConv →
     QLinearAdd); an add that feeds a float op (LayerNorm, the model output) is left alone."""
-    users: dict[int, list[int]] = {}
-    for n in nodes:
-        for i in dict.fromkeys(n.inputs):
-            users.setdefault(i, []).append(n.idx)
+    users = users_of(nodes)
     layer_nodes = {l["node"] for l in layers if l["type"] != "Embedding"}
     cand = {n.idx: _readers(nodes, users, n.idx) for n in nodes
             if n.kind == "add" and n.key and len(n.inputs) == 2

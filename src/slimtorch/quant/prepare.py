@@ -188,6 +188,11 @@ def quant_layers(model: nn.Module) -> Iterable[tuple[str, QuantLayerMixin]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, QuantLayerMixin))
 
 
+def distinct(quantizers: Iterable[Quantizer]) -> list[Quantizer]:
+    """Each quantizer once, in order (a shared one is read by several layers/sites)."""
+    return list({id(q): q for q in quantizers}.values())
+
+
 def activation_quantizers(model: nn.Module) -> list[Quantizer]:
     """Every activation quantizer once (a shared one is read by several layers/sites)."""
     out = []
@@ -197,7 +202,7 @@ def activation_quantizers(model: nn.Module) -> list[Quantizer]:
     sites = getattr(model, SITES_ATTR, None)
     if sites is not None:
         out += [q for qs in sites.sites.values() for q in qs]
-    return list({id(q): q for q in out}.values())
+    return distinct(out)
 
 
 def set_activation_mode(model: nn.Module, mode: Mode) -> None:
