@@ -14,7 +14,7 @@ from slimtorch.quant.modules import QuantConv2d, QuantLinear
 from slimtorch.quant.quantizer import Mode
 from slimtorch.recipe import Recipe, load_builtin
 
-from conftest import make_cnn, sqnr_db
+from conftest import sqnr_db
 
 
 class TinyAttention(nn.Module):

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from slimtorch.errors import RecipeError
 from slimtorch.quant.granularity import PerChannel, PerGroup, PerTensor, parse_granularity
 from slimtorch.quant.quantizer import (Mode, Quantizer, _best_alpha, fake_quant,
                                        qparams_from_range, qrange, round_ste, search_range)

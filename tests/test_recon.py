@@ -1,6 +1,5 @@
 """Reconstruction PTQ: formulas of AdaRound/BRECQ/QDrop/PD-Quant, unit partition, mechanics."""
 import json
-import math
 
 import pytest
 import torch
@@ -153,7 +152,7 @@ def test_dc_objective_and_correction():
 
 # ------------------------------------------------------------------ partition
 def test_units_from_graph(trained):
-    from slimtorch.quant.prepare import calibrate, prepare
+    from slimtorch.quant.prepare import prepare
     import copy
     m, x = trained
     q = copy.deepcopy(m)
