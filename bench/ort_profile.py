@@ -24,13 +24,14 @@ from slimtorch.export.onnx import _signature, export_onnx
 from slimtorch.export.onnx_check import op_profile
 from slimtorch.pipeline import run_quantize
 from slimtorch.zoo.sources import load_model
+from speed import source_of  # bench/ is the script's directory
 
 COMPUTE = {"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "QLinearConv", "QLinearMatMul",
            "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger"}
 
 
 def profile_model(name: str, args, tmp: Path) -> dict:
-    source = "minilm" if name == "minilm" else f"zoo:{name}"
+    source = source_of(name)
     run_quantize(source, "w8a8", calib_size=args.calib_size, seed=0, out=tmp / name)
     example = deploy_inputs(source, 2)
     export_onnx(load_model(source), tmp / f"{name}_fp32.onnx", example, opset=17, threads=1)
