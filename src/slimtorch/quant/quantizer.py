@@ -142,6 +142,9 @@ class Quantizer(nn.Module):
     ``calibrate(w)`` estimates the range from the weight itself.
     """
 
+    # buffers whose shape is only known after calibration: ``load`` takes the saved shape
+    SHAPED_ON_LOAD: tuple[str, ...] = ("scale", "zero_point")
+
     def __init__(self, spec: QuantSpec, *, seed: int = 0, max_samples: int = 1 << 18):
         super().__init__()
         self.spec = spec
@@ -314,7 +317,7 @@ class Quantizer(nn.Module):
         return (q.float() - self.zero_point) * self.scale
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("scale", "zero_point"):
+        for name in self.SHAPED_ON_LOAD:
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -26,6 +26,8 @@ from .quantizer import Quantizer
 class ReparamQuantizer(Quantizer):
     """Per-channel affine x/r − b, then the uniform per-tensor quantizer of its spec."""
 
+    SHAPED_ON_LOAD = Quantizer.SHAPED_ON_LOAD + ("in_scale", "in_shift")
+
     def __init__(self, spec, **kwargs):
         super().__init__(spec, **kwargs)
         self.register_buffer("in_scale", torch.ones(()))
@@ -38,12 +40,6 @@ class ReparamQuantizer(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x / self.in_scale - self.in_shift)  # [..., C] over the last dim
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("in_scale", "in_shift"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"reparam x/r - b ({self.in_scale.numel()} channels), " + super().extra_repr()
