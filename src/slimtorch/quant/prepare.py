@@ -87,7 +87,7 @@ def _act_readers(graph: QuantGraph, plan: dict) -> list[tuple[int, str, int, dic
     """(reading node, reader ref, tensor node, spec) of every planned activation quantizer."""
     out = []
     for layer in graph.layers:
-        spec = (plan["layers"].get(layer["fqn"]) or {}).get("activations")
+        spec = _spec_of(plan, layer["fqn"])
         if spec is not None:
             out.append((layer["node"], layer["fqn"], graph.nodes[layer["node"]].inputs[0], spec))
     for site in graph.functional:
