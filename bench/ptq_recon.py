@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import resource
 import statistics
@@ -25,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from slimtorch.export.artifact import write_json_atomic, write_text_atomic
 
 MODELS = ["resnet20", "mobilenetv2"]
 BITS = ["w4a4", "w2a4", "w4a2", "w2a2"]
@@ -62,13 +63,6 @@ def row_file(out: Path, model: str, bits: str, method: str, seed: int) -> Path:
     return out / "rows" / f"{model}_{bits}_{method}_s{seed}.json"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_row(model, bits, method, seed, a) -> dict:
     f = row_file(Path(a.out), model, bits, method, seed)
     if f.is_file():
@@ -82,7 +76,8 @@ def run_row(model, bits, method, seed, a) -> dict:
                "error": p.stderr.strip()[-3000:] or f"exit status {p.returncode}"}
     else:
         row = json.loads(p.stdout.strip().splitlines()[-1])
-    write_atomic(f, json.dumps(row, indent=1))
+    f.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(f, row)
     return row
 
 
@@ -120,7 +115,7 @@ def main() -> None:
     rows = [json.loads(f.read_text()) for f in sorted((Path(a.out) / "rows").glob("*.json"))]
     md = to_markdown(rows)
     print("\n" + md)
-    write_atomic(Path(a.out + ".md"), md + "\n")
+    write_text_atomic(Path(a.out + ".md"), md + "\n")
 
 
 def _cell(rows: list[dict]) -> tuple[str, str, str]:
