@@ -52,10 +52,15 @@ def dq_of_activation(prod, dq) -> bool:
 
 
 def assert_qdq_around_compute(graph):
-    """Every Conv/MatMul/Gemm reads DQ outputs only, and weights are integer initializers."""
+    """Every Conv/MatMul/Gemm reads DQ outputs only, and weights are integer initializers;
+    a Linear fused with its bias (MatMulIntegerToFloat) reads the Q output and integer codes."""
     prod, ints = producers(graph), integer_initializers(graph)
     count = 0
     for n in graph.node:
+        if n.op_type == "MatMulIntegerToFloat":
+            assert prod[n.input[0]].op_type == "QuantizeLinear" and n.input[1] in ints
+            assert len(n.input) == 7  # ..., bias
+            count += 1
         if n.op_type not in COMPUTE:
             continue
         for name in n.input[:2]:
@@ -88,8 +93,13 @@ def test_weights_are_the_artifact_integers(tmp_path, imgs):
     arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     codes = [a for a in arrays.values() if a.dtype == np.int8 and a.ndim == 4]
     mine = sorted(tuple(c.shape) for c in codes)
-    assert mine == sorted(tuple(m.weight_int.shape) for m in (q.stem, q.conv1, q.conv2))
+    stem = tuple(q.stem.weight_int.shape)
+    padded = (stem[0], 4, *stem[2:])  # 1 input channel padded to 4 (pad_conv_channels)
+    assert mine == sorted([padded] + [tuple(m.weight_int.shape) for m in (q.conv1, q.conv2)])
     assert any(np.array_equal(c, q.conv1.weight_int.numpy()) for c in codes)
+    stem_codes = next(c for c in codes if c.shape == padded)
+    assert np.array_equal(stem_codes[:, :1], q.stem.weight_int.numpy())
+    assert not stem_codes[:, 1:].any()
 
 
 def test_attention_model_w8a8(tmp_path, imgs):
@@ -279,3 +289,54 @@ def test_op_profile_reads_onnxruntime_kernel_times(tmp_path, imgs):
     assert prof["total_ms"] > 0 and prof["nodes"]
     assert abs(sum(prof["ops"].values()) - prof["total_ms"]) < 1e-6
     assert "QLinearConv" in prof["ops"]  # the int8 kernels that actually ran
+
+
+def test_conv_channels_padded_for_int8_kernel_exactly(tmp_path, imgs, monkeypatch):
+    """A 1-channel stem gets 3 zero input channels (Pad before its Q, zero weight columns):
+    onnxruntime's output is the unpadded graph's."""
+    from slimtorch.export import onnx_speed
+    q = slimtorch.quantize(make_cnn(), "w8a8", imgs)
+    r = export_onnx(q, tmp_path / "pad.onnx", imgs[:2], check_inputs=[imgs])
+    assert r.rewrites["padded_conv_channels"] == 1 and r.agreement["top1_agreement"] == 100.0
+    graph = onnx.load(str(tmp_path / "pad.onnx")).graph
+    pad = next(n for n in graph.node if n.op_type == "Pad")
+    assert pad.input[0] == graph.input[0].name
+    assert [n.op_type for n in graph.node if pad.output[0] in n.input] == ["QuantizeLinear"]
+    monkeypatch.setattr(onnx_speed, "pad_conv_channels", lambda gr: 0)
+    export_onnx(q, tmp_path / "nopad.onnx", imgs[:2])
+    name, x = graph.input[0].name, {graph.input[0].name: imgs.numpy()}
+    a = onnx_check.make_session(tmp_path / "pad.onnx", 1).run(None, x)[0]
+    b = onnx_check.make_session(tmp_path / "nopad.onnx", 1).run(None, x)[0]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_linear_bias_fused_unless_portable(tmp_path, imgs):
+    """Default: each Linear with its bias is one MatMulIntegerToFloat (contrib op) whose output
+    equals the portable QDQ file's in onnxruntime; portable: standard ONNX domains only."""
+    q = slimtorch.quantize(tiny_vit(), "w8a8", imgs)
+    r = export_onnx(q, tmp_path / "f.onnx", imgs[:2], check_inputs=[imgs])
+    rp = export_onnx(q, tmp_path / "p.onnx", imgs[:2], check_inputs=[imgs], portable=True)
+    assert r.rewrites["fused_matmul_bias"] == 5  # qkv, proj, mlp.0, mlp.2, head
+    assert rp.rewrites["fused_matmul_bias"] == 0
+    fused, port = (onnx.load(str(tmp_path / f)) for f in ("f.onnx", "p.onnx"))
+    assert {o.domain for o in port.opset_import} <= {"", "ai.onnx"}
+    mitf = [n for n in fused.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(mitf) == 5 and all(n.domain == "com.microsoft" for n in mitf)
+    assert_qdq_around_compute(fused.graph)
+    x = {fused.graph.input[0].name: imgs.numpy()}
+    a = onnx_check.make_session(tmp_path / "f.onnx", 1).run(None, x)[0]
+    b = onnx_check.make_session(tmp_path / "p.onnx", 1).run(None, x)[0]
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+    assert r.int8_kernels == rp.int8_kernels and r.agreement["top1_agreement"] == 100.0
+
+
+def test_speed_engines_take_turns():
+    """Each engine is timed in every round, rounds interleaved: a burst of load cannot land
+    on all runs of one engine."""
+    from slimtorch.cli_deploy import interleaved_ms
+    calls = []
+    runners = {k: (lambda k=k: calls.append(k)) for k in ("a", "b")}
+    out = interleaved_ms(runners, rounds=3, repeats=3)
+    assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
+    switches = sum(x != y for x, y in zip(calls, calls[1:]))
+    assert switches == 5  # a…a b…b a…a b…b a…a b…b

@@ -79,13 +79,16 @@ class ExportReport:
 
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any, *,
                 opset: int = DEFAULT_OPSET, check_inputs: list | None = None,
-                conv_integer: bool = False, threads: int = 2) -> ExportReport:
+                conv_integer: bool = False, portable: bool = False,
+                threads: int = 2) -> ExportReport:
     """Export ``qmodel`` to ``path`` and check it with onnxruntime.
 
     example_inputs: a Tensor, a tuple of Tensors (positional) or a dict (keyword arguments),
     as for calibration. check_inputs: items of the same form to compare onnxruntime with
     PyTorch on (default: ``[example_inputs]``). conv_integer: rewrite convs whose output is not
-    re-quantized to ConvInteger (see ``onnx_rewrite``).
+    re-quantized to ConvInteger (see ``onnx_rewrite``). portable: standard ONNX operators
+    only; by default a Linear's bias is fused into onnxruntime's MatMulIntegerToFloat contrib op
+    (``onnx_speed.fuse_matmul_bias``), which only onnxruntime runs.
     """
     import onnx
     if not 13 <= opset <= onnx.defs.onnx_opset_version():
@@ -96,7 +99,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        names, state, changes = _export_file(qmodel, tmp, example_inputs, opset, conv_integer)
+        names, state, changes = _export_file(qmodel, tmp, example_inputs, opset, conv_integer,
+                                              portable)
         report = ExportReport(str(path), opset, os.path.getsize(tmp), names,
                               state.act_qdq, state.weight_dq, changes.pop("int4_weights"),
                               changes.pop("conv_integer"), state.float_quantizers,
@@ -109,7 +113,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
     return report
 
 
-def _export_file(qmodel, tmp: str, example, opset: int, conv_integer: bool):
+def _export_file(qmodel, tmp: str, example, opset: int, conv_integer: bool, portable: bool):
     """Trace, rewrite and save to ``tmp``; returns (input names, ExportState, rewrite info)."""
     import onnx
     names, args, as_kwargs = _signature(example)
@@ -131,7 +135,7 @@ def _export_file(qmodel, tmp: str, example, opset: int, conv_integer: bool):
         if imp.domain in ("", "ai.onnx"):
             imp.version = opset
     try:
-        changes = rewrite(model, conv_int=conv_integer, int4=opset >= 21)
+        changes = rewrite(model, conv_int=conv_integer, int4=opset >= 21, portable=portable)
         onnx.checker.check_model(model)
     except Exception as e:  # a rewrite bug must not leave a broken file behind
         raise OnnxExportError(f"the exported graph failed its checks: {e}") from e

@@ -19,7 +19,9 @@ function unchanged up to float rounding:
 - ``prune``: drop nodes and initializers nothing reads.
 
 ``onnx_speed`` adds passes that remove per-run quantization overhead (merged duplicate Q nodes,
-embedding lookups on integer codes, attention scale folded into a DQ scale).
+embedding lookups on integer codes, attention scale folded into a DQ scale, conv input channels
+padded for MLAS's int8 kernel, and — unless the export is ``portable`` — Linear biases fused into
+onnxruntime's MatMulIntegerToFloat).
 """
 from __future__ import annotations
 
@@ -292,18 +294,23 @@ def prune(gr: Graph) -> None:
     gr.reindex()
 
 
-def rewrite(model: onnx.ModelProto, *, conv_int: bool = False, int4: bool = True) -> dict:
-    """Run every pass on ``model`` in place; returns what was changed."""
+def rewrite(model: onnx.ModelProto, *, conv_int: bool = False, int4: bool = True,
+            portable: bool = False) -> dict:
+    """Run every pass on ``model`` in place; returns what was changed. ``portable``: standard
+    ONNX operators only (no onnxruntime contrib ops)."""
     gr = Graph(model)
     constants_to_initializers(gr)
     fold_weight_transpose(gr)
     gemm_to_matmul(gr)
     done = conv_integer(gr) if conv_int else []
-    from .onnx_speed import dedupe_quantize, fold_matmul_scale, gather_then_dequantize
+    from .onnx_speed import (dedupe_quantize, fold_matmul_scale, fuse_matmul_bias,
+                             gather_then_dequantize, pad_conv_channels)
     info = {"conv_integer": done, "merged_quantize": dedupe_quantize(gr),
             "gather_dequantize": gather_then_dequantize(gr),
-            "folded_matmul_scales": fold_matmul_scale(gr)}
+            "folded_matmul_scales": fold_matmul_scale(gr),
+            "padded_conv_channels": pad_conv_channels(gr)}
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     info["int4_weights"] = pack_int4(gr) if int4 and opset >= 21 else 0
+    info["fused_matmul_bias"] = 0 if portable else fuse_matmul_bias(gr)  # after int4 packing
     prune(gr)
     return info
