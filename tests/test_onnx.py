@@ -304,7 +304,7 @@ def test_conv_channels_padded_for_int8_kernel_exactly(tmp_path, imgs, monkeypatc
     assert [n.op_type for n in graph.node if pad.output[0] in n.input] == ["QuantizeLinear"]
     monkeypatch.setattr(onnx_speed, "pad_conv_channels", lambda gr: 0)
     export_onnx(q, tmp_path / "nopad.onnx", imgs[:2])
-    name, x = graph.input[0].name, {graph.input[0].name: imgs.numpy()}
+    x = {graph.input[0].name: imgs.numpy()}
     a = onnx_check.make_session(tmp_path / "pad.onnx", 1).run(None, x)[0]
     b = onnx_check.make_session(tmp_path / "nopad.onnx", 1).run(None, x)[0]
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
