@@ -1,6 +1,7 @@
 """Artifact lifecycle: quantize → save → reload gives bit-identical outputs; damage is refused."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,18 @@ def test_save_refuses_plain_model(tmp_path):
     with pytest.raises(ArtifactError, match="not produced by slimtorch.quantize"):
         slimtorch.save(make_cnn(), tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_atomic_path_never_leaves_a_half_written_file(tmp_path):
+    from slimtorch.export.artifact import atomic_path
+    target = tmp_path / "f.bin"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            Path(tmp).write_text("half")
+            raise RuntimeError("writer failed")
+    assert target.read_text() == "old" and sorted(tmp_path.iterdir()) == [target]
+    with atomic_path(target, 0o644) as tmp:
+        Path(tmp).write_text("new")
+    assert target.read_text() == "new" and (target.stat().st_mode & 0o777) == 0o644
+    assert sorted(tmp_path.iterdir()) == [target]

@@ -20,10 +20,8 @@ never left half-written.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SlimtorchError
+from .artifact import atomic_path
 from .onnx_qdq import qdq_export_mode
 from .onnx_rewrite import rewrite
 
@@ -96,9 +95,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
                               f"DequantizeLinear) to {onnx.defs.onnx_opset_version()}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         names, state, changes = _export_file(qmodel, tmp, example_inputs, opset, conv_integer,
                                               portable)
         report = ExportReport(str(path), opset, os.path.getsize(tmp), names,
@@ -106,10 +103,6 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
                               changes.pop("conv_integer"), state.float_quantizers,
                               state.float_weights, changes)
         _check(report, tmp, qmodel, check_inputs or [example_inputs], names, threads)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
     return report
 
 

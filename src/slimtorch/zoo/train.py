@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from slimtorch.data.fashion_mnist import MEAN, STD, load_fashion_mnist, test_set, to_input
+from slimtorch.export.artifact import atomic_path
 from slimtorch.zoo.registry import WEIGHTS_DIR, count_params, get_entry
 
 
@@ -114,27 +114,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return 100.0 * correct / x.shape[0]
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temp file in path's directory, then rename it onto path."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; package data must be readable by all
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_weights(model: nn.Module, card: dict, out_dir: Path) -> None:
     """Write NAME.safetensors (contiguous state_dict) and NAME.json atomically into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     name = card["name"]
-    _atomic_write(out_dir / f"{name}.safetensors", lambda p: save_file(state, p))
-    _atomic_write(out_dir / f"{name}.json",
-                  lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
+    # package data must be readable by all: 0644
+    with atomic_path(out_dir / f"{name}.safetensors", 0o644) as tmp:
+        save_file(state, tmp)
+    with atomic_path(out_dir / f"{name}.json", 0o644) as tmp:
+        Path(tmp).write_text(json.dumps(card, indent=2) + "\n")
 
 
 def _fresh_copy(name: str, model: nn.Module) -> nn.Module:
