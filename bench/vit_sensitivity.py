@@ -1,7 +1,7 @@
 """Which activation quantizers cost MiniLM its fidelity: quantize with a recipe, then switch the
 activation quantizers on by class (layer inputs by their graph source — layer_norm, gelu,
-matmul —, and attention matmul operands by operand and source) and measure the cosine of the
-sentence embeddings to the float model. Rows: all on; only one class on; all but one class;
+matmul —, and functional-site operands, attention matmuls or residual adds, by site kind, operand
+and source) and measure the cosine of the sentence embeddings to the float model. Rows: all on; only one class on; all but one class;
 weights only (all activation quantizers off). Writes bench/results/vit_sensitivity_<recipe>.md.
 
     python bench/vit_sensitivity.py --recipe vit-w4a4-repq [--calib-size 256] [--eval 1000]
@@ -35,7 +35,7 @@ def classes(q) -> dict[str, list]:
     for site in meta["graph"]["functional"] if sites is not None else []:
         qs = sites.site(site["key"])
         for i, src in enumerate(site["sources"][:2]):
-            out.setdefault(f"matmul operand {'ab'[i]} after {src}", []).append(qs[i])
+            out.setdefault(f"{site['kind']} operand {'ab'[i]} after {src}", []).append(qs[i])
     return out
 
 

@@ -115,6 +115,27 @@ class InplaceResidual(nn.Module):
         return self.head(torch.relu(y))
 
 
+class ReturnsSum(nn.Module):
+    """A residual sum that a conv reads and the model also returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.head = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv1(x) + x
+        return self.head(torch.relu(y)), y
+
+
+def test_returned_residual_sum_is_not_an_add_site():
+    """Quantizing an add's operands would change a value the model returns: capture knows the
+    model's outputs, so an add read by a conv *and* returned is left alone."""
+    x = torch.randn(4, 4, 6, 6)
+    graph = capture(ReturnsSum().eval(), x)
+    assert not any(s["kind"] == "add" for s in graph.functional)
+    assert any(s["kind"] == "add" for s in capture(InplaceResidual().eval(), x).functional)
+
+
 def test_one_quantizer_per_tensor_and_quantized_residual_add(cnn, images):
     q = slimtorch.quantize(cnn, "w8a8", images)
     plan, sites = q._slimtorch_meta["plan"], q.slimtorch_functional

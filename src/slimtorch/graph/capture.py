@@ -156,13 +156,16 @@ def capture(model: nn.Module, example: Any) -> QuantGraph:
             out = call_model(model, example)
     finally:
         tracker.close()
-    graph = analyse(model, rec.nodes)
-    graph.outputs = [rec.producer[id(t)] for t in tree_flatten(out)[0]
-                     if isinstance(t, Tensor) and id(t) in rec.producer]
+    outputs = [rec.producer[id(t)] for t in tree_flatten(out)[0]
+               if isinstance(t, Tensor) and id(t) in rec.producer]
+    graph = analyse(model, rec.nodes, outputs)
+    graph.outputs = outputs
     return graph
 
 
-def analyse(model: nn.Module, nodes: list[Node]) -> QuantGraph:
+def analyse(model: nn.Module, nodes: list[Node], outputs: list[int]) -> QuantGraph:
+    """Layers, functional sites and unsupported ops of a recorded graph; ``outputs``: the
+    nodes the model returns."""
     modules = dict(model.named_modules())
     layers, functional, unsupported = [], [], []
     for n in nodes:
@@ -195,7 +198,7 @@ def analyse(model: nn.Module, nodes: list[Node]) -> QuantGraph:
         elif n.kind in ("conv3d", "conv_transpose", "einsum", "mha"):
             unsupported.append({"what": n.op, "where": n.module or "(root)",
                                 "why": f"{n.kind} is not quantized yet; left in float"})
-    functional += _add_sites(nodes, layers)
+    functional += _add_sites(nodes, layers, set(outputs))
     unsupported += _unused_param_modules(model, layers, nodes)
     counts: dict[str, int] = {}
     for n in nodes:
@@ -227,7 +230,8 @@ def users_of(nodes: list[Node]) -> dict[int, list[int]]:
     return users
 
 
-def _readers(nodes: list[Node], users: dict[int, list[int]], idx: int) -> list[int] | None:
+def _readers(nodes: list[Node], users: dict[int, list[int]], idx: int,
+             outputs: set[int]) -> list[int] | None:
     """The compute nodes that read node ``idx``'s values, looking through passthrough ops and
     foldable activations; None when the value (or a view of it) is a model output."""
     out, todo, seen = [], [idx], set()
@@ -241,20 +245,20 @@ def _readers(nodes: list[Node], users: dict[int, list[int]], idx: int) -> list[i
                                                               and n.op in PASSTHROUGH)):
             out.append(i)
             continue
-        if not users.get(i):
+        if i in outputs:
             return None
-        todo.extend(users[i])
+        todo.extend(users.get(i, []))
     return out
 
 
-def _add_sites(nodes: list[Node], layers: list[dict]) -> list[dict]:
+def _add_sites(nodes: list[Node], layers: list[dict], outputs: set[int]) -> list[dict]:
     """Residual adds worth quantizing: two same-shaped activations whose sum is read only by
     quantized layers or by other such adds (through ReLU and passthrough ops). Quantizing both
     operands lets an integer engine run the producers and the add in int8 (QLinearConv →
     QLinearAdd); an add that feeds a float op (LayerNorm, the model output) is left alone."""
     users = users_of(nodes)
     layer_nodes = {l["node"] for l in layers if l["type"] != "Embedding"}
-    cand = {n.idx: _readers(nodes, users, n.idx) for n in nodes
+    cand = {n.idx: _readers(nodes, users, n.idx, outputs) for n in nodes
             if n.kind == "add" and n.key and len(n.inputs) == 2
             and all(nodes[i].dynamic and nodes[i].shape == n.shape for i in n.inputs)}
     cand = {i: r for i, r in cand.items() if r}
