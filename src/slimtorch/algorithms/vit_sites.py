@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..graph.capture import PASSTHROUGH, QuantGraph, call_model, capture, users_of
+from ..graph.capture import (PASSTHROUGH, QuantGraph, call_model, capture, users_of,
+                             walk_forward)
 from ..quant.functional import SITE_ROLES, FunctionalSites
 from ..quant.kinds import make_quantizer
 from ..quant.prepare import META_ATTR, SITES_ATTR, distinct
@@ -159,34 +160,11 @@ def _walk_back_to_ln(graph: QuantGraph, idx: int, channels: int) -> int | None:
     return n.idx if n.kind == "layer_norm" and n.shape[-1:] == [channels] else None
 
 
-def _consumers(graph: QuantGraph, users: dict, start: int) -> set[int]:
-    """First non-reshape consumers of node ``start`` (through SAFE_BETWEEN ops)."""
-    out, todo, seen = set(), [start], set()
-    while todo:
-        i = todo.pop()
-        for u in users.get(i, []):
-            n = graph.nodes[u]
-            if u in seen:
-                continue
-            seen.add(u)
-            if _safe(graph, n) and n.inputs[0] == i:
-                todo.append(u)
-            else:
-                out.add(u)
-    return out
-
-
-def _returned(graph: QuantGraph, users: dict, start: int) -> bool:
-    """Whether node ``start`` or a reshape-like view of it is a model output."""
-    todo, seen, outs = [start], set(), set(graph.outputs)
-    while todo:
-        i = todo.pop()
-        if i in outs:
-            return True
-        seen.add(i)
-        todo += [u for u in users.get(i, []) if u not in seen
-                 and _safe(graph, graph.nodes[u]) and graph.nodes[u].inputs[0] == i]
-    return False
+def _reshaped(graph: QuantGraph, users: dict, start: int) -> tuple[set[int], bool]:
+    """(first non-reshape consumers of node ``start`` through SAFE_BETWEEN ops, whether
+    ``start`` or a reshape-like view of it is a model output)."""
+    return walk_forward(graph.nodes, users, start,
+                        lambda n, i: _safe(graph, n) and n.inputs[0] == i, set(graph.outputs))
 
 
 def ln_linear_groups(model: nn.Module, graph: QuantGraph) -> list[LNGroup]:
@@ -208,9 +186,9 @@ def ln_linear_groups(model: nn.Module, graph: QuantGraph) -> list[LNGroup]:
         if len(params) != 2 or any(p.kind != "param" or p.op == "constant" for p in params):
             continue  # LayerNorm without affine parameters: nothing to fold into
         if ln not in groups:
-            cons = _consumers(graph, users, ln)
+            cons, returned = _reshaped(graph, users, ln)
             fqns = {linear_node.get(c) for c in cons}
-            if _returned(graph, users, ln):
+            if returned:
                 fqns.add(None)  # the model returns it: a fold would change the output
             groups[ln] = LNGroup(params[0].op, params[1].op,
                                  consumers=None if None in fqns else fqns)

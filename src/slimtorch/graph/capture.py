@@ -11,7 +11,7 @@ which is exactly what calibration needs.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -221,6 +221,25 @@ def view_source(nodes: list[Node], idx: int) -> int:
     return idx
 
 
+def walk_forward(nodes: list[Node], users: dict[int, list[int]], start: int,
+                 through: Callable[[Node, int], bool], outputs: set[int]
+                 ) -> tuple[set[int], bool]:
+    """Follow node ``start``'s values forward: a user ``n`` reached from node ``i`` is passed
+    through when ``through(n, i)``. Returns (the first users not passed through, whether
+    ``start`` or a node passed through is a model output)."""
+    stops: set[int] = set()
+    todo, seen, returned = [start], {start}, False
+    while todo:
+        i = todo.pop()
+        returned = returned or i in outputs
+        for u in users.get(i, []):
+            if u in seen:
+                continue
+            seen.add(u)
+            (todo.append if through(nodes[u], i) else stops.add)(u)
+    return stops, returned
+
+
 def users_of(nodes: list[Node]) -> dict[int, list[int]]:
     """{node: the nodes that read it}, each reader once per node it reads."""
     users: dict[int, list[int]] = {}
@@ -234,21 +253,9 @@ def _readers(nodes: list[Node], users: dict[int, list[int]], idx: int,
              outputs: set[int]) -> list[int] | None:
     """The compute nodes that read node ``idx``'s values, looking through passthrough ops and
     foldable activations; None when the value (or a view of it) is a model output."""
-    out, todo, seen = [], [idx], set()
-    while todo:
-        i = todo.pop()
-        if i in seen:
-            continue
-        seen.add(i)
-        n = nodes[i]
-        if i != idx and not (n.kind in FOLDED_ACTIVATIONS or (n.kind == "other"
-                                                              and n.op in PASSTHROUGH)):
-            out.append(i)
-            continue
-        if i in outputs:
-            return None
-        todo.extend(users.get(i, []))
-    return out
+    stops, returned = walk_forward(nodes, users, idx, lambda n, _: n.kind in FOLDED_ACTIVATIONS
+                                   or (n.kind == "other" and n.op in PASSTHROUGH), outputs)
+    return None if returned else sorted(stops)
 
 
 def _add_sites(nodes: list[Node], layers: list[dict], outputs: set[int]) -> list[dict]:
