@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from slimtorch.data import text as text_mod
-from slimtorch.data.text import CALIB_SIZE, SENTENCES_PATH, load_sentences, text_batches
+from slimtorch.data.text import (CALIB_SIZE, SENTENCES_PATH, eval_pairs, load_sentences,
+                                 near_duplicate, text_batches)
 from slimtorch.errors import SlimtorchError, UnknownModelError
-from slimtorch.eval.fidelity import cosine_fidelity, logits_agreement, retrieval_agreement
+from slimtorch.eval.fidelity import (cosine_fidelity, logits_agreement, pair_top1,
+                                     retrieval_agreement)
 
 PARAPHRASE_A = "A man is playing guitar."
 PARAPHRASE_B = "Someone plays a guitar."
@@ -133,6 +135,22 @@ def test_cosine_and_retrieval_identity_and_permutation():
     assert cosine_fidelity(x, 3.0 * x) == pytest.approx(1.0)  # scale invariant
     with pytest.raises(SlimtorchError):
         cosine_fidelity(x, x[:10])
+
+
+def test_eval_pairs_and_pair_top1():
+    """Row i and row n + i are a sentence and its near-duplicate; pair_top1 is right when a
+    row's nearest other row is its partner."""
+    assert near_duplicate("a b c d e f g h i") == "a b c e f g i"
+    assert near_duplicate("too short") == "too short"
+    pairs = eval_pairs(5)
+    assert pairs[:5] == load_sentences("eval", 5)
+    assert pairs[5:] == [near_duplicate(x) for x in pairs[:5]]
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    noisy = x + 0.01 * torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
+    assert pair_top1(torch.cat([x, noisy])) == 1.0
+    assert pair_top1(torch.cat([x, noisy[torch.tensor([1, 0, 3, 2, 5, 4])]])) == 0.0
+    with pytest.raises(SlimtorchError):
+        pair_top1(x[:5])
 
 
 def test_logits_agreement_basics():

@@ -3,7 +3,8 @@
 ``data/text/austen_sentences.txt`` holds 4000 sentences from Jane Austen's novels (written by
 ``scripts/extract_austen.py``). The first 1000 are the "calib" pool (calibration data for
 post-training quantization), the remaining 3000 the "eval" pool (fidelity measurement); the two
-never overlap.
+never overlap. ``eval_pairs`` adds to eval sentences their near-duplicates (every fourth word
+dropped), so retrieval on the eval set has a right answer: a sentence's partner.
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ def load_sentences(split: str = "calib", n: int | None = None) -> list[str]:
             raise SlimtorchError(f"n={n} is out of range: the {split!r} pool has {len(pool)} sentences")
         pool = pool[:n]
     return list(pool)
+
+
+def near_duplicate(sentence: str) -> str:
+    """``sentence`` with every fourth word dropped (unchanged below four words)."""
+    return " ".join(w for i, w in enumerate(sentence.split()) if i % 4 != 3)
+
+
+def eval_pairs(n: int) -> list[str]:
+    """The first ``n`` eval sentences, then their near-duplicates: rows i and n + i are a
+    pair."""
+    sentences = load_sentences("eval", n)
+    return sentences + [near_duplicate(s) for s in sentences]
 
 
 def text_batches(

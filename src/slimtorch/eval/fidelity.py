@@ -44,6 +44,17 @@ def retrieval_agreement(ref: torch.Tensor, test: torch.Tensor) -> float:
     return (_nearest_neighbours(ref) == _nearest_neighbours(test)).float().mean().item()
 
 
+def pair_top1(emb: torch.Tensor) -> float:
+    """Near-duplicate retrieval accuracy of ``[2n, D]`` embeddings whose rows i and n + i are
+    a pair (``data.text.eval_pairs``): the fraction of rows whose top-1 neighbour (cosine,
+    excluding itself) is its partner."""
+    if emb.dim() != 2 or emb.shape[0] < 2 or emb.shape[0] % 2:
+        raise SlimtorchError(f"pair_top1 needs [2n, D] embeddings, got {tuple(emb.shape)}")
+    n = emb.shape[0] // 2
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return (_nearest_neighbours(emb.detach().float()) == partner).float().mean().item()
+
+
 def logits_agreement(ref_logits: torch.Tensor, test_logits: torch.Tensor) -> dict[str, float]:
     """Top-1 agreement and mean KL(softmax(ref) || softmax(test)) over the last dimension."""
     if ref_logits.shape != test_logits.shape or ref_logits.numel() == 0:
