@@ -2,8 +2,9 @@
 × W8A8 / W6A6 / W4A4 × {RTN, PTQ4ViT, RepQ-ViT, RepQ-ViT + post-GELU}, with calibration minutes.
 
 Zoo ``vit``: top-1 on the full Fashion-MNIST test set, calibration on a seeded subset of the
-train split. MiniLM: cosine similarity and top-1 retrieval agreement of its sentence embeddings
-with the float model on the project's text (Jane Austen sentences), calibration on the "calib"
+train split. MiniLM: near-duplicate retrieval top-1, cosine similarity and top-1 retrieval
+agreement of its sentence embeddings with the float model on the project's text (1000 Jane Austen
+eval sentences and their near-duplicates, ``data.text.eval_pairs``), calibration on the "calib"
 split. First and last layer at 8 bits in every recipe. RTN rows use the built-in ``w{b}a{b}``
 recipes; PTQ4ViT uses its default 32 calibration items (of the calibration set), RepQ-ViT the
 whole calibration set. "RepQ-ViT + post-GELU" is the ``repq`` recipe with
@@ -11,7 +12,7 @@ whole calibration set. "RepQ-ViT + post-GELU" is the ``repq`` recipe with
 bench/results/ptq_vit.md (+ .json).
 
     python bench/ptq_vit.py [--models vit minilm] [--bits 8 6 4] [--methods rtn ptq4vit repq
-                            repq_gelu] [--threads 1]
+                            repq_gelu] [--threads 1] [--from-json]
 """
 from __future__ import annotations
 
@@ -51,7 +52,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "ptq_vit"))
+    p.add_argument("--from-json", action="store_true",
+                   help="rebuild OUT.md from OUT.json without running anything")
     args = p.parse_args()
+    if args.from_json:
+        write(json.loads(Path(args.out + ".json").read_text()), args)
+        return
     torch.set_num_threads(args.threads)
     rows, fp_cache = [], {}
     for model in args.models:
@@ -82,21 +88,26 @@ def write(rows: list[dict], args) -> None:
 
 
 def to_markdown(rows: list[dict], args) -> str:
+    """One row per run: top-1 (zoo ``vit``: test accuracy; MiniLM: near-duplicate retrieval
+    accuracy on the paired eval set), and for MiniLM the cosine to the float embeddings and the
+    top-1 retrieval agreement with the float model."""
     lines = [machine_markdown() + f"; calibration set {args.calib_size} items, seed "
              f"{args.seed}; first/last layer W8A8.", "",
-             "| model | bits | method | FP | quantized | Δ / retrieval agreement % | "
-             "calibration min |", "|---|---|---|---:|---:|---:|---:|"]
+             "| model | bits | method | FP top-1 % | top-1 % | Δ | cosine to FP | "
+             "retrieval agreement % | calibration min |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for m in rows:
         name = m["model"].removeprefix("zoo:")
         head = f"| {name} | W{m['bits']}A{m['bits']} | {m['method_name']} "
         if "error" in m:
-            lines.append(head + f"| — | — | not run: {m['error'][:80]} | — |")
-        elif "q_top1" in m:
-            lines.append(head + f"| {m['fp_top1']:.2f} | {m['q_top1']:.2f} | "
-                         f"{m['q_top1'] - m['fp_top1']:+.2f} | {m['calib_seconds'] / 60:.2f} |")
-        else:
-            lines.append(head + f"| cos 1 | cos {m['q_cosine']:.4f} | "
-                         f"{m['q_retrieval_agreement']:.1f} | {m['calib_seconds'] / 60:.2f} |")
+            lines.append(head + f"| — | — | not run: {m['error'][:80]} | — | — | — |")
+            continue
+        cos = f"{m['q_cosine']:.4f}" if m.get("q_cosine") is not None else "—"
+        agree = (f"{m['q_retrieval_agreement']:.1f}"
+                 if m.get("q_retrieval_agreement") is not None else "—")
+        lines.append(head + f"| {m['fp_top1']:.2f} | {m['q_top1']:.2f} | "
+                     f"{m['q_top1'] - m['fp_top1']:+.2f} | {cos} | {agree} | "
+                     f"{m['calib_seconds'] / 60:.2f} |")
     return "\n".join(lines)
 
 
