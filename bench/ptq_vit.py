@@ -55,8 +55,11 @@ def main() -> None:
     p.add_argument("--from-json", action="store_true",
                    help="rebuild OUT.md from OUT.json without running anything")
     args = p.parse_args()
-    if args.from_json:
-        write(json.loads(Path(args.out + ".json").read_text()), args)
+    if args.from_json:  # keep the machine line the run recorded
+        md = Path(args.out + ".md")
+        first = md.read_text().splitlines()[0] if md.is_file() else ""
+        write(json.loads(Path(args.out + ".json").read_text()), args,
+              first if first.startswith("Machine:") else None)
         return
     torch.set_num_threads(args.threads)
     rows, fp_cache = [], {}
@@ -81,18 +84,19 @@ def main() -> None:
     print("\n" + to_markdown(rows, args))
 
 
-def write(rows: list[dict], args) -> None:
+def write(rows: list[dict], args, machine: str | None = None) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".md").write_text(to_markdown(rows, args) + "\n")
+    Path(args.out + ".md").write_text(to_markdown(rows, args, machine) + "\n")
     Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
 
 
-def to_markdown(rows: list[dict], args) -> str:
+def to_markdown(rows: list[dict], args, machine: str | None = None) -> str:
     """One row per run: top-1 (zoo ``vit``: test accuracy; MiniLM: near-duplicate retrieval
     accuracy on the paired eval set), and for MiniLM the cosine to the float embeddings and the
     top-1 retrieval agreement with the float model."""
-    lines = [machine_markdown() + f"; calibration set {args.calib_size} items, seed "
-             f"{args.seed}; first/last layer W8A8.", "",
+    head = machine or (machine_markdown() + f"; calibration set {args.calib_size} items, "
+                       f"seed {args.seed}; first/last layer W8A8.")
+    lines = [head, "",
              "| model | bits | method | FP top-1 % | top-1 % | Δ | cosine to FP | "
              "retrieval agreement % | calibration min |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
