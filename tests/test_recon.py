@@ -351,3 +351,22 @@ def test_auto_act_lr_keeps_the_published_lsq_step_budget():
         assert cls.parse({"act_lr": 2e-5}, "x").joint_stage(m).lr_act == 2e-5
     with pytest.raises(RecipeError, match="act_lr"):
         QDropConfig.parse({"act_lr": 0}, "qdrop")
+
+
+def test_auto_round_lr_is_published_rate_floored_at_two_over_iters():
+    """lr auto: the published Adam lr of V (1e-3; PD-Quant 3e-3) unless iters is too short for V
+    to travel 2 (lr × iters), e.g. 1e-2 at the 200-iteration CPU default."""
+    from slimtorch.algorithms.adaround import AdaRoundConfig
+    from slimtorch.algorithms.brecq import BRECQConfig
+    from slimtorch.algorithms.pdquant import PDQuantConfig
+    from slimtorch.algorithms.qdrop import QDropConfig
+    m = nn.Linear(2, 2)
+    for cls, paper in ((AdaRoundConfig, 1e-3), (BRECQConfig, 1e-3), (QDropConfig, 1e-3),
+                       (PDQuantConfig, 3e-3)):
+        stage = (cls.parse({}, "x").joint_stage(m) if hasattr(cls, "joint_stage")
+                 else cls.parse({}, "x").weight_stage())
+        assert stage.lr_round == pytest.approx(1e-2)  # 2 / 200
+        for it in (20000, 5000):
+            assert cls.parse({"iters": it}, "x").round_lr() == pytest.approx(paper)
+        assert cls.parse({"iters": 1000}, "x").round_lr() == pytest.approx(max(paper, 2e-3))
+        assert cls.parse({"lr": 5e-4}, "x").round_lr() == 5e-4

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import Field, PositiveFloat
 
 from . import recon
-from .adaround import AdaRoundConfig
+from .adaround import AdaRoundConfig, budget_lr
 from .brecq import block_units
 from .recon import Stage
 
@@ -34,14 +34,7 @@ def has_depthwise(model) -> bool:
                for m in model.modules())
 
 
-PAPER_ITERS = 20_000   # iterations per unit of the published runs
-PAPER_ACT_LR = 4e-5    # their LSQ learning rate at PAPER_ITERS
-
-
-def budget_lr(paper_lr: float, iters: int) -> float:
-    """The learning rate that gives ``iters`` steps the step budget (lr × steps) of the
-    published ``paper_lr`` × 20 000 steps."""
-    return paper_lr * PAPER_ITERS / max(1, iters)
+PAPER_ACT_LR = 4e-5    # the published LSQ learning rate at 20 000 iterations
 
 
 class QDropConfig(AdaRoundConfig):
@@ -57,7 +50,7 @@ class QDropConfig(AdaRoundConfig):
             lam = 0.1 if has_depthwise(model) else 0.01
         act_lr = budget_lr(PAPER_ACT_LR, self.iters) if self.act_lr == "auto" else self.act_lr
         return Stage("joint", self.iters, learn_weights=True, learn_acts=True, acts_on=True,
-                     batch_size=self.batch_size, lr_round=self.lr, lr_act=act_lr,
+                     batch_size=self.batch_size, lr_round=self.round_lr(), lr_act=act_lr,
                      round_weight=lam, warmup=self.warmup, b_range=(self.b_start, self.b_end),
                      mix_prob=self.mix_prob, drop_prob=self.drop_prob, **kw)
 
