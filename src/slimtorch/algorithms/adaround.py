@@ -29,7 +29,9 @@ from .recon import Stage
 # on the shared 2-core machine (load ≈ 2.7): ≈ 1.06 s per iteration summed over its 11 units
 # and ≈ 8.3 s per distribution-correction step (all units, 1024 images); 100 iterations and 10
 # DC steps gave 88.17 % top-1 (float 93.14, RTN 72.40) in 218 s of calibration; 200 iterations
-# + 10 DC steps (this default) gave 88.65 % in 309 s (bench/ptq_recon.py, seed 0, load ≈ 3.7).
+# + 10 DC steps (this default) gave 88.65 % in 309 s (bench/ptq_recon.py, seed 0, load ≈ 3.7) —
+# both with the published learning rates; the `auto` rates below (V lr 1e-2, LSQ lr 4e-3 at 200
+# iterations) gave 90.82 % at the same cost (bench/results/ptq_recon_actlr.md).
 # The paper setting (20 000 + 500 DC steps) costs ≈ 6 h + 1 h there.
 CPU_ITERS = 200
 PAPER_ITERS = 20_000   # iterations per unit of the published runs
