@@ -371,9 +371,3 @@ def test_auto_round_lr_is_published_rate_floored_at_two_over_iters():
         assert cls.parse({"iters": 1000}, "x").round_lr() == pytest.approx(max(paper, 2e-3))
         assert cls.parse({"lr": 5e-4}, "x").round_lr() == 5e-4
 
-
-def test_brecq_auto_act_lr_keeps_the_published_stage_budget():
-    from slimtorch.algorithms.brecq import BRECQConfig
-    assert BRECQConfig.parse({"act_iters": 5000}, "brecq").stage_act_lr() == pytest.approx(4e-4)
-    assert BRECQConfig.parse({}, "brecq").stage_act_lr() == pytest.approx(2e-2)  # 100 iters
-    assert BRECQConfig.parse({"act_lr": 1e-4}, "brecq").stage_act_lr() == 1e-4

@@ -7,16 +7,12 @@ quantization on and learns the step sizes (LSQ, gradient scale 1/√(numel·q_ma
 activation quantizers on the Lp error (p = 2.4), Adam with cosine decay to 0 — as BRECQ's
 ``main_imagenet.py`` does. The Fisher-weighted loss is not used (the published script passes
 ``opt_mode='mse'``).
-
-``act_lr: auto`` keeps the published activation stage's step budget (4e-4 × 5000 iterations,
-cosine to 0) for other ``act_iters``: lr = 2 / act_iters, 2e-2 at the CPU default of 100 — the
-same rule as QDrop's LSQ rate (``qdrop.py``).
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, PositiveFloat
+from pydantic import Field
 
 from . import recon
 from .adaround import AdaRoundConfig
@@ -25,17 +21,8 @@ from .recon import Stage
 
 class BRECQConfig(AdaRoundConfig):
     act_iters: int = Field(100, ge=0, description="steps per unit of the activation stage")
-    act_lr: PositiveFloat | Literal["auto"] = Field(
-        "auto", description="LSQ Adam lr; auto: 4e-4 · 5000 / act_iters")
+    act_lr: float = Field(4e-4, gt=0)
     act_p: float = Field(2.4, gt=0, description="Lp exponent of the activation stage loss")
-
-    def stage_act_lr(self) -> float:
-        if self.act_lr != "auto":
-            return self.act_lr
-        return PAPER_ACT_LR * PAPER_ACT_ITERS / max(1, self.act_iters)
-
-
-PAPER_ACT_ITERS, PAPER_ACT_LR = 5000, 4e-4  # BRECQ's published activation stage
 
 
 def block_units(model, example):
@@ -48,7 +35,7 @@ def apply(model, recipe, batches, *, seed: int = 0, progress: bool = False,
     stages = [cfg.weight_stage()]
     if recipe.activations is not None and cfg.act_iters > 0:
         stages.append(Stage("acts", cfg.act_iters, learn_weights=False, learn_acts=True,
-                            acts_on=True, batch_size=cfg.batch_size, lr_act=cfg.stage_act_lr(),
+                            acts_on=True, batch_size=cfg.batch_size, lr_act=cfg.act_lr,
                             rec_p=cfg.act_p))
     return recon.run_stages(model, recipe, batches, stages, seed=seed, progress=progress,
                             float_model=float_model, work_dir=work_dir, units_fn=block_units,
