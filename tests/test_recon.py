@@ -319,3 +319,55 @@ def _no_timings(d):
     if isinstance(d, dict):
         return {k: _no_timings(v) for k, v in d.items() if not k.endswith("seconds")}
     return [_no_timings(v) for v in d] if isinstance(d, list) else d
+
+
+def test_mobilenet_style_settings_come_from_depthwise_convs():
+    """Published MobileNetV2 runs: λ = 0.1, T = 1, λ_c = 0.005; ResNets: 0.01, 4, 0.02. The rule
+    is 'the model has a depthwise conv' (groups == in_channels > 1), not a class name."""
+    from slimtorch.algorithms.pdquant import PDQuantConfig
+    from slimtorch.zoo.registry import load_zoo_model
+    cfg = PDQuantConfig.parse({}, "pdquant")
+    dw = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=8))
+    grouped = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=2))  # not depthwise
+    for model, lam, t, lc in ((dw, 0.1, 1.0, 0.005), (grouped, 0.01, 4.0, 0.02),
+                              (load_zoo_model("mobilenetv2", pretrained=False), 0.1, 1.0, 0.005),
+                              (load_zoo_model("resnet20", pretrained=False), 0.01, 4.0, 0.02)):
+        st = cfg.joint_stage(model, pd=cfg.settings(model))
+        assert (st.round_weight, st.pd.temperature, st.pd.lambda_c) == (lam, t, lc)
+    fixed = PDQuantConfig.parse({"round_weight": 0.3, "temperature": 2, "lambda_c": 1}, "pdquant")
+    st = fixed.joint_stage(dw, pd=fixed.settings(dw))
+    assert (st.round_weight, st.pd.temperature, st.pd.lambda_c) == (0.3, 2.0, 1.0)
+
+
+def test_auto_act_lr_keeps_the_published_lsq_step_budget():
+    """act_lr auto: lr × iters = 4e-5 × 20 000 (the published QDrop/PD-Quant LSQ schedule)."""
+    from slimtorch.algorithms.pdquant import PDQuantConfig
+    from slimtorch.algorithms.qdrop import QDropConfig
+    m = nn.Linear(2, 2)
+    for cls in (QDropConfig, PDQuantConfig):
+        assert cls.parse({"iters": 20000}, "x").joint_stage(m).lr_act == pytest.approx(4e-5)
+        assert cls.parse({}, "x").joint_stage(m).lr_act == pytest.approx(4e-3)  # 200 iters
+        assert cls.parse({"iters": 800}, "x").joint_stage(m).lr_act == pytest.approx(1e-3)
+        assert cls.parse({"act_lr": 2e-5}, "x").joint_stage(m).lr_act == 2e-5
+    with pytest.raises(RecipeError, match="act_lr"):
+        QDropConfig.parse({"act_lr": 0}, "qdrop")
+
+
+def test_auto_round_lr_is_published_rate_floored_at_two_over_iters():
+    """lr auto: the published Adam lr of V (1e-3; PD-Quant 3e-3) unless iters is too short for V
+    to travel 2 (lr × iters), e.g. 1e-2 at the 200-iteration CPU default."""
+    from slimtorch.algorithms.adaround import AdaRoundConfig
+    from slimtorch.algorithms.brecq import BRECQConfig
+    from slimtorch.algorithms.pdquant import PDQuantConfig
+    from slimtorch.algorithms.qdrop import QDropConfig
+    m = nn.Linear(2, 2)
+    for cls, paper in ((AdaRoundConfig, 1e-3), (BRECQConfig, 1e-3), (QDropConfig, 1e-3),
+                       (PDQuantConfig, 3e-3)):
+        stage = (cls.parse({}, "x").joint_stage(m) if hasattr(cls, "joint_stage")
+                 else cls.parse({}, "x").weight_stage())
+        assert stage.lr_round == pytest.approx(1e-2)  # 2 / 200
+        for it in (20000, 5000):
+            assert cls.parse({"iters": it}, "x").round_lr() == pytest.approx(paper)
+        assert cls.parse({"iters": 1000}, "x").round_lr() == pytest.approx(max(paper, 2e-3))
+        assert cls.parse({"lr": 5e-4}, "x").round_lr() == 5e-4
+

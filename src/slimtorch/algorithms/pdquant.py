@@ -4,13 +4,14 @@ correction of the calibration activations (formulas in ``pd.py``).
 Per step, 2×batch inputs go through the unit: the QDrop mix (reconstruction loss against the
 float unit on the DC-corrected input) and the pure quantized input, whose output is pushed
 through the rest of the network in float for L_pd = KL(softmax(z_fp/T) ‖ softmax(z_q/T))/λ_r.
-Total: L_rec + λ·L_round + L_pd; Adam lr 3e-3 on V. ``auto`` settings follow the published run
+Total: L_rec + λ·L_round + L_pd; Adam lr 3e-3 on V (floored at 2/iters for short CPU runs,
+``adaround.AdaRoundConfig.round_lr``). ``auto`` settings follow the published run
 script: nets with depthwise convolutions (MobileNet-style) use T = 1, λ = 0.1, λ_c = 0.005;
 others T = 4, λ = 0.01, λ_c = 0.02.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -21,7 +22,8 @@ from .qdrop import QDropConfig, has_depthwise
 
 
 class PDQuantConfig(QDropConfig):
-    lr: float = Field(3e-3, gt=0)
+    PAPER_LR: ClassVar[float] = 3e-3  # PD-Quant's Adam lr of V (BRECQ/QDrop: 1e-3)
+
     temperature: float | Literal["auto"] = "auto"
     pd_weight: float = Field(10.0, ge=0, description="1/λ_r")
     dc_steps: int = Field(10, ge=0, description="Adam steps of distribution correction "

@@ -8,15 +8,22 @@ quantizers here sit at layer inputs, so those reading the unit input directly re
 (their element is Q(x_q) where the mix chose x_q, else x_fp — QDrop's mixed input exactly).
 Target: the float unit on x_fp. λ = 0.01 (0.1 for nets with depthwise convolutions, as in the
 QDrop MobileNetV2 config) when ``round_weight: auto``.
+
+LSQ learning rate: the published runs use Adam lr 4e-5 with cosine decay to 0 over 20 000
+iterations. ``act_lr: auto`` keeps that schedule's step budget (lr × iterations, the most an
+Adam-driven step size can travel) when the iteration count differs: lr = 4e-5 · 20 000 / iters —
+the published value at 20 000, 4e-3 at the 200-iteration CPU default. Without it the CPU default
+left the activation step sizes almost where initialisation put them (measured in
+``bench/results/ptq_recon_actlr.md``).
 """
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 
 from . import recon
-from .adaround import AdaRoundConfig
+from .adaround import AdaRoundConfig, budget_lr
 from .brecq import block_units
 from .recon import Stage
 
@@ -27,9 +34,13 @@ def has_depthwise(model) -> bool:
                for m in model.modules())
 
 
+PAPER_ACT_LR = 4e-5    # the published LSQ learning rate at 20 000 iterations
+
+
 class QDropConfig(AdaRoundConfig):
     round_weight: float | Literal["auto"] = "auto"
-    act_lr: float = Field(4e-5, gt=0)
+    act_lr: PositiveFloat | Literal["auto"] = Field("auto", description="LSQ Adam lr; auto: "
+                                            "4e-5 · 20000 / iters (see module docstring)")
     mix_prob: float = Field(0.5, ge=0, le=1)
     drop_prob: float = Field(0.5, ge=0, le=1)
 
@@ -37,8 +48,9 @@ class QDropConfig(AdaRoundConfig):
         lam = self.round_weight
         if lam == "auto":
             lam = 0.1 if has_depthwise(model) else 0.01
+        act_lr = budget_lr(PAPER_ACT_LR, self.iters) if self.act_lr == "auto" else self.act_lr
         return Stage("joint", self.iters, learn_weights=True, learn_acts=True, acts_on=True,
-                     batch_size=self.batch_size, lr_round=self.lr, lr_act=self.act_lr,
+                     batch_size=self.batch_size, lr_round=self.round_lr(), lr_act=act_lr,
                      round_weight=lam, warmup=self.warmup, b_range=(self.b_start, self.b_end),
                      mix_prob=self.mix_prob, drop_prob=self.drop_prob, **kw)
 

@@ -1,0 +1,41 @@
+"""One diagnosis run of ``run_quantize`` with a patched built-in recipe, as used for the
+MobileNetV2 W4A4 investigation in ``bench/results/ptq_recon_actlr.md``.
+
+    python bench/recon_diag.py NAME BASE_RECIPE 'JSON_PATCH' [MODEL]   (SEED env var, default 0)
+
+JSON_PATCH is merged into the recipe dict (one level deep for dicts), e.g.
+'{"activations": null}' (weights only), '{"overrides": {"re:.*": {"weights": null}}}'
+(activations only), '{"method_args": {"act_lr": 4e-3}}'. Prints one JSON line: top-1 of the
+float and quantized model and the per-unit reconstruction loss before/after.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+from slimtorch.pipeline import run_quantize
+from slimtorch.recipe import load_builtin
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    name, base, patch = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    model = sys.argv[4] if len(sys.argv) > 4 else "mobilenetv2"
+    r = load_builtin(base).to_dict()
+    for k, v in patch.items():
+        r[k] = {**r[k], **v} if isinstance(v, dict) and isinstance(r.get(k), dict) else v
+    r["name"] = name
+    t = time.time()
+    m, _ = run_quantize(f"zoo:{model}", r, calib_size=1024, seed=int(os.environ.get("SEED", 0)))
+    pu = (m.get("method_stats") or {}).get("per_unit") or []
+    print(json.dumps({"name": name, "base": base, "patch": patch, "fp": m["fp_top1"],
+                      "q": m["q_top1"], "calib_s": m["calib_seconds"],
+                      "wall": round(time.time() - t, 1),
+                      "units": [(u["unit"], round(u["loss_before"], 4), round(u["loss_after"], 4))
+                                for u in pu]}))
+
+
+if __name__ == "__main__":
+    main()
