@@ -43,17 +43,11 @@ def deploy_inputs(source: str, batch: int, *, offset: int = 0, data_dir: str | N
 
 
 def check_items(source: str, n: int, data_dir: str | None = None) -> list:
-    """``n`` test samples of the task of ``source`` in batches: 500 images, or 64 sentences of
-    ``n`` eval sentences followed by their near-duplicates (``data.text.eval_pairs``), so the
-    top-1 retrieval prediction of every row has a right answer."""
-    from .eval.tasks import TextEmbedding, task_for
-    task = task_for(source, data_dir)
-    if isinstance(task, TextEmbedding):
-        from .data.text import eval_pairs, text_batches
-        from .zoo.minilm import load_tokenizer
-        return text_batches(load_tokenizer(), eval_pairs(n), task.batch_size)
-    return [deploy_inputs(source, min(500, n - i), offset=i, data_dir=data_dir)
-            for i in range(0, n, 500)]
+    """``n`` test samples of the task of ``source``, batched as its evaluation batches them
+    (``inputs``): images, or eval sentences followed by their near-duplicates, so the top-1
+    retrieval prediction of every row has a right answer."""
+    from .eval.tasks import task_for
+    return task_for(source, data_dir).inputs(n)
 
 
 # ---------------------------------------------------------------- timing

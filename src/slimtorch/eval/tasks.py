@@ -32,9 +32,10 @@ class FashionMNIST:
         from ..data.fashion_mnist import calibration_set
         return list(calibration_set(n, seed, self.data_dir).split(batch_size))
 
-    def inputs(self) -> list[torch.Tensor]:
+    def inputs(self, n: int | None = None) -> list[torch.Tensor]:
+        """The first ``n`` test images (all if None) in batches."""
         from ..data.fashion_mnist import test_set
-        return list(test_set(self.data_dir)[0].split(self.batch_size))
+        return list(test_set(self.data_dir)[0][:n].split(self.batch_size))
 
     def outputs(self, model: nn.Module, progress: bool = False) -> torch.Tensor:
         return run_batches(model, self.inputs(), progress, "eval")
@@ -68,10 +69,15 @@ class TextEmbedding:
         idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
         return text_batches(self._tok(), [pool[i] for i in idx.tolist()], batch_size)
 
-    def outputs(self, model: nn.Module, progress: bool = False) -> torch.Tensor:
+    def inputs(self, n: int | None = None) -> list[dict]:
+        """Token batches of the first ``n`` eval sentences (``n_eval`` if None) followed by their
+        near-duplicates (``data.text.eval_pairs``)."""
         from ..data.text import eval_pairs, text_batches
+        return text_batches(self._tok(), eval_pairs(n or self.n_eval), self.batch_size)
+
+    def outputs(self, model: nn.Module, progress: bool = False) -> torch.Tensor:
         from ..zoo.minilm import embed
-        batches = text_batches(self._tok(), eval_pairs(self.n_eval), self.batch_size)
+        batches = self.inputs()
         with torch.inference_mode():
             return embed(model, tqdm(batches, desc="eval", disable=not progress, leave=False))
 
