@@ -12,10 +12,10 @@
   result differs from the unfused one by float rounding only (≤ 1 ulp per scale product).
 - ``pad_conv_channels``: a conv whose input has a channel count that is not a multiple of 4
   (an RGB stem) misses MLAS's symmetric int8 conv kernel, which packs input channels in fours,
-  and falls back to a generic path ~2× slower than the fused one (ResNet-20 stem at batch 64,
-  2 threads: 0.75 → 0.36 ms). The float input gets zero channels (``Pad`` before its
-  QuantizeLinear: 0 quantizes to the zero point, which dequantizes to 0) and the weight codes
-  zero columns. Exact.
+  and falls back to a generic path up to ~2× slower than the fused one (ResNet-20 stem at
+  batch 64, 2 threads: 0.75 → 0.36–0.58 ms in two profiles). The float input gets zero channels
+  (``Pad`` before its QuantizeLinear: 0 quantizes to the zero point, which dequantizes to 0)
+  and the weight codes zero columns. Exact.
 - ``fuse_matmul_bias`` (onnxruntime only; skipped by ``portable`` exports): onnxruntime turns
   ``DQ(a)·DQ(W)`` into its MatMulIntegerToFloat kernel but leaves the bias as a separate float
   ``Add`` over the whole output (MiniLM at batch 64: ~35 ms of ~290). The pair becomes one
