@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 import slimtorch
-from slimtorch.algorithms import recon
+from slimtorch.algorithms import recon, recon_cache
+from slimtorch.algorithms.units import partition
+from slimtorch.data.cache import CachePool
 from slimtorch.algorithms.pd import PDSettings, bn_stat_loss, correct, dc_objective
 from slimtorch.errors import RecipeError
 from slimtorch.quant.quantizer import Quantizer, rectified_sigmoid, rectified_sigmoid_inverse
@@ -157,11 +159,11 @@ def test_units_from_graph(trained):
     m, x = trained
     q = copy.deepcopy(m)
     prepare(q, load_builtin("w4a4"), x[:8])
-    units = recon.partition(q, x[:8])
+    units = partition(q, x[:8])
     assert [(u.name, u.kind, len(u.layers)) for u in units] == [
         ("stem", "group", 1), ("b1", "block", 2), ("b2", "block", 3), ("head", "group", 1),
         ("fc", "layer", 1)]
-    layer_units = recon.partition(q, x[:8], blocks=False, max_group=1)
+    layer_units = partition(q, x[:8], blocks=False, max_group=1)
     assert [u.name for u in layer_units] == [
         "stem.0", "b1.conv1", "b1.conv2", "b2.conv1", "b2.conv2", "b2.short.0", "head.0", "fc"]
 
@@ -172,7 +174,7 @@ def test_units_of_zoo_resnet20():
     m = ResNet20().eval()
     x = torch.randn(2, 1, 28, 28)
     prepare(m, load_builtin("w4a4"), x)
-    units = recon.partition(m, x)
+    units = partition(m, x)
     assert len(units) == 11 and units[0].layers == ["stem.0"] and units[-1].layers == ["fc"]
     assert all(u.kind == "block" for u in units[1:-1])
 
@@ -180,7 +182,7 @@ def test_units_of_zoo_resnet20():
 def test_conftest_block_without_module_falls_back_to_layers(cnn, images):
     from slimtorch.quant.prepare import prepare
     prepare(cnn, load_builtin("w4a4"), images[:4])
-    assert [u.name for u in recon.partition(cnn, images[:4])] == ["stem", "conv1", "conv2", "fc"]
+    assert [u.name for u in partition(cnn, images[:4])] == ["stem", "conv1", "conv2", "fc"]
 
 
 # ------------------------------------------------------------------ mechanics
@@ -286,10 +288,10 @@ def test_suffix_cache_equals_recompute(trained, model_cls, skips):
     m = model_cls().eval()
     prepare(m, load_builtin("w4a4"), x)
     calibrate(m, [x])
-    for unit in recon.partition(m, x)[1:]:
+    for unit in partition(m, x)[1:]:
         mod = m.get_submodule(unit.name)
         with torch.no_grad():
-            out = mod(recon.collect(m, mod, [x], recon.CachePool(1 << 30), False)[0])
+            out = mod(recon_cache.collect(m, mod, [x], CachePool(1 << 30), False)[0])
         run = SuffixRunner(m, mod, x, out)
         # the classifier's output is the logits: nothing after it reads the prefix
         assert run.mode.startswith("skip prefix") == (skips or unit.name == "fc"), unit.name

@@ -14,7 +14,8 @@ import slimtorch
 from slimtorch.algorithms.ptq4vit import PTQ4ViTConfig, collect, search_quantizer
 from slimtorch.algorithms.repq_vit import reparam_params, reparameterize
 from slimtorch.algorithms.vit_sites import (ln_linear_groups, post_gelu_layers,
-                                            post_softmax_slots, quantizers_off, recapture)
+                                            post_softmax_slots, recapture)
+from slimtorch.quant.prepare import quantizers_off
 from slimtorch.quant.log2 import Log2Sqrt2Quantizer, log2sqrt2_quant
 from slimtorch.quant.prepare import META_ATTR, calibrate, prepare
 from slimtorch.quant.quantizer import Mode, fake_quant

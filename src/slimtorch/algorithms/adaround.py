@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveFloat
 
-from . import recon
+from . import recon, units
 from .config import MethodConfig
 from .recon import Stage
 
@@ -70,7 +70,7 @@ class AdaRoundConfig(MethodConfig):
 
 
 def layer_units(model, example):
-    return recon.partition(model, example, blocks=False, max_group=1)
+    return units.partition(model, example, blocks=False, max_group=1)
 
 
 def apply(model, recipe, batches, *, seed: int = 0, progress: bool = False,

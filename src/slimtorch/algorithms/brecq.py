@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field
 
-from . import recon
+from . import recon, units
 from .adaround import AdaRoundConfig
 from .recon import Stage
 
@@ -26,7 +26,7 @@ class BRECQConfig(AdaRoundConfig):
 
 
 def block_units(model, example):
-    return recon.partition(model, example, blocks=True, max_group=3)
+    return units.partition(model, example, blocks=True, max_group=3)
 
 
 def apply(model, recipe, batches, *, seed: int = 0, progress: bool = False,

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .recon import Context, Unit, pd_loss, quant_state, rec_loss, take, unit_map
+from ..quant.prepare import quant_state
+from .recon import Context, pd_loss, rec_loss
+from .recon_cache import take, unit_map
+from .units import Unit
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,12 @@ from pydantic import Field
 
 from ..graph.capture import call_model
 from ..quant.functional import quantized_sdpa
-from ..quant.prepare import quant_layers
+from ..quant.prepare import quant_layers, quantizers_off
 from ..quant.quantizer import Mode, Quantizer
 from ..quant.twin import SPLITS, TwinUniformQuantizer
 from .config import MethodConfig
 from .vit_sites import (first_float, observe_only, post_gelu_layers,
-                        post_softmax_slots, quantizers_off, sites_of, swap_input_quantizer,
+                        post_softmax_slots, sites_of, swap_input_quantizer,
                         swap_site_quantizer)
 
 

@@ -1,6 +1,6 @@
 """Block-sequential reconstruction, written once for AdaRound, BRECQ, QDrop and PD-Quant.
 
-Units come from the QuantGraph (``partition``): the layers of a residual block form one unit
+Units come from the QuantGraph (``units.partition``): the layers of a residual block form one unit
 (run as the smallest module holding the block's layers and its add), stem and classifier are
 their own units, the remaining layers are grouped by their module (≤ ``max_group`` layers).
 
@@ -12,31 +12,26 @@ For each unit, in graph order (``reconstruct``):
    on ‖unit(x) − target‖² (+ λ·round regulariser, + PD loss), x = x_q or the QDrop mix;
 4. harden the rounding, record the loss before/after on the whole cache, persist the state.
 
-Cached tensors live in a ``CachePool`` (bounded RAM, spill to disk). Every random draw of a
+Cached tensors live in a ``CachePool`` (bounded RAM, spill to disk; ``recon_cache.py``). Every random draw of a
 unit comes from a generator seeded by (seed, stage, unit index), so a run resumed from its
 work dir repeats the uninterrupted run bit for bit.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
 from ..data.cache import CachePool
-from ..errors import SlimtorchError
-from ..graph.capture import call_model, capture, common_prefix
-from ..quant.prepare import activation_quantizers, distinct, quant_layers
-from ..quant.quantizer import Mode, Quantizer
+from ..quant.prepare import distinct, quant_layers, quant_state
+from ..quant.quantizer import Quantizer
+from .recon_cache import WorkDir, cat_items, collect, fingerprint, model_outputs, take
+from .units import Unit
 
 
 # ============================================================== config
@@ -91,235 +86,12 @@ def mix_inputs(x_q: Tensor, x_fp: Tensor, prob: float, gen: torch.Generator
     return torch.where(mask, x_q, x_fp), mask
 
 
-# ============================================================== units
-@dataclass
-class Unit:
-    name: str                    # module fqn run as the unit
-    layers: list[str]            # quantized layers inside, graph order
-    kind: str                    # "block" | "layer" | "group"
-
-
-def _inside(fqn: str, mod: str) -> bool:
-    return fqn == mod or fqn.startswith(mod + ".")
-
-
-def partition(model: nn.Module, example: Any, *, blocks: bool = True, max_group: int = 3
-              ) -> list[Unit]:
-    """Reconstruction units of a prepared model, from its graph (see module docstring)."""
-    with quant_state(model, weights=False, acts=False):
-        graph = capture(model, example)
-    qnames = {n for n, _ in quant_layers(model)}
-    order = [l["fqn"] for l in graph.layers if l["fqn"] in qnames]
-    pos = {f: i for i, f in enumerate(order)}
-    edge = {order[0], order[-1]} if order else set()
-    taken: dict[str, Unit] = {}
-    units: list[Unit] = []
-
-    def claim(mod: str, kind: str, allow_edge: bool) -> bool:
-        inner = [f for f in order if _inside(f, mod)]
-        idx = [pos[f] for f in inner]
-        if (not mod or not inner or any(f in taken for f in inner)
-                or idx != list(range(idx[0], idx[0] + len(idx)))
-                or (not allow_edge and len(inner) > 1 and edge & set(inner))):
-            return False
-        units.append(Unit(mod, inner, kind))
-        taken.update({f: units[-1] for f in inner})
-        return True
-
-    if blocks:
-        for b in sorted(graph.blocks, key=lambda b: -len(b["layers"])):
-            layers = [f for f in b["layers"] if f in qnames]
-            if layers:
-                claim(common_prefix([graph.nodes[b["add_node"]].module] + layers), "block", False)
-    for f in order:
-        if f in taken:
-            continue
-        parts = f.split(".")
-        for k in range(1, len(parts)) if max_group > 1 else ():
-            mod = ".".join(parts[:k])
-            n = sum(_inside(g, mod) for g in order)
-            if n <= max_group and claim(mod, "group", False):
-                break
-        if f not in taken:
-            claim(f, "layer", True)
-    units.sort(key=lambda u: pos[u.layers[0]])
-    return _checked(model, units, example)
-
-
-def _checked(model: nn.Module, units: list[Unit], example: Any) -> list[Unit]:
-    """Keep a unit module only if it runs once per forward on one tensor; else split it."""
-    calls: dict[str, list] = {u.name: [] for u in units}
-    hooks = [model.get_submodule(u.name).register_forward_pre_hook(
-        lambda m, a, kw, n=u.name: calls[n].append((a, kw)), with_kwargs=True) for u in units]
-    try:
-        with torch.no_grad(), quant_state(model, weights=False, acts=False):
-            call_model(model, example)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = []
-    for u in units:
-        c = calls[u.name]
-        if len(c) == 1 and len(c[0][0]) == 1 and not c[0][1] and isinstance(c[0][0][0], Tensor):
-            out.append(u)
-        elif u.kind != "layer":
-            out += [Unit(f, [f], "layer") for f in u.layers]
-        else:
-            raise ValueError(f"layer {u.name!r} runs {len(c)} times per forward; "
-                             "reconstruction needs each layer to run once")
-    return out
-
-
-# ============================================================== model-wide switches
-def _all_quantizers(model: nn.Module) -> tuple[list[Quantizer], list[Quantizer]]:
-    ws = [m.weight_quantizer for _, m in quant_layers(model)
-          if m.weight_quantizer is not None and not m.frozen]
-    return ws, activation_quantizers(model)
-
-
-@contextmanager
-def quant_state(model: nn.Module, *, weights: bool, acts: bool):
-    """Temporarily switch weight / activation fake-quantization on or off model-wide."""
-    ws, acts_q = _all_quantizers(model)
-    saved = [(q, q.mode) for q in ws + acts_q]
-    for q in ws:
-        q.mode = Mode.QUANT if weights else Mode.OFF
-    for q in acts_q:
-        q.mode = Mode.QUANT if acts else Mode.OFF
-    try:
-        yield
-    finally:
-        for q, mode in saved:
-            q.mode = mode
-
-
-# ============================================================== data plumbing
-class _Stop(Exception):
-    pass
-
-
-def cat_items(batches: list) -> Any:
-    """All calibration items concatenated along dim 0 (same structure as one item)."""
-    return tree_map(lambda *xs: torch.cat(xs) if isinstance(xs[0], Tensor) else xs[0],
-                    batches[0], *batches[1:])
-
-
-def take(items: Any, idx: Tensor) -> Any:
-    return tree_map(lambda x: x[idx] if isinstance(x, Tensor) else x, items)
-
-
-def n_samples(batches: list) -> int:
-    return sum(tree_flatten(b)[0][0].shape[0] for b in batches)
-
-
-@torch.no_grad()
-def collect(model: nn.Module, module: nn.Module, batches: list, pool: CachePool,
-            want_output: bool) -> tuple[Tensor, Tensor | None]:
-    """Cache ``module``'s input (and output) for every calibration sample; stops each forward
-    as soon as it has what it needs."""
-    got: dict[str, Tensor] = {}
-
-    def pre(m, args):
-        got["x"] = args[0]
-        if not want_output:
-            raise _Stop
-
-    def post(m, args, out):
-        got["y"] = out
-        raise _Stop
-
-    hooks = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    n, row, xs, ys = n_samples(batches), 0, None, None
-    try:
-        for item in batches:
-            try:
-                call_model(model, item)
-            except _Stop:
-                pass
-            x = got["x"]
-            if xs is None:
-                xs = pool.empty((n, *x.shape[1:]))
-                ys = pool.empty((n, *got["y"].shape[1:])) if want_output else None
-            xs[row:row + len(x)] = x
-            if want_output:
-                ys[row:row + len(x)] = got["y"]
-            row += len(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return xs, ys
-
-
-@torch.no_grad()
-def model_outputs(model: nn.Module, batches: list, pool: CachePool) -> Tensor:
-    outs = [call_model(model, b) for b in batches]
-    if not all(isinstance(o, Tensor) for o in outs):
-        raise ValueError("PD-Quant needs a model that returns a logits tensor")
-    z = pool.empty((sum(len(o) for o in outs), *outs[0].shape[1:]))
-    torch.cat(outs, out=z)
-    return z
-
-
-@torch.no_grad()
-def unit_map(fn: Callable[[Tensor], Tensor], xs: Tensor, pool: CachePool, chunk: int = 256
-             ) -> Tensor:
-    first = fn(xs[:chunk])
-    out = pool.empty((len(xs), *first.shape[1:]))
-    out[:len(first)] = first
-    for i in range(chunk, len(xs), chunk):
-        out[i:i + chunk] = fn(xs[i:i + chunk])
-    return out
-
-
 @torch.no_grad()
 def eval_loss(unit: nn.Module, xs: Tensor, ys: Tensor, p: float, chunk: int = 256) -> float:
     tot = 0.0
     for i in range(0, len(xs), chunk):
         tot += rec_loss(unit(xs[i:i + chunk]), ys[i:i + chunk], p).item() * len(xs[i:i + chunk])
     return tot / len(xs)
-
-
-# ============================================================== run state (resume)
-class WorkDir:
-    """Per-unit state files: ``<stage>-<k>.safetensors`` (V and step sizes of the unit)."""
-
-    def __init__(self, path: str | Path | None, fingerprint: str):
-        self.path = Path(path) if path is not None else None
-        if self.path is None:
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fp_file = self.path / "fingerprint.json"
-        if fp_file.is_file() and json.loads(fp_file.read_text()) != fingerprint:
-            if any(self.path.glob("*.safetensors")):
-                raise SlimtorchError(
-                    f"{self.path} holds unit state of a different run (recipe, seed, data or "
-                    "model differ); delete it or use another work_dir")
-        fp_file.write_text(json.dumps(fingerprint))
-
-    def _file(self, stage: str, k: int) -> Path | None:
-        return None if self.path is None else self.path / f"{stage}-{k}.safetensors"
-
-    def load(self, stage: str, k: int) -> tuple[dict[str, Tensor], dict] | None:
-        f = self._file(stage, k)
-        if f is None or not f.is_file():
-            return None
-        return load_file(f), json.loads((f.with_suffix(".json")).read_text())
-
-    def save(self, stage: str, k: int, tensors: dict[str, Tensor], stats: dict) -> None:
-        f = self._file(stage, k)
-        if f is not None:
-            f.with_suffix(".json").write_text(json.dumps(stats))
-            save_file({n: t.contiguous() for n, t in tensors.items()}, str(f))
-
-
-def fingerprint(recipe_dict: dict, seed: int, batches: list, model: nn.Module) -> str:
-    """Hash of what determines the result: recipe, seed, data, calibrated model state."""
-    h = hashlib.sha256(json.dumps(recipe_dict, sort_keys=True).encode())
-    h.update(str(seed).encode())
-    for t in tree_flatten(batches)[0] + list(model.state_dict().values()):
-        if isinstance(t, Tensor):
-            h.update(t.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # ============================================================== the runner

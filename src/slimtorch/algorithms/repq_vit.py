@@ -45,9 +45,10 @@ from ..graph.capture import call_model
 from ..quant.granularity import PerChannel
 from ..quant.kinds import make_quantizer
 from ..quant.quantizer import Mode
+from ..quant.prepare import quantizers_off
 from .config import MethodConfig
 from .vit_sites import (LNGroup, first_float, ln_linear_groups, observe_only, post_gelu_layers,
-                        post_softmax_slots, quantizers_off, recapture, set_input_quantizer,
+                        post_softmax_slots, recapture, set_input_quantizer,
                         swap_input_quantizer, swap_site_quantizer)
 
 EXACT_RTOL = 1e-4  # relative max-abs change of the float output accepted as "unchanged"

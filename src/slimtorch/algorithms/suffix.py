@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ..graph.capture import call_model
-from .recon import quant_state
+from ..quant.prepare import quant_state
 
 
 def _placeholder(v: Any) -> Any:

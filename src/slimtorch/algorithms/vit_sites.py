@@ -16,9 +16,8 @@ artifact rebuilds the same quantizer classes on load.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,26 +27,12 @@ from ..graph.capture import (PASSTHROUGH, QuantGraph, call_model, capture, users
                              walk_forward)
 from ..quant.functional import SITE_ROLES, FunctionalSites
 from ..quant.kinds import make_quantizer
-from ..quant.prepare import META_ATTR, SITES_ATTR, distinct
+from ..quant.prepare import META_ATTR, SITES_ATTR, distinct, quantizers_off
 from ..quant.quantizer import Mode, Quantizer
 
 # reshape-like ops through which a per-channel affine map still commutes (shape-checked too)
 SAFE_BETWEEN = PASSTHROUGH - {"cat", "mean", "adaptive_avg_pool2d", "avg_pool2d",
                               "max_pool2d"}
-
-
-@contextmanager
-def quantizers_off(model: nn.Module) -> Iterator[None]:
-    """All quantizers pass-through (float model) inside the block; modes restored after."""
-    qs = [m for m in model.modules() if isinstance(m, Quantizer)]
-    modes = [q.mode for q in qs]
-    for q in qs:
-        q.mode = Mode.OFF
-    try:
-        yield
-    finally:
-        for q, m in zip(qs, modes):
-            q.mode = m
 
 
 def recapture(model: nn.Module, example: Any) -> QuantGraph:

@@ -13,7 +13,8 @@ the grid, as an integer engine needs (one QuantizeLinear per tensor).
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -203,6 +204,30 @@ def activation_quantizers(model: nn.Module) -> list[Quantizer]:
     if sites is not None:
         out += [q for qs in sites.sites.values() for q in qs]
     return distinct(out)
+
+
+@contextmanager
+def quant_state(model: nn.Module, *, weights: bool, acts: bool) -> Iterator[None]:
+    """Weight / activation fake-quantization switched on or off model-wide inside the block
+    (frozen layers hold their quantized weights and are left alone); modes restored after."""
+    ws = [m.weight_quantizer for _, m in quant_layers(model)
+          if m.weight_quantizer is not None and not m.frozen]
+    acts_q = activation_quantizers(model)
+    saved = [(q, q.mode) for q in ws + acts_q]
+    for q in ws:
+        q.mode = Mode.QUANT if weights else Mode.OFF
+    for q in acts_q:
+        q.mode = Mode.QUANT if acts else Mode.OFF
+    try:
+        yield
+    finally:
+        for q, mode in saved:
+            q.mode = mode
+
+
+def quantizers_off(model: nn.Module):
+    """The float model: every quantizer pass-through inside the block."""
+    return quant_state(model, weights=False, acts=False)
 
 
 def set_activation_mode(model: nn.Module, mode: Mode) -> None:

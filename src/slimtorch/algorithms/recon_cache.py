@@ -1,0 +1,141 @@
+"""What reconstruction caches and persists: unit inputs/outputs over the calibration set (in a
+bounded ``CachePool`` that spills to disk) and the per-unit state files that let a run resume.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..data.cache import CachePool
+from ..errors import SlimtorchError
+from ..graph.capture import call_model
+
+
+class _Stop(Exception):
+    pass
+
+
+def cat_items(batches: list) -> Any:
+    """All calibration items concatenated along dim 0 (same structure as one item)."""
+    return tree_map(lambda *xs: torch.cat(xs) if isinstance(xs[0], Tensor) else xs[0],
+                    batches[0], *batches[1:])
+
+
+def take(items: Any, idx: Tensor) -> Any:
+    return tree_map(lambda x: x[idx] if isinstance(x, Tensor) else x, items)
+
+
+def n_samples(batches: list) -> int:
+    return sum(tree_flatten(b)[0][0].shape[0] for b in batches)
+
+
+@torch.no_grad()
+def collect(model: nn.Module, module: nn.Module, batches: list, pool: CachePool,
+            want_output: bool) -> tuple[Tensor, Tensor | None]:
+    """Cache ``module``'s input (and output) for every calibration sample; stops each forward
+    as soon as it has what it needs."""
+    got: dict[str, Tensor] = {}
+
+    def pre(m, args):
+        got["x"] = args[0]
+        if not want_output:
+            raise _Stop
+
+    def post(m, args, out):
+        got["y"] = out
+        raise _Stop
+
+    hooks = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    n, row, xs, ys = n_samples(batches), 0, None, None
+    try:
+        for item in batches:
+            try:
+                call_model(model, item)
+            except _Stop:
+                pass
+            x = got["x"]
+            if xs is None:
+                xs = pool.empty((n, *x.shape[1:]))
+                ys = pool.empty((n, *got["y"].shape[1:])) if want_output else None
+            xs[row:row + len(x)] = x
+            if want_output:
+                ys[row:row + len(x)] = got["y"]
+            row += len(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return xs, ys
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, batches: list, pool: CachePool) -> Tensor:
+    outs = [call_model(model, b) for b in batches]
+    if not all(isinstance(o, Tensor) for o in outs):
+        raise ValueError("PD-Quant needs a model that returns a logits tensor")
+    z = pool.empty((sum(len(o) for o in outs), *outs[0].shape[1:]))
+    torch.cat(outs, out=z)
+    return z
+
+
+@torch.no_grad()
+def unit_map(fn: Callable[[Tensor], Tensor], xs: Tensor, pool: CachePool, chunk: int = 256
+             ) -> Tensor:
+    first = fn(xs[:chunk])
+    out = pool.empty((len(xs), *first.shape[1:]))
+    out[:len(first)] = first
+    for i in range(chunk, len(xs), chunk):
+        out[i:i + chunk] = fn(xs[i:i + chunk])
+    return out
+
+
+
+# ============================================================== run state (resume)
+class WorkDir:
+    """Per-unit state files: ``<stage>-<k>.safetensors`` (V and step sizes of the unit)."""
+
+    def __init__(self, path: str | Path | None, fingerprint: str):
+        self.path = Path(path) if path is not None else None
+        if self.path is None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fp_file = self.path / "fingerprint.json"
+        if fp_file.is_file() and json.loads(fp_file.read_text()) != fingerprint:
+            if any(self.path.glob("*.safetensors")):
+                raise SlimtorchError(
+                    f"{self.path} holds unit state of a different run (recipe, seed, data or "
+                    "model differ); delete it or use another work_dir")
+        fp_file.write_text(json.dumps(fingerprint))
+
+    def _file(self, stage: str, k: int) -> Path | None:
+        return None if self.path is None else self.path / f"{stage}-{k}.safetensors"
+
+    def load(self, stage: str, k: int) -> tuple[dict[str, Tensor], dict] | None:
+        f = self._file(stage, k)
+        if f is None or not f.is_file():
+            return None
+        return load_file(f), json.loads((f.with_suffix(".json")).read_text())
+
+    def save(self, stage: str, k: int, tensors: dict[str, Tensor], stats: dict) -> None:
+        f = self._file(stage, k)
+        if f is not None:
+            f.with_suffix(".json").write_text(json.dumps(stats))
+            save_file({n: t.contiguous() for n, t in tensors.items()}, str(f))
+
+
+def fingerprint(recipe_dict: dict, seed: int, batches: list, model: nn.Module) -> str:
+    """Hash of what determines the result: recipe, seed, data, calibrated model state."""
+    h = hashlib.sha256(json.dumps(recipe_dict, sort_keys=True).encode())
+    h.update(str(seed).encode())
+    for t in tree_flatten(batches)[0] + list(model.state_dict().values()):
+        if isinstance(t, Tensor):
+            h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+

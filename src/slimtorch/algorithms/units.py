@@ -1,0 +1,97 @@
+"""Reconstruction units of a prepared model, from its QuantGraph.
+
+The layers of a residual block form one unit (run as the smallest module holding the block's
+layers and its add); stem and classifier are their own units; the remaining layers are grouped
+by their module (at most ``max_group`` layers). A unit module must run once per forward on one
+tensor, else it is split into its layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..graph.capture import call_model, capture, common_prefix
+from ..quant.prepare import quant_layers, quant_state
+
+
+@dataclass
+class Unit:
+    name: str                    # module fqn run as the unit
+    layers: list[str]            # quantized layers inside, graph order
+    kind: str                    # "block" | "layer" | "group"
+
+
+def _inside(fqn: str, mod: str) -> bool:
+    return fqn == mod or fqn.startswith(mod + ".")
+
+
+def partition(model: nn.Module, example: Any, *, blocks: bool = True, max_group: int = 3
+              ) -> list[Unit]:
+    """Reconstruction units of a prepared model, from its graph (see module docstring)."""
+    with quant_state(model, weights=False, acts=False):
+        graph = capture(model, example)
+    qnames = {n for n, _ in quant_layers(model)}
+    order = [l["fqn"] for l in graph.layers if l["fqn"] in qnames]
+    pos = {f: i for i, f in enumerate(order)}
+    edge = {order[0], order[-1]} if order else set()
+    taken: dict[str, Unit] = {}
+    units: list[Unit] = []
+
+    def claim(mod: str, kind: str, allow_edge: bool) -> bool:
+        inner = [f for f in order if _inside(f, mod)]
+        idx = [pos[f] for f in inner]
+        if (not mod or not inner or any(f in taken for f in inner)
+                or idx != list(range(idx[0], idx[0] + len(idx)))
+                or (not allow_edge and len(inner) > 1 and edge & set(inner))):
+            return False
+        units.append(Unit(mod, inner, kind))
+        taken.update({f: units[-1] for f in inner})
+        return True
+
+    if blocks:
+        for b in sorted(graph.blocks, key=lambda b: -len(b["layers"])):
+            layers = [f for f in b["layers"] if f in qnames]
+            if layers:
+                claim(common_prefix([graph.nodes[b["add_node"]].module] + layers), "block", False)
+    for f in order:
+        if f in taken:
+            continue
+        parts = f.split(".")
+        for k in range(1, len(parts)) if max_group > 1 else ():
+            mod = ".".join(parts[:k])
+            n = sum(_inside(g, mod) for g in order)
+            if n <= max_group and claim(mod, "group", False):
+                break
+        if f not in taken:
+            claim(f, "layer", True)
+    units.sort(key=lambda u: pos[u.layers[0]])
+    return _checked(model, units, example)
+
+
+def _checked(model: nn.Module, units: list[Unit], example: Any) -> list[Unit]:
+    """Keep a unit module only if it runs once per forward on one tensor; else split it."""
+    calls: dict[str, list] = {u.name: [] for u in units}
+    hooks = [model.get_submodule(u.name).register_forward_pre_hook(
+        lambda m, a, kw, n=u.name: calls[n].append((a, kw)), with_kwargs=True) for u in units]
+    try:
+        with torch.no_grad(), quant_state(model, weights=False, acts=False):
+            call_model(model, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for u in units:
+        c = calls[u.name]
+        if len(c) == 1 and len(c[0][0]) == 1 and not c[0][1] and isinstance(c[0][0][0], Tensor):
+            out.append(u)
+        elif u.kind != "layer":
+            out += [Unit(f, [f], "layer") for f in u.layers]
+        else:
+            raise ValueError(f"layer {u.name!r} runs {len(c)} times per forward; "
+                             "reconstruction needs each layer to run once")
+    return out
+
+
