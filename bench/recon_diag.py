@@ -6,7 +6,8 @@ MobileNetV2 W4A4 investigation in ``bench/results/ptq_recon_actlr.md``.
 JSON_PATCH is merged into the recipe dict (one level deep for dicts), e.g.
 '{"activations": null}' (weights only), '{"overrides": {"re:.*": {"weights": null}}}'
 (activations only), '{"method_args": {"act_lr": 4e-3}}'. Prints one JSON line: top-1 of the
-float and quantized model, the quantized model's top-1 agreement with float, and the per-unit reconstruction loss before/after.
+float and quantized model, the quantized model's top-1 agreement with float, and the per-unit
+reconstruction loss before/after.
 """
 import json
 import os
@@ -31,7 +32,8 @@ def main() -> None:
     m, _ = run_quantize(f"zoo:{model}", r, calib_size=1024, seed=int(os.environ.get("SEED", 0)))
     pu = (m.get("method_stats") or {}).get("per_unit") or []
     print(json.dumps({"name": name, "base": base, "patch": patch, "fp": m["fp_top1"],
-                      "q": m["q_top1"], "agree": m.get("q_top1_agreement"), "calib_s": m["calib_seconds"],
+                      "q": m["q_top1"], "agree": m.get("q_top1_agreement"),
+                      "calib_s": m["calib_seconds"],
                       "wall": round(time.time() - t, 1),
                       "units": [(u["unit"], round(u["loss_before"], 4), round(u["loss_after"], 4))
                                 for u in pu]}))
