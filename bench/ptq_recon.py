@@ -137,16 +137,19 @@ def main() -> None:
     write_text_atomic(Path(a.out + ".md"), md + "\n")
 
 
-def _cell(rows: list[dict]) -> tuple[str, str, str]:
+def _cell(rows: list[dict]) -> tuple[str, str, str, str]:
+    """top-1, top-1 agreement with the float model, calibration minutes, peak RSS."""
     ok = [r for r in rows if "error" not in r and r.get("q_top1") is not None]
     if not ok:
         why = " ".join((rows[0].get("error") or "no result").strip().splitlines()[-1].split())
-        return f"failed: {why[:110]}".replace("|", "/"), "", ""
-    acc = [r["q_top1"] for r in ok]
-    top = (f"{statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f} (n={len(acc)})"
-           if len(acc) > 1 else f"{acc[0]:.2f}")
+        return f"failed: {why[:110]}".replace("|", "/"), "", "", ""
+    cells = []
+    for key in ("q_top1", "q_top1_agreement"):
+        v = [r[key] for r in ok if r.get(key) is not None]
+        cells.append("" if not v else f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} "
+                     f"(n={len(v)})" if len(v) > 1 else f"{v[0]:.2f}")
     mins = statistics.mean(r["calib_seconds"] for r in ok) / 60
-    return top, f"{mins:.1f}", f"{max(r['peak_rss_mb'] for r in ok):.0f}"
+    return *cells, f"{mins:.1f}", f"{max(r['peak_rss_mb'] for r in ok):.0f}"
 
 
 def _machines(rows: list[dict]) -> list[str]:
@@ -180,10 +183,12 @@ def to_markdown(rows: list[dict]) -> str:
                      f"method_args override {r.get('method_args') or 'none'}"
                      for r in rows if "calib_size" in r})
     lines = [*machines, "", "; ".join(setups) + "; first/last layer W8A8 (ours); top-1 on the "
-             "full 10k test split; a cell with n > 1 is mean ± std over seeds (seed = calibration "
+             "full 10k test split (agreement: test images where the quantized model's top-1 class is "
+             "the float model's); a cell with n > 1 is mean ± std over seeds (seed = calibration "
              "subset and method seed).", "",
-             "| model | bits | method | FP top-1 % | top-1 % | calib min | peak RSS MB |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "| model | bits | method | FP top-1 % | top-1 % | agreement with FP % | calib min "
+             "| peak RSS MB |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
     order = {k: i for i, k in enumerate(MODELS + BITS + OURS + PEERS)}
     for r in sorted(rows, key=lambda r: (order.get(r["model"], 99), order.get(r["bits"], 99),
@@ -191,9 +196,9 @@ def to_markdown(rows: list[dict]) -> str:
         groups.setdefault((r["model"], r["bits"], r["method"]), []).append(r)
     for (model, bits, method), rs in groups.items():
         fp = next((r["fp_top1"] for r in rs if r.get("fp_top1") is not None), None)
-        top, mins, mem = _cell(rs)
+        top, agree, mins, mem = _cell(rs)
         lines.append(f"| {model} | {bits} | {method} | {'' if fp is None else f'{fp:.2f}'} | "
-                     f"{top} | {mins} | {mem} |")
+                     f"{top} | {agree} | {mins} | {mem} |")
     return "\n".join(lines + _peer_notes(rows))
 
 

@@ -6,7 +6,8 @@ MobileNetV2 W4A4 investigation in ``bench/results/ptq_recon_actlr.md``.
 JSON_PATCH is merged into the recipe dict (one level deep for dicts), e.g.
 '{"activations": null}' (weights only), '{"overrides": {"re:.*": {"weights": null}}}'
 (activations only), '{"method_args": {"act_lr": 4e-3}}'. Prints one JSON line: top-1 of the
-float and quantized model, the quantized model's top-1 agreement with float, and the per-unit
+float and quantized model, the quantized model's top-1 agreement with float, agreement and
+KL(float ‖ quantized) on the calibration images and on the test split, and the per-unit
 reconstruction loss before/after.
 """
 import json
@@ -16,8 +17,25 @@ import time
 
 import torch
 
+from slimtorch.eval.tasks import run_batches, task_for
 from slimtorch.pipeline import run_quantize
 from slimtorch.recipe import load_builtin
+from slimtorch.zoo.sources import load_model
+
+
+def fidelity(model: str, qmodel, seed: int) -> dict:
+    """Top-1 agreement and KL(float ‖ quantized) of the logits, on the calibration images
+    themselves and on the test split: a method that over-fits its calibration set is closer to
+    float on the first than on the second."""
+    task = task_for(f"zoo:{model}")
+    fp = load_model(f"zoo:{model}").eval()
+    out = {}
+    for where, batches in (("calib", task.calibration(1024, seed, 500)), ("test", task.inputs())):
+        zf, zq = run_batches(fp, batches), run_batches(qmodel, batches)
+        out[f"{where}_agree"] = round(100 * (zf.argmax(1) == zq.argmax(1)).float().mean().item(), 2)
+        out[f"{where}_kl"] = round(torch.nn.functional.kl_div(
+            zq.log_softmax(1), zf.softmax(1), reduction="batchmean").item(), 4)
+    return out
 
 
 def main() -> None:
@@ -29,12 +47,14 @@ def main() -> None:
         r[k] = {**r[k], **v} if isinstance(v, dict) and isinstance(r.get(k), dict) else v
     r["name"] = name
     t = time.time()
-    m, _ = run_quantize(f"zoo:{model}", r, calib_size=1024, seed=int(os.environ.get("SEED", 0)))
+    seed = int(os.environ.get("SEED", 0))
+    m, qmodel = run_quantize(f"zoo:{model}", r, calib_size=1024, seed=seed)
+    wall = round(time.time() - t, 1)
     pu = (m.get("method_stats") or {}).get("per_unit") or []
     print(json.dumps({"name": name, "base": base, "patch": patch, "fp": m["fp_top1"],
                       "q": m["q_top1"], "agree": m.get("q_top1_agreement"),
-                      "calib_s": m["calib_seconds"],
-                      "wall": round(time.time() - t, 1),
+                      **fidelity(model, qmodel, seed), "calib_s": m["calib_seconds"],
+                      "wall": wall,
                       "units": [(u["unit"], round(u["loss_before"], 4), round(u["loss_after"], 4))
                                 for u in pu]}))
 
