@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from slimtorch.eval.machine import machine_markdown
+from slimtorch.export.artifact import write_json_atomic, write_text_atomic
 from slimtorch.pipeline import run_quantize
 
 RECIPES = ["w8a8", "w6a6", "w4a8", "w4a4", "w2a4", "w4a2", "w2a2"]
@@ -53,8 +54,8 @@ def write(rows: list[dict], args) -> None:
     md = to_markdown(rows)
     print("\n" + md)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".md").write_text(md + "\n")
-    Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
+    write_text_atomic(Path(args.out + ".md"), md + "\n")
+    write_json_atomic(Path(args.out + ".json"), rows)
 
 
 def to_markdown(rows: list[dict]) -> str:
