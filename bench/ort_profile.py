@@ -20,6 +20,7 @@ import torch
 from slimtorch import load
 from slimtorch.cli_deploy import deploy_inputs
 from slimtorch.eval.machine import machine_markdown
+from slimtorch.export.artifact import write_text_atomic
 from slimtorch.export.onnx import _signature, export_onnx
 from slimtorch.export.onnx_check import op_profile
 from slimtorch.pipeline import run_quantize
@@ -85,7 +86,7 @@ def main() -> None:
     md = "\n".join([head, ""] + lines)
     print("\n" + md)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".md").write_text(md + "\n")
+    write_text_atomic(Path(args.out + ".md"), md + "\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from slimtorch.eval.machine import machine_markdown
+from slimtorch.export.artifact import write_json_atomic, write_text_atomic
 from slimtorch.pipeline import run_quantize
 from slimtorch.recipe import Recipe, load_builtin
 
@@ -86,8 +87,8 @@ def main() -> None:
 
 def write(rows: list[dict], args, machine: str | None = None) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".md").write_text(to_markdown(rows, args, machine) + "\n")
-    Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
+    write_text_atomic(Path(args.out + ".md"), to_markdown(rows, args, machine) + "\n")
+    write_json_atomic(Path(args.out + ".json"), rows)
 
 
 def to_markdown(rows: list[dict], args, machine: str | None = None) -> str:

@@ -23,6 +23,7 @@ import torch
 from slimtorch import load
 from slimtorch.cli_deploy import check_items, deploy_inputs, measure_speed, speedups
 from slimtorch.eval.machine import machine_markdown
+from slimtorch.export.artifact import write_text_atomic
 from slimtorch.export.onnx import export_onnx
 from slimtorch.pipeline import run_quantize
 from slimtorch.zoo.registry import weights_path
@@ -162,8 +163,8 @@ def main() -> None:
     md = to_markdown(results, args, load_before, os.getloadavg())
     print("\n" + md)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".md").write_text(md + "\n")
-    Path(args.out + ".json").write_text(json.dumps(results, indent=1, default=str))
+    write_text_atomic(Path(args.out + ".md"), md + "\n")
+    write_text_atomic(Path(args.out + ".json"), json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

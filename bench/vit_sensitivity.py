@@ -17,6 +17,7 @@ import slimtorch
 from slimtorch.data.text import load_sentences, text_batches
 from slimtorch.eval.fidelity import cosine_fidelity
 from slimtorch.eval.machine import machine_markdown
+from slimtorch.export.artifact import write_text_atomic
 from slimtorch.eval.tasks import TextEmbedding
 from slimtorch.quant.prepare import META_ATTR, SITES_ATTR, quant_layers
 from slimtorch.quant.quantizer import Mode
@@ -77,9 +78,7 @@ def main() -> None:
     print(text)
     out = Path(__file__).parent / "results" / f"vit_sensitivity_{args.recipe}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(out)
+    write_text_atomic(out, text + "\n")
 
 
 if __name__ == "__main__":

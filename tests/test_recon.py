@@ -240,6 +240,24 @@ def test_deterministic_and_resumable(trained, tmp_path):
                 assert torch.equal(l.weight_int, k.weight_int), n
 
 
+def test_unit_state_is_never_half_written(tmp_path, monkeypatch):
+    """A crash while a unit's state is saved leaves no .safetensors (the file that marks the
+    unit done), so --resume redoes that unit instead of failing on a truncated file."""
+    work = recon_cache.WorkDir(tmp_path, "fp")
+    work.save("joint", 0, {"a": torch.ones(3)}, {"loss": 1.0})
+
+    def crash(tensors, filename):
+        open(filename, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recon_cache, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        work.save("joint", 1, {"a": torch.ones(3)}, {"loss": 2.0})
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["joint-0.safetensors"]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert work.load("joint", 1) is None and work.load("joint", 0)[1] == {"loss": 1.0}
+
+
 def test_method_args_are_validated():
     with pytest.raises(RecipeError, match="method_args.iterz"):
         slimtorch.quantize(nn.Linear(2, 2), dict(load_builtin("w4a4").to_dict(),

@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..data.cache import CachePool
 from ..errors import SlimtorchError
+from ..export.artifact import atomic_path, write_json_atomic
 from ..graph.capture import call_model
 
 
@@ -111,7 +112,7 @@ class WorkDir:
                 raise SlimtorchError(
                     f"{self.path} holds unit state of a different run (recipe, seed, data or "
                     "model differ); delete it or use another work_dir")
-        fp_file.write_text(json.dumps(fingerprint))
+        write_json_atomic(fp_file, fingerprint)
 
     def _file(self, stage: str, k: int) -> Path | None:
         return None if self.path is None else self.path / f"{stage}-{k}.safetensors"
@@ -124,9 +125,10 @@ class WorkDir:
 
     def save(self, stage: str, k: int, tensors: dict[str, Tensor], stats: dict) -> None:
         f = self._file(stage, k)
-        if f is not None:
-            f.with_suffix(".json").write_text(json.dumps(stats))
-            save_file({n: t.contiguous() for n, t in tensors.items()}, str(f))
+        if f is not None:  # the .safetensors file marks the unit done: written last, atomically
+            write_json_atomic(f.with_suffix(".json"), stats)
+            with atomic_path(f) as tmp:
+                save_file({n: t.contiguous() for n, t in tensors.items()}, tmp)
 
 
 def fingerprint(recipe_dict: dict, seed: int, batches: list, model: nn.Module) -> str:
