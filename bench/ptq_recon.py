@@ -183,8 +183,8 @@ def to_markdown(rows: list[dict]) -> str:
                      f"method_args override {r.get('method_args') or 'none'}"
                      for r in rows if "calib_size" in r})
     lines = [*machines, "", "; ".join(setups) + "; first/last layer W8A8 (ours); top-1 on the "
-             "full 10k test split (agreement: test images where the quantized model's top-1 class is "
-             "the float model's); a cell with n > 1 is mean ± std over seeds (seed = calibration "
+             "full 10k test split (agreement: test images where the quantized model's top-1 class "
+             "is the float model's); a cell with n > 1 is mean ± std over seeds (seed = calibration "
              "subset and method seed).", "",
              "| model | bits | method | FP top-1 % | top-1 % | agreement with FP % | calib min "
              "| peak RSS MB |",

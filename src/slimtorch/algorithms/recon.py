@@ -12,8 +12,9 @@ For each unit, in graph order (``reconstruct``):
    on ‖unit(x) − target‖² (+ λ·round regulariser, + PD loss), x = x_q or the QDrop mix;
 4. harden the rounding, record the loss before/after on the whole cache, persist the state.
 
-Cached tensors live in a ``CachePool`` (bounded RAM, spill to disk; ``recon_cache.py``). Every random draw of a
-unit comes from a generator seeded by (seed, stage, unit index), so a run resumed from its
+Cached tensors live in a ``CachePool`` (bounded RAM, spill to disk; ``recon_cache.py``). Every
+random draw of a unit comes from a generator seeded by (seed, stage, unit index), so a run
+resumed from its
 work dir repeats the uninterrupted run bit for bit.
 """
 from __future__ import annotations
