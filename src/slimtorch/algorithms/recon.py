@@ -14,8 +14,7 @@ For each unit, in graph order (``reconstruct``):
 
 Cached tensors live in a ``CachePool`` (bounded RAM, spill to disk; ``recon_cache.py``). Every
 random draw of a unit comes from a generator seeded by (seed, stage, unit index), so a run
-resumed from its
-work dir repeats the uninterrupted run bit for bit.
+resumed from its work dir repeats the uninterrupted run bit for bit.
 """
 from __future__ import annotations
 
