@@ -12,11 +12,11 @@ BUILTINS = ["w8a8", "w6a6", "w4a8", "w4a4", "w2a4", "w4a2", "w2a2"] + [
 
 @pytest.mark.parametrize("method", ["adaround", "brecq", "qdrop", "pdquant"])
 def test_reconstruction_recipes_share_one_scheme_across_bit_widths(method):
-    """w8a8-M differs from w4a4-M only in bit widths and method_args (the W8A8 bench rows
+    """w8a8-M differs from w4a4-M only in bit widths (the W8A8 bench rows
     compare the same scheme as the other bit widths), and not from the deployable w8a8."""
     def scheme(name):
         d = load_builtin(name).to_dict()
-        for k in ("name", "description", "method", "method_args"):
+        for k in ("name", "description", "method"):
             d.pop(k)
         d["weights"].pop("bits")
         d["activations"].pop("bits")

@@ -369,8 +369,26 @@ def test_auto_act_lr_keeps_the_published_lsq_step_budget():
         assert cls.parse({}, "x").joint_stage(m).lr_act == pytest.approx(4e-3)  # 200 iters
         assert cls.parse({"iters": 800}, "x").joint_stage(m).lr_act == pytest.approx(1e-3)
         assert cls.parse({"act_lr": 2e-5}, "x").joint_stage(m).lr_act == 2e-5
+        # above 4-bit activations auto is the published rate (6/8-bit steps start right)
+        for bits, lr in ((2, 4e-3), (4, 4e-3), (None, 4e-3), (6, 4e-5), (8, 4e-5)):
+            assert cls.parse({}, "x").joint_stage(m, bits).lr_act == pytest.approx(lr)
+        assert cls.parse({"act_lr": 1e-3}, "x").joint_stage(m, 8).lr_act == 1e-3
     with pytest.raises(RecipeError, match="act_lr"):
         QDropConfig.parse({"act_lr": 0}, "qdrop")
+
+
+@pytest.mark.parametrize("method", ["qdrop", "pdquant"])
+def test_recipes_give_the_stage_their_activation_bits(method, monkeypatch):
+    """apply() passes the recipe's activation bits to act_lr auto (w8a8-M: 4e-5, w4a4-M: 4e-3)."""
+    import importlib
+    mod = importlib.import_module(f"slimtorch.algorithms.{method}")
+    seen = {}
+    monkeypatch.setattr(recon, "run_stages", lambda m, r, b, stages, **kw: seen.update(
+        {r.name: stages[0].lr_act}))
+    for name in (f"w8a8-{method}", f"w4a4-{method}", f"w4a2-{method}"):
+        mod.apply(nn.Linear(2, 2), load_builtin(name), [torch.randn(4, 2)])
+    assert seen == pytest.approx({f"w8a8-{method}": 4e-5, f"w4a4-{method}": 4e-3,
+                                  f"w4a2-{method}": 4e-3})
 
 
 def test_auto_round_lr_is_published_rate_floored_at_two_over_iters():

@@ -18,7 +18,7 @@ from pydantic import Field
 from . import recon
 from .brecq import block_units
 from .pd import PDSettings
-from .qdrop import QDropConfig, has_depthwise
+from .qdrop import QDropConfig, act_bits, has_depthwise
 
 
 class PDQuantConfig(QDropConfig):
@@ -42,7 +42,7 @@ class PDQuantConfig(QDropConfig):
 def apply(model, recipe, batches, *, seed: int = 0, progress: bool = False,
           float_model=None, work_dir=None) -> dict[str, Any]:
     cfg = PDQuantConfig.parse(recipe.method_args, "pdquant")
-    stage = cfg.joint_stage(model, pd=cfg.settings(model))
+    stage = cfg.joint_stage(model, act_bits(recipe), pd=cfg.settings(model))
     return recon.run_stages(model, recipe, batches, [stage], seed=seed, progress=progress,
                             float_model=float_model, work_dir=work_dir, units_fn=block_units,
                             cache_mb=cfg.cache_mb, need_logits=True)
