@@ -8,9 +8,9 @@ runs in a child process (its peak RSS is its own) and is written at once to
 ``OUT/rows/MODEL_BITS_METHOD_sSEED.json``, so a killed run resumes where it stopped (rows on disk
 are skipped) and ``--from-json`` re-renders the table without running anything. W2A2 rows run
 for every ``--seeds`` seed (mean ± std), the other bit widths for the first seed only
-(``--all-seeds-bits`` changes which). A cell with several seeds shows mean ± std. W8A8 (not
-in the default run; NNCF's only setting) uses the built-in ``w8a8`` recipe (the deployable one:
-symmetric weights, residual adds quantized) with the row's method.
+(``--all-seeds-bits`` changes which). A cell with several seeds shows mean ± std. Our methods
+run the built-in ``{bits}-{method}`` recipe (``w8a8-qdrop`` …), RTN the ``{bits}`` one — at W8A8
+(not in the default run; NNCF's only setting) the deployable ``w8a8``.
 
     python bench/ptq_recon.py [--models resnet20 mobilenetv2] [--bits w4a4 w2a4 w4a2 w2a2 w8a8]
         [--methods rtn adaround brecq qdrop pdquant aimet nncf brevitas] [--seeds 0 1 2]
@@ -62,7 +62,7 @@ def one(model: str, bits: str, method: str, seed: int, a) -> dict:
 
 
 def method_recipe(bits: str, method: str) -> dict:
-    """The built-in ``{bits}-{method}`` recipe; where none ships (e.g. W8A8), the built-in
+    """The built-in ``{bits}-{method}`` recipe; where none ships (e.g. W6A6), the built-in
     ``{bits}`` RTN recipe with its method replaced."""
     from slimtorch.errors import RecipeError
     from slimtorch.recipe import load_builtin
@@ -146,8 +146,10 @@ def _cell(rows: list[dict]) -> tuple[str, str, str, str]:
     cells = []
     for key in ("q_top1", "q_top1_agreement"):
         v = [r[key] for r in ok if r.get(key) is not None]
-        cells.append("" if not v else f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} "
-                     f"(n={len(v)})" if len(v) > 1 else f"{v[0]:.2f}")
+        if len(v) > 1:
+            cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} (n={len(v)})")
+        else:
+            cells.append(f"{v[0]:.2f}" if v else "")
     mins = statistics.mean(r["calib_seconds"] for r in ok) / 60
     return *cells, f"{mins:.1f}", f"{max(r['peak_rss_mb'] for r in ok):.0f}"
 

@@ -17,8 +17,8 @@ import slimtorch
 from slimtorch.data.text import load_sentences, text_batches
 from slimtorch.eval.fidelity import cosine_fidelity
 from slimtorch.eval.machine import machine_markdown
-from slimtorch.export.artifact import write_text_atomic
 from slimtorch.eval.tasks import TextEmbedding
+from slimtorch.export.artifact import write_text_atomic
 from slimtorch.quant.prepare import META_ATTR, SITES_ATTR, quant_layers
 from slimtorch.quant.quantizer import Mode
 from slimtorch.zoo.minilm import embed, load_minilm

@@ -17,7 +17,8 @@ left the activation step sizes almost where initialisation put them (measured in
 ``bench/results/ptq_recon_actlr.md``). That holds for 2- and 4-bit activations. Above 4 bits
 (the recipe's activation bit width) ``auto`` is the published 4e-5: MSE-initialised 6- and 8-bit
 step sizes are already right, and the budget rate moved them away (ResNet-20 top-1 agreement
-with float at W6A6 99.35 vs 99.65 %, at W8A8 99.51 vs 99.91 %; ``bench/results/ptq_recon_w8a8.md``).
+with float at W6A6 99.35 vs 99.65 %, at W8A8 99.51 vs 99.91 %;
+``bench/results/ptq_recon_w8a8.md``).
 """
 from __future__ import annotations
 

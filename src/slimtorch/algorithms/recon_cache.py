@@ -96,7 +96,6 @@ def unit_map(fn: Callable[[Tensor], Tensor], xs: Tensor, pool: CachePool, chunk:
     return out
 
 
-
 # ============================================================== run state (resume)
 class WorkDir:
     """Per-unit state files: ``<stage>-<k>.safetensors`` (V and step sizes of the unit)."""
@@ -139,5 +138,3 @@ def fingerprint(recipe_dict: dict, seed: int, batches: list, model: nn.Module) -
         if isinstance(t, Tensor):
             h.update(t.detach().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-

@@ -93,5 +93,3 @@ def _checked(model: nn.Module, units: list[Unit], example: Any) -> list[Unit]:
             raise ValueError(f"layer {u.name!r} runs {len(c)} times per forward; "
                              "reconstruction needs each layer to run once")
     return out
-
-
