@@ -88,10 +88,16 @@ def test_cnn_w8a8_agrees_and_runs_int8(tmp_path, imgs):
     assert r.quantized_fallbacks == []
 
 
-def test_weights_are_the_artifact_integers(tmp_path, imgs):
-    q, r, model = export(make_cnn(), "w8a8", imgs, tmp_path / "cnn.onnx")
+@pytest.mark.parametrize("form", ["s8", "u8"])
+def test_weights_are_the_artifact_integers(tmp_path, imgs, form):
+    """The file holds the artifact's codes: as int8, or (u8 form) as uint8 codes + 128 with
+    zero point 128 — the same dequantised values."""
+    q, r, model = export(make_cnn(), "w8a8", imgs, tmp_path / "cnn.onnx", weight_form=form)
+    assert r.weight_form == form
+    dtype, offset = (np.int8, 0) if form == "s8" else (np.uint8, 128)
     arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    codes = [a for a in arrays.values() if a.dtype == np.int8 and a.ndim == 4]
+    codes = [a.astype(np.int16) - offset for a in arrays.values()
+             if a.dtype == dtype and a.ndim == 4]
     mine = sorted(tuple(c.shape) for c in codes)
     stem = tuple(q.stem.weight_int.shape)
     padded = (stem[0], 4, *stem[2:])  # 1 input channel padded to 4 (pad_conv_channels)
@@ -100,6 +106,8 @@ def test_weights_are_the_artifact_integers(tmp_path, imgs):
     stem_codes = next(c for c in codes if c.shape == padded)
     assert np.array_equal(stem_codes[:, :1], q.stem.weight_int.numpy())
     assert not stem_codes[:, 1:].any()
+    zps = [a for a in arrays.values() if a.dtype == dtype and a.ndim == 1 and a.size == 8]
+    assert zps and all((z.astype(np.int16) == offset).all() for z in zps)  # per channel
 
 
 def test_attention_model_w8a8(tmp_path, imgs):

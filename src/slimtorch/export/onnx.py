@@ -8,8 +8,9 @@
    Q → DQ, frozen weights as integer constants → DQ (see ``onnx_qdq``); batch (and, for token
    ids, sequence) axes are dynamic;
 2. rewrites the graph so onnxruntime finds its integer kernels and pays no avoidable
-   quantization overhead, and packs 4-bit weight codes as INT4 when the opset is ≥ 21 (see
-   ``onnx_rewrite`` and ``onnx_speed``);
+   quantization overhead, packs 4-bit weight codes as INT4 when the opset is ≥ 21, and stores
+   8-bit weight codes in the form onnxruntime's int8 kernels compute exactly on the target CPU
+   (``weight_form``; see ``onnx_rewrite``, ``onnx_speed`` and ``onnx_weight_form``);
 3. checks the file with onnxruntime (CPUExecutionProvider, 2 threads): output vs the PyTorch
    quantized model on the same inputs, and the op types of onnxruntime's optimised graph
    (``onnx_check``). A failing check is reported, not raised.
@@ -35,6 +36,7 @@ from ..errors import SlimtorchError
 from .artifact import atomic_path
 from .onnx_qdq import qdq_export_mode
 from .onnx_rewrite import rewrite
+from .onnx_weight_form import WEIGHT_FORMS, resolve_weight_form
 
 DEFAULT_OPSET = 21
 TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's newest opset; 21 only adds types/attrs
@@ -59,6 +61,8 @@ class ExportReport:
     float_quantizers: list[str] = field(default_factory=list)
     float_weights: list[str] = field(default_factory=list)
     rewrites: dict[str, int] = field(default_factory=dict)
+    weight_form: str = "s8"  # int8 codes as they are, or "u8": uint8 + 128 (onnx_weight_form)
+    weight_form_reason: str = ""
     ort_error: str | None = None
     agreement: dict[str, Any] = field(default_factory=dict)
     int8_kernels: dict[str, int] = field(default_factory=dict)
@@ -79,7 +83,7 @@ class ExportReport:
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any, *,
                 opset: int = DEFAULT_OPSET, check_inputs: list | None = None,
                 conv_integer: bool = False, portable: bool = False,
-                threads: int = 2) -> ExportReport:
+                weight_form: str = "auto", threads: int = 2) -> ExportReport:
     """Export ``qmodel`` to ``path`` and check it with onnxruntime.
 
     example_inputs: a Tensor, a tuple of Tensors (positional) or a dict (keyword arguments),
@@ -87,26 +91,34 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
     PyTorch on (default: ``[example_inputs]``). conv_integer: rewrite convs whose output is not
     re-quantized to ConvInteger (see ``onnx_rewrite``). portable: standard ONNX operators
     only; by default a Linear's bias is fused into onnxruntime's MatMulIntegerToFloat contrib op
-    (``onnx_speed.fuse_matmul_bias``), which only onnxruntime runs.
+    (``onnx_speed.fuse_matmul_bias``), which only onnxruntime runs. weight_form: ``s8`` keeps
+    int8 weight codes; ``u8`` stores those onnxruntime's x86 u8×s8 kernels could saturate
+    (without VNNI) as uint8 + 128, the same values; ``auto`` picks ``u8`` on such a CPU
+    (``onnx_weight_form``).
     """
     import onnx
     if not 13 <= opset <= onnx.defs.onnx_opset_version():
         raise OnnxExportError(f"opset {opset} is not supported: use 13 (per-channel "
                               f"DequantizeLinear) to {onnx.defs.onnx_opset_version()}")
+    if weight_form not in WEIGHT_FORMS:
+        raise OnnxExportError(f"weight_form {weight_form!r} is not known: use one of "
+                              f"{', '.join(WEIGHT_FORMS)}")
+    form, why = resolve_weight_form(weight_form)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         names, state, changes = _export_file(qmodel, tmp, example_inputs, opset, conv_integer,
-                                              portable)
+                                              portable, form == "u8")
         report = ExportReport(str(path), opset, os.path.getsize(tmp), names,
                               state.act_qdq, state.weight_dq, changes.pop("int4_weights"),
                               changes.pop("conv_integer"), state.float_quantizers,
-                              state.float_weights, changes)
+                              state.float_weights, changes, form, why)
         _check(report, tmp, qmodel, check_inputs or [example_inputs], names, threads)
     return report
 
 
-def _export_file(qmodel, tmp: str, example, opset: int, conv_integer: bool, portable: bool):
+def _export_file(qmodel, tmp: str, example, opset: int, conv_integer: bool, portable: bool,
+                 u8_weights: bool):
     """Trace, rewrite and save to ``tmp``; returns (input names, ExportState, rewrite info)."""
     import onnx
     names, args, as_kwargs = _signature(example)
@@ -128,7 +140,8 @@ def _export_file(qmodel, tmp: str, example, opset: int, conv_integer: bool, port
         if imp.domain in ("", "ai.onnx"):
             imp.version = opset
     try:
-        changes = rewrite(model, conv_int=conv_integer, int4=opset >= 21, portable=portable)
+        changes = rewrite(model, conv_int=conv_integer, int4=opset >= 21, portable=portable,
+                          u8_weights=u8_weights)
         onnx.checker.check_model(model)
     except Exception as e:  # a rewrite bug must not leave a broken file behind
         raise OnnxExportError(f"the exported graph failed its checks: {e}") from e

@@ -21,7 +21,8 @@ function unchanged up to float rounding:
 ``onnx_speed`` adds passes that remove per-run quantization overhead (merged duplicate Q nodes,
 embedding lookups on integer codes, attention scale folded into a DQ scale, conv input channels
 padded for MLAS's int8 kernel, and — unless the export is ``portable`` — Linear biases fused into
-onnxruntime's MatMulIntegerToFloat).
+onnxruntime's MatMulIntegerToFloat); ``onnx_weight_form`` stores int8 weight codes as uint8 + 128
+where onnxruntime's u8×s8 kernels would saturate (x86 CPUs without VNNI).
 """
 from __future__ import annotations
 
@@ -295,9 +296,10 @@ def prune(gr: Graph) -> None:
 
 
 def rewrite(model: onnx.ModelProto, *, conv_int: bool = False, int4: bool = True,
-            portable: bool = False) -> dict:
+            portable: bool = False, u8_weights: bool = False) -> dict:
     """Run every pass on ``model`` in place; returns what was changed. ``portable``: standard
-    ONNX operators only (no onnxruntime contrib ops)."""
+    ONNX operators only (no onnxruntime contrib ops); ``u8_weights``: the ``u8`` weight form
+    (``onnx_weight_form``)."""
     gr = Graph(model)
     constants_to_initializers(gr)
     fold_weight_transpose(gr)
@@ -305,10 +307,12 @@ def rewrite(model: onnx.ModelProto, *, conv_int: bool = False, int4: bool = True
     done = conv_integer(gr) if conv_int else []
     from .onnx_speed import (dedupe_quantize, fold_matmul_scale, fuse_matmul_bias,
                              gather_then_dequantize, pad_conv_channels)
+    from .onnx_weight_form import weights_to_u8
     info = {"conv_integer": done, "merged_quantize": dedupe_quantize(gr),
             "gather_dequantize": gather_then_dequantize(gr),
             "folded_matmul_scales": fold_matmul_scale(gr),
-            "padded_conv_channels": pad_conv_channels(gr)}
+            "padded_conv_channels": pad_conv_channels(gr)}  # on int8 codes: before u8
+    info["u8_weights"] = weights_to_u8(gr) if u8_weights else 0
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     info["int4_weights"] = pack_int4(gr) if int4 and opset >= 21 else 0
     info["fused_matmul_bias"] = 0 if portable else fuse_matmul_bias(gr)  # after int4 packing
