@@ -47,12 +47,17 @@ def has_vnni(flags: frozenset[str]) -> bool:
     return "avx_vnni" in flags or "amx_int8" in flags or (avx512_core and "avx512_vnni" in flags)
 
 
-def u8s8_saturates(flags: frozenset[str] | None = None, machine: str | None = None) -> bool:
-    """Whether onnxruntime's u8×s8 int8 kernels on this CPU can saturate: an x86 CPU without
-    VNNI. Unknown flags on x86 count as saturating (the exact weight form is then chosen)."""
-    if (machine or platform.machine()).lower() not in X86:
-        return False  # ARM kernels accumulate in int32 (onnxruntime quantization docs)
-    flags = cpu_flags() if flags is None else flags
+def u8s8_saturates() -> bool:
+    """Whether onnxruntime's u8×s8 int8 kernels can saturate on this CPU."""
+    return saturates_on(cpu_flags(), platform.machine())
+
+
+def saturates_on(flags: frozenset[str] | None, arch: str) -> bool:
+    """An x86 CPU without VNNI saturates; unknown flags on x86 count as saturating (the exact
+    weight form is then chosen); ARM kernels accumulate in int32 (onnxruntime quantization
+    docs)."""
+    if arch.lower() not in X86:
+        return False
     return flags is None or not has_vnni(flags)
 
 
