@@ -6,9 +6,11 @@ export to ONNX QDQ and check onnxruntime against the PyTorch quantized model on 
 of embeddings on 1000 eval sentences for MiniLM), then time fp32 PyTorch, fp32 onnxruntime,
 int8 onnxruntime and int8 PyTorch (``lower_to_int8``) at batch 1 and 64 with 2 threads (median
 of repeated runs after warm-up), and measure sizes on disk. Prints markdown and writes
-bench/results/speed.md (+ .json).
+bench/results/speed.md (+ .json). ``--weight-form`` picks the int8 file's weight codes
+(``export_onnx``: s8, or u8 = uint8 + 128, exact on x86 CPUs without VNNI; auto by CPU).
 
     python bench/speed.py [--models resnet20 mobilenetv2 vit minilm] [--calib-size 1024]
+                          [--batches 1 64] [--weight-form auto|s8|u8] [--out PATH]
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ from pathlib import Path
 import torch
 
 from slimtorch import load
-from slimtorch.cli_deploy import check_items, deploy_inputs, measure_speed, speedups
+from slimtorch.cli_deploy import BATCHES, check_items, deploy_inputs, measure_speed, speedups
 from slimtorch.eval.machine import machine_markdown
 from slimtorch.export.artifact import write_text_atomic
 from slimtorch.export.onnx import export_onnx
+from slimtorch.export.onnx_weight_form import WEIGHT_FORMS
 from slimtorch.pipeline import run_quantize
 from slimtorch.zoo.registry import weights_path
 
@@ -47,10 +50,11 @@ def run_model(name: str, args, workdir: Path) -> dict | None:
     n = 10000 if source.startswith("zoo:") else 1000
     items = check_items(source, n)
     report = export_onnx(load(art), workdir / f"{name}.onnx", deploy_inputs(source, 8),
-                         check_inputs=items, threads=args.threads)
+                         check_inputs=items, threads=args.threads, weight_form=args.weight_form)
     ort_quality = ort_task_score(source, workdir / f"{name}.onnx", items, args.threads)
     float64 = float64_agreement(load(art), items)
-    speed = measure_speed(art, threads=args.threads, repeats=args.repeats)
+    speed = measure_speed(art, batches=tuple(args.batches), threads=args.threads,
+                          repeats=args.repeats, weight_form=args.weight_form)
     print(f"{name}: exported, agreement {report.agreement}, speed {speed['rows']}", flush=True)
     return {"model": name, "metrics": metrics, "export": report.to_dict(), "speed": speed,
             "ort_quality": ort_quality, "float64": float64}
@@ -95,7 +99,8 @@ def ort_task_score(source: str, path: Path, items: list, threads: int) -> dict:
 
 def to_markdown(results: list[dict], args, load_before: tuple, load_after: tuple) -> str:
     lines = [machine_markdown() + f"; W8A8 (`w8a8` recipe), calibration {args.calib_size} "
-             f"samples, seed {args.seed}; {args.threads} threads; load average before/after: "
+             f"samples, seed {args.seed}; {args.threads} threads; int8 ONNX weight codes "
+             f"{_forms(results)} (`--weight-form {args.weight_form}`); load average before/after: "
              f"{load_before[0]:.2f} / {load_after[0]:.2f}.", "",
              "Latency (median ms per batch):", "",
              "| model | batch | " + " | ".join(ENGINES) + " | int8 ORT vs fp32 ORT | "
@@ -138,6 +143,10 @@ def to_markdown(results: list[dict], args, load_before: tuple, load_after: tuple
     return "\n".join(lines)
 
 
+def _forms(results: list[dict]) -> str:
+    return "/".join(dict.fromkeys(r["export"]["weight_form"] for r in results)) or "-"
+
+
 def _agree(a: dict) -> str:
     return (f"top-1 {a['top1_agreement']:.2f} %" if "top1_agreement" in a else
             f"retrieval top-1 {a['retrieval_agreement']:.2f} %, cosine {a['cosine_mean']:.5f}")
@@ -154,6 +163,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    p.add_argument("--weight-form", choices=WEIGHT_FORMS, default="auto")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)

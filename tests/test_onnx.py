@@ -225,9 +225,13 @@ def test_cli_export_and_bench_speed(tmp_path, capsys):
     rep = json.loads((tmp_path / "art" / "export_report.json").read_text())
     assert rep["agreement"]["n"] == 600 and rep["agreement"]["top1_agreement"] >= 99.0
     assert rep["int8_kernels"]["QLinearConv"] >= 9 and rep["source"] == "zoo:resnet20"
+    from slimtorch.eval.machine import u8s8_saturates
+    assert rep["weight_form"] == ("u8" if u8s8_saturates() else "s8")  # --weight-form auto
     assert "top-1 agreement" in capsys.readouterr().out
-    _deploy_cli(["bench", "speed", str(tmp_path / "art"), "--batches", "1", "--repeats", "2"])
+    _deploy_cli(["bench", "speed", str(tmp_path / "art"), "--batches", "1", "--repeats", "2",
+                 "--weight-form", "u8"])
     out = capsys.readouterr().out
+    assert "int8 weight codes u8" in out
     for engine in ("fp32 PyTorch", "fp32 onnxruntime", "int8 onnxruntime", "int8 PyTorch"):
         assert engine in out
     assert "smaller" in out

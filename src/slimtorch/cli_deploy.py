@@ -99,8 +99,10 @@ def _ort_runner(path: Path, item, threads: int) -> Callable[[], Any]:
 
 
 def measure_speed(directory: str | Path, *, batches=BATCHES, threads: int = 2,
-                  repeats: int = 15, data_dir: str | None = None) -> dict[str, Any]:
-    """Latency of the four engines for the artifact in ``directory`` and sizes on disk."""
+                  repeats: int = 15, data_dir: str | None = None,
+                  weight_form: str = "auto") -> dict[str, Any]:
+    """Latency of the four engines for the artifact in ``directory`` and sizes on disk;
+    ``weight_form``: of the int8 ONNX file (``export_onnx``)."""
     from . import load
     from .eval.size import fp_size_bytes
     from .export.artifact import TENSORS, read_config
@@ -117,7 +119,7 @@ def measure_speed(directory: str | Path, *, batches=BATCHES, threads: int = 2,
     with tempfile.TemporaryDirectory() as tmp:
         fp_onnx, q_onnx = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         export_onnx(fp, fp_onnx, example, opset=17, threads=threads)
-        report = export_onnx(q, q_onnx, example, threads=threads)
+        report = export_onnx(q, q_onnx, example, threads=threads, weight_form=weight_form)
         rows = []
         for b in batches:
             item = deploy_inputs(source, b, data_dir=data_dir)
@@ -133,6 +135,7 @@ def measure_speed(directory: str | Path, *, batches=BATCHES, threads: int = 2,
                  "int8_onnx_bytes": q_onnx.stat().st_size}
     return {"model": source, "threads": threads, "rows": rows, "sizes": sizes,
             "int8_kernels": report.int8_kernels, "float_compute": report.float_compute,
+            "weight_form": report.weight_form,
             "torch_int8_layers": len(lowering_summary(q_int)["int8"])}
 
 
@@ -162,7 +165,7 @@ def cmd_export(args) -> None:
     report = export_onnx(qmodel, args.onnx, example, opset=args.opset,
                          check_inputs=check_items(source, n, args.data_dir),
                          conv_integer=args.conv_integer, portable=args.portable,
-                         threads=args.threads)
+                         weight_form=args.weight_form, threads=args.threads)
     console.print(export_table(report, f"{directory} → {args.onnx}"))
     write_json_atomic(directory / "export_report.json",
                       {"source": source, "versions": versions(), **report.to_dict()})
@@ -176,6 +179,8 @@ def export_table(report, title: str) -> Table:
     t.add_row("ONNX file", f"{report.file_bytes / 1e6:.3f} MB, opset {report.opset}")
     t.add_row("QDQ in the file", f"{report.activation_qdq} activation Q/DQ, "
               f"{report.weight_dq} integer weights ({report.int4_weights} as INT4)")
+    t.add_row("weight codes", f"{report.weight_form} ({report.weight_form_reason}; "
+              f"{report.rewrites.get('u8_weights', 0)} stored as uint8 + 128)")
     if report.ort_error:
         t.add_row("[red]onnxruntime[/red]", report.ort_error)
         return t
@@ -211,13 +216,15 @@ def _counts(d: dict[str, int]) -> str:
 def cmd_bench_speed(args) -> None:
     from .eval.machine import machine_markdown
     result = measure_speed(args.dir, batches=tuple(args.batches), threads=args.threads,
-                           repeats=args.repeats, data_dir=args.data_dir)
+                           repeats=args.repeats, data_dir=args.data_dir,
+                           weight_form=args.weight_form)
     console.print(speed_table(result))
     console.print(machine_markdown(), highlight=False)
 
 
 def speed_table(result: dict) -> Table:
-    t = Table(title=f"{result['model']}: median latency (ms), {result['threads']} threads")
+    t = Table(title=f"{result['model']}: median latency (ms), {result['threads']} threads, "
+              f"int8 weight codes {result['weight_form']}")
     batches = sorted({r["batch"] for r in result["rows"]})
     t.add_column("engine")
     for b in batches:
@@ -254,6 +261,7 @@ def register(subparsers) -> None:
     ex.add_argument("--portable", action="store_true",
                     help="standard ONNX operators only (default: Linear biases fused into "
                     "onnxruntime's MatMulIntegerToFloat, which only onnxruntime runs)")
+    _weight_form_arg(ex)
     ex.add_argument("--threads", type=int, default=2)
     ex.add_argument("--data-dir", help="Fashion-MNIST IDX directory")
     ex.set_defaults(fn=cmd_export)
@@ -265,4 +273,13 @@ def register(subparsers) -> None:
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--repeats", type=int, default=15)
     sp.add_argument("--data-dir")
+    _weight_form_arg(sp)
     sp.set_defaults(fn=cmd_bench_speed)
+
+
+def _weight_form_arg(parser) -> None:
+    from .export.onnx_weight_form import WEIGHT_FORMS
+    parser.add_argument("--weight-form", choices=WEIGHT_FORMS, default="auto",
+                        help="int8 weight codes as int8 (s8) or as uint8 + 128 (u8), which "
+                        "onnxruntime computes exactly on x86 CPUs without VNNI; auto: u8 on "
+                        "such a CPU (default)")
