@@ -7,8 +7,8 @@ neighbouring products a₀·w₀ + a₁·w₁ in *saturating int16* before widen
 ``vpmaddwd`` by ones): 2·255·127 = 64 770 > 32 767, so a layer whose codes leave [−64, 64]
 can come out wrong (onnxruntime's quantization docs, "When and why do I need to try U8U8?").
 With AVX-VNNI / AVX512-VNNI (``vpdpbusds``, int32) or AMX nothing saturates. The U8U8 kernel
-zero-extends both operands to int16 and sums pairs with ``vpmaddwd`` in int32: exact on every
-x86 CPU.
+zero-extends both operands to int16 and sums pairs with ``vpmaddwd`` in int32
+(``QgemmU8X8KernelAvx2.S``): exact.
 
 Weight forms (``export_onnx(weight_form=...)``):
 
@@ -21,7 +21,10 @@ Weight forms (``export_onnx(weight_form=...)``):
   Codes within [−64, 64] (7 bits and fewer, INT4-packed weights) stay int8. This is the
   rewrite onnxruntime itself applies at session start when ``session.x64quantprecision`` is
   set (``optimizer/qdq_transformer/avx2_weight_s8_to_u8.cc``, ``s8_to_u8.h``: XOR 0x80, same
-  [−64, 64] test), done once in the file so that every session is exact without the option.
+  [−64, 64] test), done once in the file so that every session is exact without the option
+  (which, in onnxruntime 1.32.0, fails to initialise on our files: their weight zero points
+  are shared initialisers and the second rename collides, "Attempt to replace the existing
+  tensor").
 - ``auto`` (default): ``u8`` when the exporting CPU is x86 without VNNI
   (``eval.machine.u8s8_saturates``), else ``s8``: the file is exact on the CPU that exported
   and checked it. Force ``u8`` for a file meant for unknown x86 CPUs.
