@@ -7,6 +7,7 @@ markdown and writes bench/results/ort_profile.md. Kernel times are per-node medi
 are less sensitive to other load on the machine than wall-clock latency, but not immune.
 
     python bench/ort_profile.py [--models resnet20 minilm] [--batch 64] [--threads 1]
+                                [--weight-form auto|s8|u8]
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from slimtorch.eval.machine import machine_markdown
 from slimtorch.export.artifact import write_text_atomic
 from slimtorch.export.onnx import _signature, export_onnx
 from slimtorch.export.onnx_check import op_profile
+from slimtorch.export.onnx_weight_form import WEIGHT_FORMS
 from slimtorch.pipeline import run_quantize
 from slimtorch.zoo.sources import load_model
 from speed import source_of  # bench/ is the script's directory
@@ -36,7 +38,8 @@ def profile_model(name: str, args, tmp: Path) -> dict:
     run_quantize(source, "w8a8", calib_size=args.calib_size, seed=0, out=tmp / name)
     example = deploy_inputs(source, 2)
     export_onnx(load_model(source), tmp / f"{name}_fp32.onnx", example, opset=17, threads=1)
-    export_onnx(load(tmp / name), tmp / f"{name}_int8.onnx", example, threads=1)
+    export_onnx(load(tmp / name), tmp / f"{name}_int8.onnx", example, threads=1,
+                weight_form=args.weight_form)
     names, tensors, _ = _signature(deploy_inputs(source, args.batch))
     feeds = {n: t.numpy() for n, t in zip(names, tensors)}
     return {eng: op_profile(tmp / f"{name}_{eng}.onnx", feeds, threads=args.threads,
@@ -72,6 +75,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--calib-size", type=int, default=1024)
+    p.add_argument("--weight-form", choices=WEIGHT_FORMS, default="auto",
+                   help="int8 file's weight codes (export_onnx)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "ort_profile"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,6 +87,7 @@ def main() -> None:
             lines += to_markdown(name, profile_model(name, args, Path(tmp)), args)
             print(f"{name}: profiled", flush=True)
     head = (machine_markdown() + f"; W8A8 (`w8a8` recipe), calibration {args.calib_size}; "
+            f"int8 weight codes `--weight-form {args.weight_form}`; "
             f"load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f}.")
     md = "\n".join([head, ""] + lines)
     print("\n" + md)
