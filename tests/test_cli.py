@@ -40,6 +40,10 @@ def test_quantize_then_eval(tmp_path, capsys):
     assert m["q_size_bytes"] * 3.5 < m["fp_size_bytes"]
     code, out, _ = run(capsys, "eval", str(out_dir), "--quiet")
     assert code == 0 and f"{m['q_top1']}" in out  # reload reproduces the score exactly
+    assert m["self_check"]["passed"] and m["self_check"]["output_sqnr_db"] > 25
+    code, out, _ = run(capsys, "inspect", str(out_dir), "--all")
+    assert code == 0 and "cumulative dB" in out and "self-check: output SQNR" in out
+    assert "layers.0.conv1" in out and "fc" in out  # every layer, by name
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -14,21 +14,27 @@ from torch import nn
 
 from .algorithms import ALGORITHMS
 from .data.calibration import calibration_batches
+from .eval.selfcheck import DEFAULT_MIN_SQNR_DB, CheckReport, check, enforce
 from .export.artifact import load, save
 from .quant.prepare import META_ATTR, calibrate, freeze, prepare, sync_shared
 from .recipe import Recipe, resolve_recipe
 
-__all__ = ["quantize", "save", "load", "export_onnx"]
+__all__ = ["quantize", "save", "load", "export_onnx", "inspect"]
 
 
 def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, seed: int = 0,
-             progress: bool = False, work_dir: str | None = None) -> nn.Module:
+             progress: bool = False, work_dir: str | None = None, self_check: bool = True,
+             strict: bool = False, min_sqnr_db: float = DEFAULT_MIN_SQNR_DB) -> nn.Module:
     """Return a quantized copy of ``model`` (same forward signature; the input is untouched).
 
     calib_data: a Tensor of samples, or an iterable of items — a Tensor (one positional
     argument), a tuple (positional arguments) or a dict (keyword arguments).
     work_dir: where reconstruction methods keep per-unit state; a rerun with the same recipe,
     seed and data resumes after the last finished unit.
+    self_check: compare quantized and float outputs (and every layer's SQNR) on the first
+    calibration batch (``eval.selfcheck``); below ``min_sqnr_db`` it warns, or with
+    ``strict=True`` raises ``QuantizationCheckError``. The report is in the artifact metadata
+    (``self_check``) and in ``metrics.json``.
     """
     recipe = resolve_recipe(recipe)
     batches = calibration_batches(calib_data, recipe.calib.batch_size)
@@ -42,7 +48,18 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
     sync_shared(qmodel, meta["plan"])
     freeze(qmodel)
     setattr(qmodel, META_ATTR, meta)
+    if self_check:
+        report = check(qmodel, model, batches[0], min_sqnr_db=min_sqnr_db, meta=meta)
+        meta["self_check"] = report.to_dict(worst=8)
+        enforce(report, strict=strict)
     return qmodel
+
+
+def inspect(qmodel: nn.Module, float_model: nn.Module, inputs: Any) -> CheckReport:
+    """Per-layer SQNR of ``qmodel`` against ``float_model`` on one input item (Tensor, tuple of
+    positional arguments or dict of keywords): ``report.table(None)`` prints every layer,
+    ``report.worst()`` the layers with the largest own error (``eval.selfcheck``)."""
+    return check(qmodel, float_model, inputs)
 
 
 def export_onnx(qmodel: nn.Module, path, example_inputs: Any, **kwargs):

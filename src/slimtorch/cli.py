@@ -1,4 +1,4 @@
-"""Command line: ``slimtorch zoo | recipes | quantize | eval | export | bench``.
+"""Command line: ``slimtorch zoo | recipes | quantize | eval | inspect | export | bench``.
 
 Bad input ends with one line ``error: ...`` that says what to change (exit status 2), never a
 traceback from inside torch.
@@ -98,6 +98,14 @@ def cmd_eval(args) -> None:
     console.print(_metrics_table(m, f"{args.dir}: {m['model']} · {m['recipe']} (reloaded)"))
 
 
+def cmd_inspect(args) -> None:
+    from .pipeline import run_inspect
+    report = run_inspect(args.dir, samples=args.samples, seed=args.seed, data_dir=args.data_dir)
+    console.print(report.table(None if args.all else args.worst), markup=False,
+                  highlight=False, soft_wrap=True)
+    console.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimtorch", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    ins = sub.add_parser("inspect", help="per-layer SQNR of an artifact against its float "
+                         "model: where quantization error comes from")
+    ins.add_argument("dir", help="artifact directory")
+    ins.add_argument("--samples", type=int, default=32, help="calibration inputs to run")
+    ins.add_argument("--seed", type=int, default=0)
+    ins.add_argument("--worst", type=int, default=10, help="show the N layers with the "
+                     "largest own error")
+    ins.add_argument("--all", action="store_true", help="every layer, in model order")
+    ins.add_argument("--data-dir")
+    ins.set_defaults(fn=cmd_inspect)
 
     from .cli_deploy import register as register_deploy  # export, bench speed
     register_deploy(sub)

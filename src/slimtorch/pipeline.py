@@ -60,6 +60,9 @@ def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int 
         metrics[f"fp_{k}"] = v
     for k, v in q_score.items():
         metrics[f"q_{k}"] = v
+    check = getattr(qmodel, META_ATTR, {}).get("self_check")
+    if check:
+        metrics["self_check"] = check  # output SQNR/cosine on a calibration batch, worst layers
     stats = getattr(qmodel, META_ATTR, {}).get("method_stats")
     if stats:
         metrics["method_stats"] = stats  # per-unit loss before/after, seconds
@@ -85,3 +88,22 @@ def run_eval(directory: str | Path, *, data_dir: str | None = None,
     scores = {f"q_{k}": v for k, v in task.score(q_out, fp_out).items()}
     scores.update({f"fp_{k}": v for k, v in task.score(fp_out).items()})
     return {"model": source, "recipe": cfg["meta"]["recipe"]["name"], **scores}
+
+
+def run_inspect(directory: str | Path, *, samples: int = 32, seed: int = 0,
+                data_dir: str | None = None):
+    """Per-layer self-check of a saved artifact against its float model, on ``samples``
+    calibration inputs of the model's task (``eval.selfcheck.check``)."""
+    from .eval.selfcheck import check
+    from .export.artifact import load, read_config
+    cfg = read_config(directory)
+    source = cfg.get("source")
+    if not source:
+        raise SlimtorchError("this artifact was made from a custom model; inspect it from "
+                             "Python: slimtorch.inspect(qmodel, float_model, inputs)")
+    if samples < 1:
+        raise SlimtorchError(f"--samples must be at least 1, got {samples}")
+    task = task_for(source, data_dir)
+    item = task.calibration(samples, seed, samples)[0]
+    qmodel = load(directory)
+    return check(qmodel, load_model(source), item, meta=cfg["meta"])

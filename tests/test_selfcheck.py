@@ -1,0 +1,76 @@
+"""Self-check after quantization: output and per-layer SQNR against the float model."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import slimtorch
+from slimtorch.eval.selfcheck import (QuantizationCheckError, QuantizationCheckWarning, check,
+                                      sqnr_db)
+
+
+def test_sqnr_formula():
+    ref = torch.tensor([3.0, 4.0])
+    assert sqnr_db(ref, torch.tensor([3.0, 3.0])) == pytest.approx(10 * math.log10(25 / 1))
+    assert sqnr_db(ref, ref) == math.inf
+    assert sqnr_db(ref, -ref) == pytest.approx(10 * math.log10(25 / 100))  # -6.02 dB
+    assert sqnr_db(ref, torch.tensor([float("nan"), 0.0])) == -math.inf
+
+
+def test_w8a8_passes_and_report_is_in_meta(cnn, images):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuantizationCheckWarning)
+        q = slimtorch.quantize(cnn, "w8a8", images)
+    sc = q._slimtorch_meta["self_check"]
+    assert sc["passed"] and sc["output_sqnr_db"] > 25 and sc["output_cosine"] > 0.99
+    assert len(sc["worst_layers"]) == 4  # stem, conv1, conv2, fc
+    report = slimtorch.inspect(q, cnn, images[:16])
+    assert [l.name for l in report.layers] == ["stem", "conv1", "conv2", "fc"]
+    # a layer's error cannot be smaller than its own: cumulative SQNR ≤ own SQNR (+ slack)
+    for layer in report.layers:
+        assert layer.cumulative_sqnr_db <= layer.own_sqnr_db + 3
+        assert 20 < layer.own_sqnr_db < 80
+    assert report.layers[0].cumulative_sqnr_db == pytest.approx(report.layers[0].own_sqnr_db)
+
+
+def test_broken_layer_is_named(cnn, images):
+    q = slimtorch.quantize(cnn, "w8a8", images)
+    with torch.no_grad():
+        q.conv2.weight.neg_()  # sabotage one layer: its output flips sign
+    report = check(q, cnn, images[:16])
+    worst = report.worst(1)[0]
+    assert worst.name == "conv2" and worst.own_sqnr_db < 5  # (bias kept: not -6 dB)
+    by_name = {l.name: l for l in report.layers}
+    assert by_name["conv1"].cumulative_sqnr_db > 25  # everything before it is fine
+    assert by_name["conv2"].cumulative_sqnr_db < 5
+    assert not report.passed and "conv2" in report.table(1)
+
+
+def test_below_floor_warns_and_strict_raises(cnn, images):
+    with pytest.warns(QuantizationCheckWarning, match="Layers with the largest own error"):
+        slimtorch.quantize(cnn, "w8a8", images, min_sqnr_db=500)
+    with pytest.raises(QuantizationCheckError, match="BELOW the 500 dB floor"):
+        slimtorch.quantize(cnn, "w8a8", images, min_sqnr_db=500, strict=True)
+    q = slimtorch.quantize(cnn, "w8a8", images, self_check=False)
+    assert "self_check" not in q._slimtorch_meta
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x, scale=1.0):
+        h = torch.relu(self.a(x))
+        return {"h": h * scale, "y": self.b(h)}
+
+
+def test_dict_outputs_and_keyword_inputs():
+    torch.manual_seed(0)
+    model = TwoOutputs().eval()
+    data = [{"x": torch.randn(16, 8), "scale": 2.0} for _ in range(2)]
+    q = slimtorch.quantize(model, "w8a8", data)
+    report = check(q, model, data[0])
+    assert report.passed and {l.name for l in report.layers} == {"a", "b"}
