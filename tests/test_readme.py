@@ -90,8 +90,8 @@ def parse_readme(text: str) -> tuple[list[Example], list[str]]:
     for info, start, body in fenced_blocks(text):
         if info == "python":
             code = "\n".join(body) + "\n"
-            examples.append(Example("python", start, code,
-                                    expect_text=[m.group(1) for m in map(PRINTS.search, body) if m]))
+            prints = [m.group(1) for m in map(PRINTS.search, body) if m]
+            examples.append(Example("python", start, code, expect_text=prints))
         elif info == "bash":
             for i, line in enumerate(body):
                 if line.strip():
@@ -143,7 +143,7 @@ EXAMPLES, BASH_LINES = parse_readme(README.read_text())
 # ---------------------------------------------------------------- fast structure checks
 def test_readme_is_short_and_opens_with_the_two_commands():
     n = len(README.read_text().splitlines())
-    assert n <= MAX_LINES, f"README.md has {n} lines; the limit is {MAX_LINES} (move notes to docs/)"
+    assert n <= MAX_LINES, f"README.md has {n} lines, over {MAX_LINES}: move notes to docs/"
     first, second = BASH_LINES[:2]
     assert first.startswith("bash scripts/setup.sh && slimtorch quantize "), first
     assert second == f"bash scripts/setup.sh && {TEST_COMMAND}", second
@@ -172,7 +172,8 @@ def test_links_point_to_files(doc):
 def test_harness_catches_a_broken_example(tmp_path):
     """The README's earlier Python example raised AttributeError (``slimtorch.zoo`` is not an
     attribute until imported); the runner must report that, not pass it."""
-    old = Example("python", 0, 'import slimtorch\nslimtorch.zoo.sources.load_model("zoo:resnet20")\n')
+    old = Example("python", 0,
+                  'import slimtorch\nslimtorch.zoo.sources.load_model("zoo:resnet20")\n')
     with pytest.raises(AssertionError, match="AttributeError"):
         run_example(old, tmp_path)
 
