@@ -91,3 +91,15 @@ def random_crops(split: str, n: int, seed: int, size: int) -> torch.Tensor:
 def normalize(crops: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """uint8 RGB crops -> float ``(x - mean) / std`` (EfficientNet-Lite: mean 127, std 128)."""
     return (crops.float() - mean) / std
+
+
+def center_crop(path: Path, size: int, padding: int = 32) -> torch.Tensor:
+    """The evaluation view of one photo, as TF EfficientNet preprocesses it: the central
+    ``size / (size + padding)`` of the shorter side, resized (bicubic) to ``size`` x ``size``;
+    uint8 ``[3, size, size]``."""
+    from torchvision.transforms import v2
+    image = v2.functional.pil_to_tensor(load_photo(Path(path)))
+    side = round(min(image.shape[-2:]) * size / (size + padding))
+    image = v2.functional.center_crop(image, [side, side])
+    return v2.functional.resize(image, [size, size],
+                                interpolation=v2.InterpolationMode.BICUBIC, antialias=True)

@@ -93,14 +93,14 @@ class MBConv(nn.Module):
         self._pad = SamePad(k, stride) if stride > 1 else nn.Identity()
         self._depthwise_conv, self._bn1 = _conv(mid, mid, k, stride, groups=mid), _bn(mid)
         self._project_conv, self._bn2 = _conv(mid, c_out, 1), _bn(c_out)
-        self.act = nn.ReLU6()
+        self.act0, self.act1 = nn.ReLU6(), nn.ReLU6()  # one module per site (rewrites swap one)
         self.residual = stride == 1 and c_in == c_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
         if hasattr(self, "_expand_conv"):
-            out = self.act(self._bn0(self._expand_conv(out)))
-        out = self.act(self._bn1(self._depthwise_conv(self._pad(out))))
+            out = self.act0(self._bn0(self._expand_conv(out)))
+        out = self.act1(self._bn1(self._depthwise_conv(self._pad(out))))
         out = self._bn2(self._project_conv(out))
         return out + x if self.residual else out
 
@@ -130,14 +130,14 @@ class EfficientNetLite(nn.Module):
         self._blocks = nn.ModuleList(MBConv(*spec) for spec in stage_specs(width, depth))
         c_last = self._blocks[-1]._project_conv.out_channels
         self._conv_head, self._bn1 = _conv(c_last, 1280, 1), _bn(1280)
-        self.act = nn.ReLU6()
+        self.stem_act, self.head_act = nn.ReLU6(), nn.ReLU6()
         self._fc = nn.Linear(1280, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self._bn0(self._conv_stem(self._stem_pad(x))))  # [B, 32, H/2, W/2]
+        x = self.stem_act(self._bn0(self._conv_stem(self._stem_pad(x))))  # [B, 32, H/2, W/2]
         for block in self._blocks:
             x = block(x)
-        x = self.act(self._bn1(self._conv_head(x)))  # [B, 1280, H/32, W/32]
+        x = self.head_act(self._bn1(self._conv_head(x)))  # [B, 1280, H/32, W/32]
         return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))  # [B, 1280] -> [B, 1000]
 
 
