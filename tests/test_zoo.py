@@ -19,8 +19,9 @@ def fmnist_test():
 
 def test_list_models_names():
     rows = list_models()
-    assert [r["name"] for r in rows] == NAMES
+    assert [r["name"] for r in rows] == NAMES + ["efficientnet_lite2"]
     assert all(r["params"] > 10_000 and r["description"] for r in rows)
+    assert [r["task"] for r in rows] == ["fashion_mnist"] * 3 + ["imagenet_photos"]
 
 
 def test_unknown_name_lists_known_models():

