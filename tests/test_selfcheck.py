@@ -39,13 +39,13 @@ def test_broken_layer_is_named(cnn, images):
     q = slimtorch.quantize(cnn, "w8a8", images)
     with torch.no_grad():
         q.conv2.weight.neg_()  # sabotage one layer: its output flips sign
-    report = check(q, cnn, images[:16])
+    report = check(q, cnn, images[:16], min_sqnr_db=10)
     worst = report.worst(1)[0]
     assert worst.name == "conv2" and worst.own_sqnr_db < 5  # (bias kept: not -6 dB)
     by_name = {l.name: l for l in report.layers}
     assert by_name["conv1"].cumulative_sqnr_db > 25  # everything before it is fine
     assert by_name["conv2"].cumulative_sqnr_db < 5
-    assert not report.passed and "conv2" in report.table(1)
+    assert report.output_sqnr_db < 10 and not report.passed and "conv2" in report.table(1)
 
 
 def test_below_floor_warns_and_strict_raises(cnn, images):
@@ -74,3 +74,10 @@ def test_dict_outputs_and_keyword_inputs():
     q = slimtorch.quantize(model, "w8a8", data)
     report = check(q, model, data[0])
     assert report.passed and {l.name for l in report.layers} == {"a", "b"}
+
+
+def test_default_floor_by_bit_width():
+    from slimtorch.eval.selfcheck import default_floor
+    from slimtorch.recipe import resolve_recipe
+    assert default_floor(resolve_recipe("w8a8")) == 6.0
+    assert default_floor(resolve_recipe("w4a8")) == default_floor(resolve_recipe("w2a2")) == 0.0

@@ -14,7 +14,7 @@ from torch import nn
 
 from .algorithms import ALGORITHMS
 from .data.calibration import calibration_batches
-from .eval.selfcheck import DEFAULT_MIN_SQNR_DB, CheckReport, check, enforce
+from .eval.selfcheck import CheckReport, check, default_floor, enforce
 from .export.artifact import load, save
 from .quant.prepare import META_ATTR, calibrate, freeze, prepare, sync_shared
 from .recipe import Recipe, resolve_recipe
@@ -24,7 +24,7 @@ __all__ = ["quantize", "save", "load", "export_onnx", "inspect"]
 
 def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, seed: int = 0,
              progress: bool = False, work_dir: str | None = None, self_check: bool = True,
-             strict: bool = False, min_sqnr_db: float = DEFAULT_MIN_SQNR_DB) -> nn.Module:
+             strict: bool = False, min_sqnr_db: float | None = None) -> nn.Module:
     """Return a quantized copy of ``model`` (same forward signature; the input is untouched).
 
     calib_data: a Tensor of samples, or an iterable of items — a Tensor (one positional
@@ -32,7 +32,8 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
     work_dir: where reconstruction methods keep per-unit state; a rerun with the same recipe,
     seed and data resumes after the last finished unit.
     self_check: compare quantized and float outputs (and every layer's SQNR) on the first
-    calibration batch (``eval.selfcheck``); below ``min_sqnr_db`` it warns, or with
+    calibration batch (``eval.selfcheck``); below ``min_sqnr_db`` (default by bit width: 6 dB
+    at 8 bits, 0 dB below) it warns, or with
     ``strict=True`` raises ``QuantizationCheckError``. The report is in the artifact metadata
     (``self_check``) and in ``metrics.json``.
     """
@@ -49,7 +50,8 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
     freeze(qmodel)
     setattr(qmodel, META_ATTR, meta)
     if self_check:
-        report = check(qmodel, model, batches[0], min_sqnr_db=min_sqnr_db, meta=meta)
+        floor = default_floor(recipe) if min_sqnr_db is None else min_sqnr_db
+        report = check(qmodel, model, batches[0], min_sqnr_db=floor, meta=meta)
         meta["self_check"] = report.to_dict(worst=8)
         enforce(report, strict=strict)
     return qmodel
