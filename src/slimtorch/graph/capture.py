@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .rewrite import is_identity_bn
 from .tracker import FUNCTIONAL_KINDS, SITE_KINDS, ModuleTracker
 
 KINDS = {
@@ -351,7 +352,8 @@ def common_prefix(names: list[str]) -> str:
 
 
 def _bn_folds(nodes: list[Node], modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
-    """(conv/linear fqn, batchnorm fqn) pairs where the BN reads only that layer's output."""
+    """(conv/linear fqn, batchnorm fqn) pairs where the BN reads only that layer's output (a BN
+    already folded, kept as the identity normalisation, is not folded again)."""
     folds = []
     for n in nodes:
         if n.kind != "batch_norm" or not n.inputs:
@@ -361,6 +363,7 @@ def _bn_folds(nodes: list[Node], modules: dict[str, nn.Module]) -> list[tuple[st
         layer = modules.get(src.module)
         if (src.kind in ("conv", "linear") and src.users == 1
                 and isinstance(bn, nn.modules.batchnorm._BatchNorm)
-                and isinstance(layer, SUPPORTED_LAYERS) and bn.track_running_stats):
+                and isinstance(layer, SUPPORTED_LAYERS) and bn.track_running_stats
+                and not is_identity_bn(bn)):
             folds.append((src.module, n.module))
     return folds
