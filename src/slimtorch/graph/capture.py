@@ -30,7 +30,7 @@ KINDS = {
     "layer_norm": "layer_norm", "batch_norm": "batch_norm", "group_norm": "group_norm",
     "rms_norm": "rms_norm", "embedding": "embedding",
     "add": "add", "__add__": "add", "__radd__": "add", "__iadd__": "add", "add_": "add",
-    "multi_head_attention_forward": "mha",
+    "multi_head_attention_forward": "mha", "addmm": "addmm", "baddbmm": "addmm",
     **FUNCTIONAL_KINDS,
 }
 # ops that move or reshape values without computing new ones
@@ -196,6 +196,10 @@ def analyse(model: nn.Module, nodes: list[Node], outputs: list[int]) -> QuantGra
             elif dyn:
                 unsupported.append({"what": n.op, "where": n.module or "(root)",
                                     "why": "matmul with a constant operand; left in float"})
+        elif n.kind == "addmm" and any(nodes[i].dynamic for i in n.inputs):
+            unsupported.append({"what": n.op, "where": n.module or "(root)",
+                                "why": "addmm/baddbmm (e.g. a Conv1D layer computing bias + x@W) "
+                                       "is not quantized yet; left in float"})
         elif n.kind in ("conv3d", "conv_transpose", "einsum", "mha"):
             unsupported.append({"what": n.op, "where": n.module or "(root)",
                                 "why": f"{n.kind} is not quantized yet; left in float"})
