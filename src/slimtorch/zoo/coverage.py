@@ -40,7 +40,6 @@ TIMM = [
     timm_arch("rexnet_100", "mobile"),
     timm_arch("mobilevit_xs", "hybrid"),
     timm_arch("mobilevitv2_050", "hybrid"),
-    timm_arch("efficientformer_l1", "hybrid", img_size=IMAGE),
     timm_arch("levit_128s", "hybrid", img_size=IMAGE),
     timm_arch("coat_lite_tiny", "hybrid", slow=True, img_size=IMAGE),
     timm_arch("edgenext_xx_small", "hybrid"),
