@@ -301,7 +301,10 @@ def test_w8a8_architecture(name, _one_thread):
     listed = {u["where"] for u in meta["graph"]["unsupported"]}
     float_layers = {n for n, m in qmodel.named_modules()
                     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and n not in layers}
-    assert float_layers <= listed, f"{name}: silently float: {sorted(float_layers)[:5]}"
+    # (torchvision's Swin calls F.linear on its qkv/proj weights inside the attention
+    # module: listed under that module)
+    silent = {n for n in float_layers if not any(n == w or n.startswith(w + ".") for w in listed)}
+    assert not silent, f"{name}: silently float: {sorted(silent)[:5]}"
     ref, out = output_of(ARCHS[name], model, eval_item), output_of(ARCHS[name], qmodel, eval_item)
     assert torch.isfinite(out).all()
     cos = cosine(ref, out)
