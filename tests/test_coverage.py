@@ -1,23 +1,18 @@
-"""Coverage of capture + W8A8 on real architectures: torchvision, timm and the pretrained MiniLM.
+"""Coverage of capture + W8A8 on architectures we did not write.
 
-Each model is quantized once (module-scoped fixture) with W8A8 and checked for
+Two parts, both on the shared list ``slimtorch.zoo.coverage.ARCHS`` (torchvision, timm and tiny
+Hugging Face ``transformers`` configs; random init made realistic by rule — zero heads re-drawn,
+BatchNorm statistics from train-mode passes on a batch of 16, see ``zoo/coverage_base``):
 
-* coverage: every Conv2d/Linear of the float model is a calibrated QuantConv2d/QuantLinear
-  (weight and input quantizer in QUANT mode with finite, positive scales); nothing is reported
-  unsupported;
-* attention: every attention layer has calibrated functional sites — one
-  ``scaled_dot_product_attention`` site or two explicit matmuls (QKᵀ and AV);
-* blocks: the residual blocks capture finds, with their layer members;
-* fidelity: cosine of the outputs to the float model and top-1 agreement above floors measured
-  on this setup (with margin).
-
-The vision models are randomly initialised (seeded) and run on small random images (64×64; ViT,
-DeiT and Swin are built for 64×64 inputs). Random weights are not trained weights: two
-adjustments keep the float model non-degenerate, applied by rules, not per class:
-linear layers whose weights are all zero (torchvision's ViT head) get a small random init —
-otherwise every logit is exactly 0 — and MobileNetV2 gets He fan-in init for its convolutions —
-torchvision's fan-out init shrinks each depthwise conv's output by ~√channels, and the logits
-end at ~1e-9, below any 8-bit activation grid.
+* detailed cases (``CASES``; plus the pretrained MiniLM), each quantized once (module-scoped
+  fixture) with W8A8 and checked for coverage (every Conv2d/Linear a calibrated QuantConv2d/
+  QuantLinear, nothing unsupported), attention sites (one ``scaled_dot_product_attention`` site
+  or two explicit matmuls per attention layer), the residual blocks capture finds, and fidelity
+  (cosine and top-1 agreement above floors measured on this setup, with margin);
+* breadth (``test_w8a8_architecture``): every other architecture of the list quantizes at W8A8,
+  runs, leaves no Conv/Linear in float without listing it as unsupported, and keeps output
+  cosine >= ``COS_FLOOR`` — or, for the few listed in ``BELOW_FLOOR`` with the measured number
+  and the reason, at least that number minus a margin.
 
 Recipe: the built-in ``w8a8`` unchanged (MSE-p ranges for weights and activations). The file
 runs torch with one intra-op thread (see ``_one_thread``).
@@ -39,11 +34,11 @@ from slimtorch.eval.fidelity import cosine_fidelity, logits_agreement
 from slimtorch.quant.functional import SITE_ROLES
 from slimtorch.quant.modules import QuantConv2d, QuantLayerMixin, QuantLinear
 from slimtorch.quant.quantizer import Mode
+from slimtorch.zoo.coverage import ARCHS
+from slimtorch.zoo.coverage_base import calib_and_eval, cosine, output_of
 
 pytestmark = pytest.mark.slow
 
-IMAGE = 64
-CALIB_BATCHES, CALIB_BATCH, EVAL_IMAGES = 2, 4, 32
 
 
 @dataclass(frozen=True)
@@ -53,55 +48,20 @@ class Case:
     attention_layers: int = 0       # attention modules expected to carry functional sites
     cos_floor: float = 0.995        # cosine(float, quantized) of the flattened outputs
     agree_floor: float = 0.75       # top-1 agreement (classifiers only)
+    top5_floor: float = 1.0         # share of quantized top-1s inside the float top-5
     embeds: bool = False            # outputs are sentence embeddings, not logits
     decomposed: int = 0             # nn.MultiheadAttention modules rewritten
     block_members: dict = field(default_factory=dict)  # block name -> exact layer set
 
 
 # ------------------------------------------------------------------------------- builders
-def _images(seed: int, n: int) -> torch.Tensor:
-    return torch.randn(n, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
-
-
-def _image_data() -> tuple[list, torch.Tensor]:
-    calib = [_images(100 + i, CALIB_BATCH) for i in range(CALIB_BATCHES)]
-    return calib, _images(200, EVAL_IMAGES)
-
-
-@torch.no_grad()
-def _init_zero_linears(model: nn.Module) -> None:
-    """All-zero Linear weights (zero-initialised heads) get trunc-normal(0.02) weights."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and not m.weight.any():
-            nn.init.trunc_normal_(m.weight, std=0.02)
-
-
-@torch.no_grad()
-def _he_fan_in(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-
-
-def _torchvision(name: str, fan_in: bool = False, **kwargs) -> Callable:
+def _arch(name: str) -> Callable:
+    """A builder of the shared coverage list (slimtorch.zoo.coverage): model, calib, eval."""
     def build():
-        tv = pytest.importorskip("torchvision")
-        torch.manual_seed(0)
-        model = tv.models.get_model(name, weights=None, **kwargs)
-        if fan_in:
-            _he_fan_in(model)
-        _init_zero_linears(model)
-        return (model.eval(), *_image_data())
-    return build
-
-
-def _timm(name: str, **kwargs) -> Callable:
-    def build():
-        timm = pytest.importorskip("timm")
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        _init_zero_linears(model)
-        return (model.eval(), *_image_data())
+        arch = ARCHS[name]
+        pytest.importorskip({"torchvision": "torchvision", "timm": "timm",
+                             "transformers": "transformers"}[arch.family])
+        return (arch.build(), *calib_and_eval(arch))
     return build
 
 
@@ -120,26 +80,28 @@ RESNET18_BLOCKS = {
     for s in range(1, 5) for b in range(2)
 }
 
-# Floors sit below what this setup measures (seed 0, one thread, 32 eval images/sentences):
-# cosine resnet18 0.9999, mobilenet_v2 0.989, convnext_tiny 0.9992, vit_b_16 0.9992, deit_tiny
+# Floors sit below what this setup measures (seed 0, one thread, 16 eval images, 32 sentences):
+# cosine resnet18 0.9964, mobilenet_v2 0.888, convnext_tiny 0.9995, vit_b_16 0.9992, deit_tiny
 # 0.9993, swin_tiny 0.9994, MiniLM embeddings 0.9925 (worst sentence 0.987); top-1 agreement
-# 1.0, 0.91, 1.0, 0.88, 0.97, 0.94. Random-init MobileNetV2 amplifies any perturbation (1e-3
-# relative weight noise alone costs ~0.003 cosine), hence its lower floor. Random-init logits
-# have near-ties, so top-1 agreement is loose; the quantized top-1 must be in the float top-5.
+# 0.94, 0.38, 1.0, 0.94, 1.0, 0.88. Random-init MobileNetV2 with BatchNorm statistics from random
+# images amplifies any perturbation (NNCF's W8A8 on the same model and data: cosine 0.827), hence
+# its lower floors. Random-init logits have near-ties, so top-1 agreement is loose; the
+# quantized top-1 must be in the float top-5 (MobileNetV2: 75 % of the time).
 CASES = {
-    "resnet18": Case(_torchvision("resnet18"), [2, 2, 3, 2, 3, 2, 3, 2],
+    "resnet18": Case(_arch("tv/resnet18"), [2, 2, 3, 2, 3, 2, 3, 2],
                      block_members=RESNET18_BLOCKS),
     # inverted residuals with a skip: expand 1x1, depthwise 3x3, project 1x1
-    "mobilenet_v2": Case(_torchvision("mobilenet_v2", fan_in=True), [3] * 10, cos_floor=0.97),
+    "mobilenet_v2": Case(_arch("tv/mobilenet_v2"), [3] * 10, cos_floor=0.86,
+                         agree_floor=0.3, top5_floor=0.7),
     # depthwise 7x7, fc1, fc2 per block; depths 3-3-9-3
-    "convnext_tiny": Case(_timm("convnext_tiny"), [3] * 18),
+    "convnext_tiny": Case(_arch("timm/convnext_tiny"), [3] * 18),
     # nn.MultiheadAttention rewritten into q/k/v/out Linears: attention blocks hold 4 layers
-    "vit_b_16": Case(_torchvision("vit_b_16", image_size=IMAGE), [4, 2] * 12,
+    "vit_b_16": Case(_arch("tv/vit_b_16"), [4, 2] * 12,
                      attention_layers=12, decomposed=12),
-    "deit_tiny": Case(_timm("deit_tiny_patch16_224", img_size=IMAGE), [2, 2] * 12,
+    "deit_tiny": Case(_arch("timm/deit_tiny_patch16_224"), [2, 2] * 12,
                       attention_layers=12),
-    "swin_tiny": Case(_timm("swin_tiny_patch4_window7_224", img_size=IMAGE, window_size=2),
-                      [2, 2] * 12, attention_layers=12),
+    "swin_tiny": Case(_arch("timm/swin_tiny_patch4_window7_224"), [2, 2] * 12,
+                      attention_layers=12),
     # BERT: q, k, v, attention.output.dense | intermediate.dense, output.dense
     "minilm": Case(_minilm, [4, 2] * 6, attention_layers=6, cos_floor=0.98, embeds=True),
 }
@@ -288,4 +250,64 @@ def test_outputs_stay_close_to_float(run):
     in_top5 = (top5 == run.out.argmax(1, keepdim=True)).any(1).float().mean().item()
     print(f"{run.name}: cosine {cos:.5f} top1 {agree:.3f} in float top-5 {in_top5:.3f}")
     assert agree >= run.case.agree_floor, f"{run.name}: top-1 agreement {agree:.3f}"
-    assert in_top5 == 1.0, f"{run.name}: a quantized top-1 is outside the float top-5"
+    assert in_top5 >= run.case.top5_floor, f"{run.name}: quantized top-1 in float top-5 " \
+        f"{in_top5:.3f}"
+
+
+# ---------------------------------------------------------------------------------- breadth
+COS_FLOOR = 0.90
+BELOW_MARGIN = 0.02
+# Architectures whose W8A8 cosine is below COS_FLOOR on this setup: (slimtorch measured, NNCF
+# measured in bench/coverage.py, reason). Random-init networks with BatchNorm statistics from
+# random images amplify any perturbation (Yang et al. 2019: BN at init explodes gradients with
+# depth); NNCF's W8A8 on the same model and data is lower still, so these are the setup's
+# ceiling, not a bug. Their floor is the measured number minus BELOW_MARGIN.
+_DEEP = "deep random-init BN net: 8-bit noise amplified"
+BELOW_FLOOR: dict[str, tuple[float, float, str]] = {
+    "tv/resnet50": (0.8725, 0.8609, _DEEP + " (weights alone 0.896, activations alone 0.896)"),
+    "tv/googlenet": (0.8944, 0.8825, _DEEP),
+    "tv/mnasnet0_5": (0.8989, 0.8474, _DEEP),
+    "timm/efficientnet_b2": (0.8182, 0.4568, _DEEP + " (weights alone 0.944, activations "
+                             "alone 0.851; each single activation quantizer costs <= 0.03)"),
+    "timm/mobilenetv3_small_100": (0.6059, 0.3333, _DEEP + " (weights alone 0.995; each of "
+                                   "the 8-bit activation quantizers of blocks.4 alone costs "
+                                   "0.03-0.05)"),
+    "timm/repvgg_a0": (0.4350, 0.2334, _DEEP + " (22 plain 3-branch blocks)"),
+}
+DETAILED = {"tv/resnet18", "tv/mobilenet_v2", "timm/convnext_tiny", "tv/vit_b_16",
+            "timm/deit_tiny_patch16_224", "timm/swin_tiny_patch4_window7_224"}
+BREADTH = [n for n in ARCHS if n not in DETAILED]
+
+
+def test_the_list_spans_the_families():
+    families = [ARCHS[n].family for n in ARCHS]
+    assert len(ARCHS) >= 40
+    assert families.count("torchvision") >= 12 and families.count("timm") >= 20
+    assert families.count("transformers") >= 8
+    assert set(BELOW_FLOOR) <= set(BREADTH) and set(DETAILED) <= set(ARCHS)
+
+
+@pytest.mark.parametrize("name", BREADTH)
+def test_w8a8_architecture(name, _one_thread):
+    model, calib, eval_item = _arch(name)()
+    qmodel = slimtorch.quantize(model, "w8a8", calib, seed=0)
+    meta = qmodel._slimtorch_meta
+    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayerMixin)}
+    assert layers, f"{name}: nothing quantized"
+    for fqn, m in layers.items():
+        assert _calibrated(m.weight_quantizer), f"{fqn}: weight quantizer not calibrated"
+        assert m.input_quantizer is None or _calibrated(m.input_quantizer), fqn
+    # a Conv/Linear left in float is listed as unsupported, never silently skipped
+    listed = {u["where"] for u in meta["graph"]["unsupported"]}
+    float_layers = {n for n, m in qmodel.named_modules()
+                    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and n not in layers}
+    # (torchvision's Swin calls F.linear on its qkv/proj weights inside the attention
+    # module: listed under that module)
+    silent = {n for n in float_layers if not any(n == w or n.startswith(w + ".") for w in listed)}
+    assert not silent, f"{name}: silently float: {sorted(silent)[:5]}"
+    ref, out = output_of(ARCHS[name], model, eval_item), output_of(ARCHS[name], qmodel, eval_item)
+    assert torch.isfinite(out).all()
+    cos = cosine(ref, out)
+    floor = BELOW_FLOOR[name][0] - BELOW_MARGIN if name in BELOW_FLOOR else COS_FLOOR
+    print(f"{name}: cosine {cos:.4f}")
+    assert cos >= floor, f"{name}: cosine {cos:.4f} < {floor:.4f}"

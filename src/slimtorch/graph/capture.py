@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .rewrite import is_identity_bn
 from .tracker import FUNCTIONAL_KINDS, SITE_KINDS, ModuleTracker
 
 KINDS = {
@@ -29,7 +30,7 @@ KINDS = {
     "layer_norm": "layer_norm", "batch_norm": "batch_norm", "group_norm": "group_norm",
     "rms_norm": "rms_norm", "embedding": "embedding",
     "add": "add", "__add__": "add", "__radd__": "add", "__iadd__": "add", "add_": "add",
-    "multi_head_attention_forward": "mha",
+    "multi_head_attention_forward": "mha", "addmm": "addmm", "baddbmm": "addmm",
     **FUNCTIONAL_KINDS,
 }
 # ops that move or reshape values without computing new ones
@@ -195,6 +196,10 @@ def analyse(model: nn.Module, nodes: list[Node], outputs: list[int]) -> QuantGra
             elif dyn:
                 unsupported.append({"what": n.op, "where": n.module or "(root)",
                                     "why": "matmul with a constant operand; left in float"})
+        elif n.kind == "addmm" and any(nodes[i].dynamic for i in n.inputs):
+            unsupported.append({"what": n.op, "where": n.module or "(root)",
+                                "why": "addmm/baddbmm (e.g. a Conv1D layer computing bias + x@W) "
+                                       "is not quantized yet; left in float"})
         elif n.kind in ("conv3d", "conv_transpose", "einsum", "mha"):
             unsupported.append({"what": n.op, "where": n.module or "(root)",
                                 "why": f"{n.kind} is not quantized yet; left in float"})
@@ -351,7 +356,8 @@ def common_prefix(names: list[str]) -> str:
 
 
 def _bn_folds(nodes: list[Node], modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
-    """(conv/linear fqn, batchnorm fqn) pairs where the BN reads only that layer's output."""
+    """(conv/linear fqn, batchnorm fqn) pairs where the BN reads only that layer's output (a BN
+    already folded, kept as the identity normalisation, is not folded again)."""
     folds = []
     for n in nodes:
         if n.kind != "batch_norm" or not n.inputs:
@@ -361,6 +367,7 @@ def _bn_folds(nodes: list[Node], modules: dict[str, nn.Module]) -> list[tuple[st
         layer = modules.get(src.module)
         if (src.kind in ("conv", "linear") and src.users == 1
                 and isinstance(bn, nn.modules.batchnorm._BatchNorm)
-                and isinstance(layer, SUPPORTED_LAYERS) and bn.track_running_stats):
+                and isinstance(layer, SUPPORTED_LAYERS) and bn.track_running_stats
+                and not is_identity_bn(bn)):
             folds.append((src.module, n.module))
     return folds

@@ -3,6 +3,11 @@
 BatchNorm folding (into the preceding conv/linear, per output channel o):
     W'_o = W_o · γ_o / √(σ²_o + ε),   b'_o = β_o + (b_o − μ_o) · γ_o / √(σ²_o + ε)
 
+The folded BN becomes ``nn.Identity`` when its class runs ``_BatchNorm.forward`` unchanged. A
+subclass with its own forward (timm's ``BatchNormAct2d``: batch_norm → drop → act) keeps its
+module, set to the exact identity normalisation (γ = 1, β = 0, μ = 0, σ² = 1, ε = 0, so
+(x − 0)/√(1 + 0)·1 + 0 = x bit for bit), so whatever else its forward does still runs.
+
 ``nn.MultiheadAttention`` computes its projections with raw ``F.linear`` on packed weights
 (and may take a fused native kernel), hiding the attention matmuls. It is rewritten into
 ``ExplicitMultiheadAttention``: four ``nn.Linear`` children and explicit q@kᵀ, softmax, @v, so
@@ -15,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -25,7 +31,7 @@ def set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
-    """Fold each (layer fqn, bn fqn) pair; the BN becomes nn.Identity."""
+    """Fold each (layer fqn, bn fqn) pair; the BN becomes the identity (``drop_folded_bn``)."""
     for layer_name, bn_name in pairs:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
         std = torch.sqrt(bn.running_var + bn.eps)
@@ -37,7 +43,35 @@ def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
         bias = layer.bias if layer.bias is not None else torch.zeros_like(std)
         new_bias = beta + (bias - bn.running_mean) * factor
         layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
+        drop_folded_bn(model, bn_name)
+
+
+def overrides_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether ``module``'s class runs a forward of its own instead of ``base.forward``."""
+    return type(module).forward is not base.forward
+
+
+@torch.no_grad()
+def drop_folded_bn(model: nn.Module, bn_name: str) -> None:
+    """A folded BN: ``nn.Identity`` if its forward is plain ``_BatchNorm.forward``, otherwise
+    the same module set to the exact identity normalisation (its other behaviour stays)."""
+    bn = model.get_submodule(bn_name)
+    if not overrides_forward(bn, _BatchNorm):
         set_submodule(model, bn_name, nn.Identity())
+        return
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    bn.eps = 0.0
+    if bn.affine:
+        bn.weight.fill_(1.0)
+        bn.bias.zero_()
+
+
+def is_identity_bn(bn: nn.Module) -> bool:
+    """A BN left as the exact identity normalisation by ``drop_folded_bn``."""
+    return (isinstance(bn, _BatchNorm) and bn.eps == 0.0 and bn.running_mean is not None
+            and not bn.running_mean.any() and bool((bn.running_var == 1).all())
+            and (not bn.affine or bool((bn.weight == 1).all() and not bn.bias.any())))
 
 
 def apply_fold_structure(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
@@ -46,7 +80,7 @@ def apply_fold_structure(model: nn.Module, pairs: list[tuple[str, str]]) -> None
         layer = model.get_submodule(layer_name)
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
-        set_submodule(model, bn_name, nn.Identity())
+        drop_folded_bn(model, bn_name)
 
 
 class ExplicitMultiheadAttention(nn.Module):

@@ -1,12 +1,18 @@
 """Quantized layers: a registered float layer type plus a weight and an input quantizer.
 
 ``register_qmodule(nn.Linear)`` maps a float layer type to its quantized twin; ``from_module``
-builds the twin sharing the float module's parameters. Activations are quantized at the layer
+builds the twin sharing the float module's parameters, buffers and attributes. A *subclass* of a
+registered type (timm's ``Conv2dSame``, which pads in its own forward) gets a twin made once per
+subclass, ``class QuantX(QuantConv2d, X)``: X's methods stay, and when X overrides the base
+forward, X's forward runs on the quantized input with the quantized weight in place of
+``weight`` (``subclass_twin``), so its own behaviour is kept. Activations are quantized at the layer
 input (that is where an int8 kernel reads them), weights per the recipe. ``freeze()`` stores the
 integer weight codes (``weight_int``) and replaces ``weight`` by their exact dequantisation, so
 a frozen layer costs the same as a float one in fake-quant evaluation and reloads bit-exactly.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +33,55 @@ def register_qmodule(float_cls: type[nn.Module]):
 
 
 def qmodule_class(module: nn.Module) -> type[nn.Module] | None:
+    """The quantized twin class of a float layer: the registered twin of its exact class, or
+    for a subclass of a registered class the subclass twin; None if it has none."""
+    if isinstance(module, QuantLayerMixin):
+        return None
+    cls = type(module)
+    if cls in QMODULES:
+        return QMODULES[cls]
     for float_cls, q_cls in QMODULES.items():
-        if isinstance(module, float_cls) and not isinstance(module, QuantLayerMixin):
-            return q_cls
+        if isinstance(module, float_cls):
+            return subclass_twin(cls, float_cls, q_cls)
     return None
+
+
+_TWINS: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def subclass_twin(cls: type[nn.Module], base: type[nn.Module], q_cls: type[nn.Module]
+                  ) -> type[nn.Module]:
+    """``class QuantX(q_cls, X)`` for a subclass X of the registered ``base`` (made once)."""
+    if cls not in _TWINS:
+        body = {"__module__": __name__, "__doc__": f"Quantized twin of {cls.__qualname__}.",
+                "float_cls": cls}
+        if cls.forward is not base.forward:
+            body["forward"] = _subclass_forward
+        _TWINS[cls] = type(f"Quant{cls.__name__}", (q_cls, cls), body)
+    return _TWINS[cls]
+
+
+def _subclass_forward(self, x: Tensor, *args, **kwargs):
+    """The float subclass's own forward on Q(x), reading Q(W) as ``self.weight``."""
+    qx = self.quantized_input(x)
+    with substituted(self, "weight", self.quantized_weight()):
+        return self.float_cls.forward(self, qx, *args, **kwargs)
+
+
+@contextmanager
+def substituted(module: nn.Module, name: str, value: Tensor):
+    """``module.<name>`` reads ``value`` (a tensor, gradients flow) inside the block; the
+    parameter is put back after (as ``torch.func.functional_call`` does)."""
+    saved = module._parameters[name]
+    module._parameters[name] = value
+    try:
+        yield
+    finally:
+        module._parameters[name] = saved
+
+
+# attributes every nn.Module has (state dicts, hooks): a twin gets fresh ones of its own
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
 
 
 class QuantLayerMixin:
@@ -75,32 +126,27 @@ class QuantLayerMixin:
 
     @classmethod
     def from_module(cls, module: nn.Module, w_spec, a_spec, *, seed=0, max_samples=1 << 18):
-        new = cls._empty_like(module)
-        new.weight = module.weight
-        if hasattr(module, "bias"):
-            new.bias = module.bias
+        """The twin of ``module``: its parameters, buffers, children and attributes (shared,
+        not copied), plus the quantizers; the float module's hooks are not carried over."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.__dict__.update({k: v for k, v in vars(module).items()
+                             if k not in _MODULE_INTERNALS})
+        new._parameters.update(module._parameters)
+        new._buffers.update(module._buffers)
+        new._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
+        new._modules.update(module._modules)
         new._init_quant(w_spec, a_spec, seed, max_samples)
         return new
 
 
 @register_qmodule(nn.Linear)
 class QuantLinear(QuantLayerMixin, nn.Linear):
-    @staticmethod
-    def _empty_like(m: nn.Linear) -> "QuantLinear":
-        return QuantLinear(m.in_features, m.out_features, bias=m.bias is not None,
-                           device="meta")
-
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
 class _QuantConvNd(QuantLayerMixin):
-    @classmethod
-    def _empty_like(cls, m):
-        return cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
-                   padding=m.padding, dilation=m.dilation, groups=m.groups,
-                   bias=m.bias is not None, padding_mode=m.padding_mode, device="meta")
-
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
@@ -118,13 +164,6 @@ class QuantConv1d(_QuantConvNd, nn.Conv1d):
 @register_qmodule(nn.Embedding)
 class QuantEmbedding(QuantLayerMixin, nn.Embedding):
     """Weight-only: one scale per embedding row; the input is indices, never quantized."""
-
-    @staticmethod
-    def _empty_like(m: nn.Embedding) -> "QuantEmbedding":
-        return QuantEmbedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx,
-                              max_norm=m.max_norm, norm_type=m.norm_type,
-                              scale_grad_by_freq=m.scale_grad_by_freq, sparse=m.sparse,
-                              device="meta")
 
     def forward(self, x: Tensor) -> Tensor:
         return F.embedding(x, self.quantized_weight(), self.padding_idx, self.max_norm,
