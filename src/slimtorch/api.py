@@ -2,19 +2,20 @@
 
 ``quantize`` composes small steps: resolve the recipe → check the calibration data → copy and
 prepare the model (rewrite, capture, plan, attach quantizers) → calibrate → run the recipe's
-method → freeze the integer weights.
+methods in order (``run_methods``) → freeze the integer weights.
 """
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .algorithms import ALGORITHMS
 from .data.calibration import calibration_batches
 from .export.artifact import load, save
+from .methods import MethodContext, handler_for
 from .quant.prepare import META_ATTR, calibrate, freeze, prepare, sync_shared
 from .recipe import Recipe, resolve_recipe
 
@@ -36,13 +37,31 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
     qmodel = copy.deepcopy(model).eval()
     meta = prepare(qmodel, recipe, batches[0], seed=seed)
     calibrate(qmodel, batches, progress=progress)
-    meta["method_stats"] = ALGORITHMS[recipe.method](
-        qmodel, recipe, batches, seed=seed, progress=progress, float_model=model,
-        work_dir=work_dir)
+    meta["methods"] = run_methods(qmodel, recipe, batches, seed=seed, progress=progress,
+                                  float_model=model, work_dir=work_dir)
     sync_shared(qmodel, meta["plan"])
     freeze(qmodel)
     setattr(qmodel, META_ATTR, meta)
     return qmodel
+
+
+def run_methods(model: nn.Module, recipe: Recipe, batches: list, *, seed: int = 0,
+                progress: bool = False, float_model: nn.Module | None = None,
+                work_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Run the recipe's methods in order, each on its config with every ``auto`` resolved.
+    Returns one record per method: name, the resolved config, what ``auto`` became, and the
+    decisions/statistics the method returned (kept in the artifact and metrics.json)."""
+    records = []
+    for i, cfg in enumerate(recipe.methods):
+        handler = handler_for(cfg)
+        ctx = MethodContext(recipe, batches, seed, progress, float_model,
+                            None if work_dir is None else Path(work_dir) / f"{i}-{handler.name}")
+        resolved = cfg.resolve(model, ctx)
+        stats = handler.apply(model, resolved, ctx)
+        records.append({"name": handler.name, "config": resolved.model_dump(mode="json"),
+                        "auto": {k: getattr(resolved, k) for k, v in cfg if v == "auto"},
+                        "stats": stats})
+    return records
 
 
 def export_onnx(qmodel: nn.Module, path, example_inputs: Any, **kwargs):

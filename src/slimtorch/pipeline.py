@@ -49,7 +49,8 @@ def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int 
     q_out = task.outputs(qmodel, progress)
     eval_seconds = time.perf_counter() - t0
     fp_score, q_score = task.score(fp_out), task.score(q_out, fp_out)
-    metrics = {"model": source, "recipe": recipe_obj.name, "method": recipe_obj.method,
+    metrics = {"model": source, "recipe": recipe_obj.name,
+               "method": "+".join(recipe_obj.method_names),
                "task": task.kind, "calib_size": calib_size, "seed": seed,
                "fp_size_bytes": fp_size_bytes(model),
                "q_size_bytes": quantized_size_bytes(qmodel),
@@ -60,9 +61,8 @@ def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int 
         metrics[f"fp_{k}"] = v
     for k, v in q_score.items():
         metrics[f"q_{k}"] = v
-    stats = getattr(qmodel, META_ATTR, {}).get("method_stats")
-    if stats:
-        metrics["method_stats"] = stats  # per-unit loss before/after, seconds
+    # each method's resolved config, what `auto` became, its stats (per-unit losses, seconds)
+    metrics["methods"] = getattr(qmodel, META_ATTR, {}).get("methods", [])
     if out is not None:
         save(qmodel, out, extra={"task": task.kind})
         shutil.rmtree(work, ignore_errors=True)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.cache import CachePool
+from ..methods import MethodContext
 from ..quant.prepare import distinct, quant_layers, quant_state
 from ..quant.quantizer import Quantizer
 from .recon_cache import WorkDir, cat_items, collect, fingerprint, model_outputs, take
@@ -283,17 +284,17 @@ def commit(model: nn.Module) -> None:
             m.weight.data = wq.commit_rounding(m.weight)
 
 
-def run_stages(model: nn.Module, recipe, batches: list, stages: list[Stage], *, seed: int,
-               progress: bool, float_model: nn.Module | None, work_dir, units_fn,
+def run_stages(model: nn.Module, mctx: MethodContext, stages: list[Stage], *, units_fn,
                cache_mb: int, need_logits: bool = False) -> dict[str, Any]:
     """Shared ``apply`` body: partition, run each stage over all units, commit the rounding."""
     for p in model.parameters():
         p.requires_grad_(False)
     meta = getattr(model, "_slimtorch_meta", {})
+    work_dir, batches, seed = mctx.work_dir, mctx.batches, mctx.seed
     pool = CachePool(cache_mb << 20, Path(work_dir) / "spill" if work_dir else None)
     ctx = Context(model, batches, seed, pool,
-                  WorkDir(work_dir, fingerprint(recipe.to_dict(), seed, batches, model)),
-                  progress, float_model, [tuple(p) for p in meta.get("bn_folds", [])])
+                  WorkDir(work_dir, fingerprint(mctx.recipe.to_dict(), seed, batches, model)),
+                  mctx.progress, mctx.float_model, [tuple(p) for p in meta.get("bn_folds", [])])
     try:
         units = units_fn(model, batches[0])
         if need_logits:
