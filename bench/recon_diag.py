@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from slimtorch.algorithms.recon import pd_loss
+from slimtorch.algorithms.pd import pd_loss
 from slimtorch.eval.tasks import run_batches, task_for
 from slimtorch.pipeline import run_quantize
 from slimtorch.recipe import load_builtin

@@ -9,7 +9,7 @@ import slimtorch
 from slimtorch.algorithms import recon, recon_cache
 from slimtorch.algorithms.units import partition
 from slimtorch.data.cache import CachePool
-from slimtorch.algorithms.pd import PDSettings, bn_stat_loss, correct, dc_objective
+from slimtorch.algorithms.pd import PDSettings, bn_stat_loss, correct, dc_objective, pd_loss
 from slimtorch.errors import RecipeError
 from slimtorch.quant.quantizer import Quantizer, rectified_sigmoid, rectified_sigmoid_inverse
 from slimtorch.recipe import QuantSpec, load_builtin
@@ -130,8 +130,8 @@ def test_pd_loss_is_batchmean_kl_of_tempered_softmax():
     zf, zq = torch.randn(8, 10), torch.randn(8, 10)
     p, T = torch.softmax(zf / 4, 1), 4.0
     expect = (p * (p.log() - torch.log_softmax(zq / T, 1))).sum() / 8
-    assert recon.pd_loss(zq, zf, T).item() == pytest.approx(expect.item(), rel=1e-5)
-    assert recon.pd_loss(zf, zf, T).abs().item() < 1e-6
+    assert pd_loss(zq, zf, T).item() == pytest.approx(expect.item(), rel=1e-5)
+    assert pd_loss(zf, zf, T).abs().item() < 1e-6
 
 
 def test_dc_objective_and_correction():
@@ -352,11 +352,13 @@ def test_mobilenet_style_settings_come_from_depthwise_convs():
     for model, lam, t, lc in ((dw, 0.1, 1.0, 0.005), (grouped, 0.01, 4.0, 0.02),
                               (load_zoo_model("mobilenetv2", pretrained=False), 0.1, 1.0, 0.005),
                               (load_zoo_model("resnet20", pretrained=False), 0.01, 4.0, 0.02)):
-        st = cfg.joint_stage(model, pd=cfg.settings(model))
-        assert (st.round_weight, st.pd.temperature, st.pd.lambda_c) == (lam, t, lc)
+        st = cfg.joint_stage(model, terms=(cfg.term(model),))
+        pd = st.terms[0].pd
+        assert (st.round_weight, pd.temperature, pd.lambda_c) == (lam, t, lc)
     fixed = PDQuantConfig.parse({"round_weight": 0.3, "temperature": 2, "lambda_c": 1}, "pdquant")
-    st = fixed.joint_stage(dw, pd=fixed.settings(dw))
-    assert (st.round_weight, st.pd.temperature, st.pd.lambda_c) == (0.3, 2.0, 1.0)
+    st = fixed.joint_stage(dw, terms=(fixed.term(dw),))
+    pd = st.terms[0].pd
+    assert (st.round_weight, pd.temperature, pd.lambda_c) == (0.3, 2.0, 1.0)
 
 
 def test_auto_act_lr_keeps_the_published_lsq_step_budget():

@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
+from ._version import versions
 from .api import quantize
 from .errors import SlimtorchError
 from .eval.size import fp_size_bytes, quantized_size_bytes
 from .eval.tasks import task_for
-from .export.artifact import save, versions, write_json_atomic
+from .export.artifact import save, write_json_atomic
 from .quant.prepare import META_ATTR
 from .recipe import resolve_recipe
 from .zoo.sources import load_model

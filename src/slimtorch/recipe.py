@@ -17,63 +17,18 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, ValidationError,
-                      BeforeValidator, field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, Field, PlainSerializer, ValidationError,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from .errors import RecipeError
 from .methods import MethodConfig, config_errors, method_entry, method_handler
-from .quant.granularity import Granularity, parse_granularity
+from .quant.spec import LayerOverride, QuantSpec, Strict as _Strict  # noqa: F401 (re-export)
 
 RECIPE_VERSION = 1
-MIN_BITS, MAX_BITS = 2, 8
-
-GranularityField = Annotated[
-    Any, BeforeValidator(parse_granularity), PlainSerializer(str, return_type=str)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-def _check_bits(v: int | None) -> int | None:
-    if v is not None and not MIN_BITS <= v <= MAX_BITS:
-        raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {v}")
-    return v
-
-
-class QuantSpec(_Strict):
-    """How one tensor is quantized: uniform, ``bits`` wide, with a range estimator."""
-
-    bits: int
-    symmetric: bool = False
-    granularity: GranularityField = "per_tensor"
-    observer: Literal["minmax", "percentile", "mse"] = "mse"
-    p: float = Field(2.4, gt=0, description="norm of the MSE-p range search")
-    percentile: float = Field(99.99, gt=50, le=100, description="for observer: percentile")
-    # quantizer family (quant/kinds.py): uniform grid, log√2 (RepQ-ViT), twin-uniform (PTQ4ViT),
-    # uniform after a per-channel affine (RepQ-ViT on a post-LN input)
-    kind: Literal["uniform", "log2sqrt2", "twin_uniform", "reparam_uniform"] = "uniform"
-
-    _bits = field_validator("bits")(classmethod(lambda cls, v: _check_bits(v)))
-
-    @property
-    def gran(self) -> Granularity:
-        return self.granularity
-
-
-class LayerOverride(_Strict):
-    """Bit widths for matching layers. A missing key inherits; ``null`` keeps that part float."""
-
-    weights: int | None = None
-    activations: int | None = None
-
-    _bits = field_validator("weights", "activations")(
-        classmethod(lambda cls, v: _check_bits(v)))
-
 
 class CalibConfig(_Strict):
     batch_size: int = Field(32, ge=1)

@@ -20,8 +20,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveFloat
 
-from . import recon, units
 from ..methods import MethodConfig, MethodContext, register_method
+from . import recon, units
 from .recon import Stage
 
 # CPU default of every reconstruction method (papers: 20 000 per unit, `methods: [{name: M, iters:

@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import Field
 
-from . import recon, units
 from ..methods import MethodContext, register_method
+from . import recon, units
 from .adaround import AdaRoundConfig
 from .recon import Stage
 

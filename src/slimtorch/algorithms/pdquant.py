@@ -15,10 +15,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from . import recon
 from ..methods import MethodContext, register_method
+from . import recon
 from .brecq import block_units
-from .pd import PDSettings
+from .pd import PDSettings, PDTerm
 from .qdrop import QDropConfig, act_bits, has_depthwise
 
 
@@ -42,6 +42,10 @@ class PDQuantConfig(QDropConfig):
             out["lambda_c"] = pd.lambda_c
         return out
 
+    def term(self, model) -> PDTerm:
+        """DC + prediction-difference loss, plugged into the QDrop stage."""
+        return PDTerm(self.settings(model), self.batch_size)
+
     def settings(self, model) -> PDSettings:
         dw = has_depthwise(model)
         t = (1.0 if dw else 4.0) if self.temperature == "auto" else self.temperature
@@ -51,6 +55,5 @@ class PDQuantConfig(QDropConfig):
 
 @register_method("pdquant", PDQuantConfig)
 def apply(model, cfg: PDQuantConfig, ctx: MethodContext) -> dict[str, Any]:
-    stage = cfg.joint_stage(model, act_bits(ctx.recipe), pd=cfg.settings(model))
-    return recon.run_stages(model, ctx, [stage], units_fn=block_units, cache_mb=cfg.cache_mb,
-                            need_logits=True)
+    stage = cfg.joint_stage(model, act_bits(ctx.recipe), terms=(cfg.term(model),))
+    return recon.run_stages(model, ctx, [stage], units_fn=block_units, cache_mb=cfg.cache_mb)

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..graph.capture import call_model
+from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.functional import quantized_sdpa
 from ..quant.prepare import quant_layers, quantizers_off
 from ..quant.quantizer import Mode, Quantizer
 from ..quant.twin import SPLITS, TwinUniformQuantizer
-from ..methods import MethodConfig, MethodContext, register_method
 from .vit_sites import (first_float, observe_only, post_gelu_layers,
                         post_softmax_slots, sites_of, swap_input_quantizer,
                         swap_site_quantizer)

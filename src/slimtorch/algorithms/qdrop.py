@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveFloat
 
-from . import recon
 from ..methods import MethodContext, register_method
+from . import recon
 from .adaround import AdaRoundConfig, budget_lr
 from .brecq import block_units
 from .recon import Stage

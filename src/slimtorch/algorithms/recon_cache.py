@@ -79,7 +79,8 @@ def collect(model: nn.Module, module: nn.Module, batches: list, pool: CachePool,
 def model_outputs(model: nn.Module, batches: list, pool: CachePool) -> Tensor:
     outs = [call_model(model, b) for b in batches]
     if not all(isinstance(o, Tensor) for o in outs):
-        raise ValueError("PD-Quant needs a model that returns a logits tensor")
+        raise SlimtorchError("PD-Quant needs a model that returns a logits tensor; use qdrop "
+                             "for models with other outputs")
     z = pool.empty((sum(len(o) for o in outs), *outs[0].shape[1:]))
     torch.cat(outs, out=z)
     return z

@@ -42,11 +42,11 @@ import torch
 from pydantic import Field
 
 from ..graph.capture import call_model
+from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.granularity import PerChannel
 from ..quant.kinds import make_quantizer
-from ..quant.quantizer import Mode
 from ..quant.prepare import quantizers_off
-from ..methods import MethodConfig, MethodContext, register_method
+from ..quant.quantizer import Mode
 from .vit_sites import (LNGroup, first_float, ln_linear_groups, observe_only, post_gelu_layers,
                         post_softmax_slots, recapture, set_input_quantizer,
                         swap_input_quantizer, swap_site_quantizer)

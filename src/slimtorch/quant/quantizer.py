@@ -18,8 +18,8 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from ..recipe import QuantSpec
 from .granularity import PerChannel, PerGroup, PerTensor
+from .spec import QuantSpec
 
 MSE_CANDIDATES = 100
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch (Nagel et al. 2020)
