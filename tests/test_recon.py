@@ -120,10 +120,14 @@ def test_qdrop_mix_and_drop_probability():
     q = Quantizer(QuantSpec(bits=2))
     q.scale, q.zero_point, q.mode = torch.tensor(1.0), torch.tensor(0.0), q.mode.QUANT
     v = torch.full((100_000,), 0.4)  # quantizes to 0
-    q.drop_prob = 0.5
+    drop = recon.QDrop([q], [q], 0.5, torch.Generator().manual_seed(0))
+    rng = torch.random.get_rng_state()
     assert abs((q(v) == 0).float().mean().item() - 0.5) < 0.01
-    q.drop_mask = mask  # an external mask decides instead
+    assert torch.equal(torch.random.get_rng_state(), rng)  # its own generator
+    drop.mask = mask  # the mix mask decides for a quantizer reading the unit input
     assert torch.equal(q(v) == 0, mask)
+    drop.remove()
+    assert (q(v) == 0).all()
 
 
 def test_pd_loss_is_batchmean_kl_of_tempered_softmax():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -23,22 +23,29 @@ __all__ = ["quantize", "save", "load", "export_onnx"]
 
 
 def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, seed: int = 0,
-             progress: bool = False, work_dir: str | None = None) -> nn.Module:
+             progress: bool = False, work_dir: str | None = None, inplace: bool = False,
+             transform: Callable[[Any], Any] | None = None) -> nn.Module:
     """Return a quantized copy of ``model`` (same forward signature; the input is untouched).
 
-    calib_data: a Tensor of samples, or an iterable of items — a Tensor (one positional
-    argument), a tuple (positional arguments) or a dict (keyword arguments).
+    calib_data: a Tensor of samples, or any iterable of items (a list, a generator, a torch
+    ``DataLoader``) — a Tensor (one positional argument), a tuple (positional arguments) or a
+    dict (keyword arguments). ``transform`` maps each item to the model's input first, e.g.
+    ``lambda batch: batch[0]`` for a loader of (images, labels).
     work_dir: where reconstruction methods keep per-unit state; a rerun with the same recipe,
     seed and data resumes after the last finished unit.
+    inplace: quantize ``model`` itself instead of a copy (no second copy of a large model);
+    methods that need the untouched float model (PD-Quant's distribution correction) refuse.
+    The caller's global RNG is left as it was: every random draw uses a generator seeded from
+    ``seed``.
     """
     recipe = resolve_recipe(recipe)
-    batches = calibration_batches(calib_data, recipe.calib.batch_size)
-    torch.manual_seed(seed)
-    qmodel = copy.deepcopy(model).eval()
-    meta = prepare(qmodel, recipe, batches[0], seed=seed)
-    calibrate(qmodel, batches, progress=progress)
-    meta["methods"] = run_methods(qmodel, recipe, batches, seed=seed, progress=progress,
-                                  float_model=model, work_dir=work_dir)
+    batches = calibration_batches(calib_data, recipe.calib.batch_size, transform)
+    with torch.random.fork_rng(devices=[]):  # module constructors in rewrites draw from it
+        qmodel = (model if inplace else copy.deepcopy(model)).eval()
+        meta = prepare(qmodel, recipe, batches[0], seed=seed)
+        calibrate(qmodel, batches, progress=progress)
+        meta["methods"] = run_methods(qmodel, recipe, batches, seed=seed, progress=progress,
+                                      float_model=None if inplace else model, work_dir=work_dir)
     sync_shared(qmodel, meta["plan"])
     freeze(qmodel)
     setattr(qmodel, META_ATTR, meta)

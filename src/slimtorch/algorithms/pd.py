@@ -23,7 +23,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, SlimtorchError
 from ..quant.prepare import quant_state
 from .recon import Context, UnitTerm, rec_loss
 from .recon_cache import cat_items, model_outputs, take, unit_map
@@ -55,6 +55,9 @@ class PDTerm(UnitTerm):
         self.inputs = self.logits_fp = None  # all calibration items; the float model's logits
 
     def setup(self, ctx: Context) -> None:
+        if self.pd.dc_steps > 0 and ctx.float_model is None:
+            raise SlimtorchError("PD-Quant's distribution correction needs the untouched float "
+                                 "model: call quantize with inplace=False, or set dc_steps: 0")
         self.inputs = cat_items(ctx.batches)
         with torch.no_grad(), quant_state(ctx.model, weights=False, acts=False):
             self.logits_fp = model_outputs(ctx.model, ctx.batches, ctx.pool)

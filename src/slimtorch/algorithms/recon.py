@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..data.cache import CachePool
 from ..methods import MethodContext
 from ..quant.prepare import distinct, quant_layers, quant_state
-from ..quant.quantizer import Quantizer
+from ..quant.quantizer import Mode, Quantizer
 from .recon_cache import WorkDir, collect, fingerprint
 from .units import Unit
 
@@ -105,6 +105,32 @@ def mix_inputs(x_q: Tensor, x_fp: Tensor, prob: float, gen: torch.Generator
     return torch.where(mask, x_q, x_fp), mask
 
 
+class QDrop:
+    """QDrop's random drop, a forward hook on each of the unit's activation quantizers: in QUANT
+    mode an element keeps its quantized value with p = 1 − ``prob``, else its float input; the
+    quantizers that read the unit input (``boundary``) follow the mix mask (``mask``) instead.
+    Draws come from ``gen`` (never the global RNG)."""
+
+    def __init__(self, quantizers: list[Quantizer], boundary: list[Quantizer], prob: float,
+                 gen: torch.Generator):
+        self.prob, self.gen, self.mask = prob, gen, None
+        self.boundary = {id(q) for q in boundary}
+        self.hooks = [q.register_forward_hook(self._hook) for q in quantizers]
+
+    def _hook(self, q: Quantizer, args: tuple, out: Tensor) -> Tensor | None:
+        mask = self.mask if id(q) in self.boundary else None
+        if q.mode is not Mode.QUANT or (mask is None and self.prob <= 0):
+            return None
+        x = args[0]
+        keep = mask if mask is not None and mask.shape == x.shape else (
+            torch.rand(x.shape, generator=self.gen, dtype=x.dtype) >= self.prob)
+        return torch.where(keep, out, x)
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def eval_loss(unit: nn.Module, xs: Tensor, ys: Tensor, p: float, chunk: int = 256) -> float:
     tot = 0.0
@@ -159,18 +185,19 @@ def reconstruct(ctx: Context, units: list[Unit], stage: Stage, stage_idx: int = 
             _restore(ctx.model, unit, stage, saved[0])
             stats.append({**saved[1], "resumed": True})
             continue
-        gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 1009 * stage_idx + k)
-        with torch.random.fork_rng(devices=[]), quant_state(ctx.model, weights=True,
-                                                            acts=stage.acts_on):
-            torch.manual_seed(ctx.seed * 1_000_003 + 1009 * stage_idx + k)
-            st = reconstruct_unit(ctx, unit, stage, gen, f"{stage.name} {k + 1}/{len(units)}")
+        seed = ctx.seed * 1_000_003 + 1009 * stage_idx + k
+        gens = (torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed))
+        with quant_state(ctx.model, weights=True, acts=stage.acts_on):
+            st = reconstruct_unit(ctx, unit, stage, gens, f"{stage.name} {k + 1}/{len(units)}")
         ctx.work.save(stage.name, k, _state(ctx.model, unit, stage), st)
         stats.append(st)
     return stats
 
 
-def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage, gen: torch.Generator,
-                     desc: str) -> dict:
+def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
+                     gens: tuple[torch.Generator, torch.Generator], desc: str) -> dict:
+    """One unit (steps 1-4 of the module docstring). ``gens``: the generators of the batch
+    draws / QDrop mix and of QDrop's drop."""
     t0 = time.perf_counter()
     model, pool = ctx.model, ctx.pool
     mod = model.get_submodule(unit.name)
@@ -192,8 +219,7 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage, gen: torch.Generato
     if stage.learn_acts and stage.acts_on:
         params_a = [q.enable_lsq() for q in acts]
     boundary = _boundary(mod, acts, x_q[:2]) if stage.acts_on else []
-    for q in acts:
-        q.drop_prob = stage.drop_prob if stage.acts_on else 0.0
+    drop = QDrop(acts if stage.acts_on else [], boundary, stage.drop_prob, gens[1])
     extra = []
     for term in stage.terms:
         fn, extra_st = term.bind(ctx, mod, y_fp)
@@ -201,11 +227,11 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage, gen: torch.Generato
         extra += [fn] if fn is not None else []
     t_opt = time.perf_counter()
     try:
-        st["loss_train_last"] = _optimise(ctx, mod, ws, acts, boundary, params_w, params_a,
-                                          x_q, x_fp, y_fp, stage, gen, desc, extra)
+        st["loss_train_last"] = _optimise(ctx, mod, ws, drop, params_w, params_a,
+                                          x_q, x_fp, y_fp, stage, gens[0], desc, extra)
     finally:
+        drop.remove()
         for q in acts:
-            q.drop_prob, q.drop_mask = 0.0, None
             q.disable_lsq()
         for _, m in ws:
             if m.weight_quantizer.rounding is not None:
@@ -218,7 +244,7 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage, gen: torch.Generato
     return st
 
 
-def _optimise(ctx, mod, ws, acts, boundary, params_w, params_a, x_q, x_fp, y_fp,
+def _optimise(ctx, mod, ws, drop: "QDrop", params_w, params_a, x_q, x_fp, y_fp,
               stage: Stage, gen, desc, extra=()) -> float | None:
     if not params_w and not params_a:
         return None
@@ -237,8 +263,7 @@ def _optimise(ctx, mod, ws, acts, boundary, params_w, params_a, x_q, x_fp, y_fp,
             x, mask = xq, torch.ones(xq.shape, dtype=torch.bool)
         if extra:  # the terms' losses read the unit output on the pure quantized input
             x, mask = torch.cat([x, xq]), torch.cat([mask, torch.ones_like(mask)])
-        for q in boundary:
-            q.drop_mask = mask
+        drop.mask = mask
         out = mod(x)
         loss = rec_loss(out[:len(idx)], y, stage.rec_p)
         for fn in extra:
