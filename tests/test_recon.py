@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import slimtorch
-from slimtorch.algorithms import recon, recon_cache
-from slimtorch.algorithms.units import partition
+from slimtorch.runner import recon, recon_cache
+from slimtorch.runner.units import partition
 from slimtorch.data.cache import CachePool
 from slimtorch.algorithms.pd import PDSettings, bn_stat_loss, correct, dc_objective, pd_loss
 from slimtorch.errors import RecipeError

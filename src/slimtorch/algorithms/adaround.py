@@ -21,8 +21,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PositiveFloat
 
 from ..methods import MethodConfig, MethodContext, register_method
-from . import recon, units
-from .recon import Stage
+from ..runner import recon, units
+from ..runner.recon import Stage
 
 # CPU default of every reconstruction method (papers: 20 000 per unit, `methods: [{name: M, iters:
 # 20000}]`). Chosen by measurement: PD-Quant, the costliest method, W2A2 on zoo ResNet-20, 1 thread

@@ -15,9 +15,9 @@ from typing import Any
 from pydantic import Field
 
 from ..methods import MethodContext, register_method
-from . import recon, units
+from ..runner import recon, units
 from .adaround import AdaRoundConfig
-from .recon import Stage
+from ..runner.recon import Stage
 
 
 class BRECQConfig(AdaRoundConfig):

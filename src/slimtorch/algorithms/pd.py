@@ -16,19 +16,20 @@ caches the float model's logits on the calibration set, ``correct`` is DC, ``bin
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ..data.cache import CachePool
 from ..errors import CalibrationDataError, SlimtorchError
+from ..graph.capture import call_model
 from ..quant.prepare import quant_state
-from .recon import Context, UnitTerm, rec_loss
-from .recon_cache import cat_items, model_outputs, take, unit_map
+from ..runner.recon import Context, UnitTerm, rec_loss
+from ..runner.recon_cache import cat_items, take, unit_map
+from ..runner.units import Unit
 from .suffix import SuffixRunner
-from .units import Unit
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,18 @@ def pd_loss(z_q: Tensor, z_fp: Tensor, temperature: float) -> Tensor:
     """KL(softmax(z_fp/T) ‖ softmax(z_q/T)), 'batchmean', no T² factor (PD-Quant code)."""
     return nn.functional.kl_div(torch.log_softmax(z_q / temperature, 1),
                                 torch.softmax(z_fp / temperature, 1), reduction="batchmean")
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, batches: list, pool: CachePool) -> Tensor:
+    outs = [call_model(model, b) for b in batches]
+    if not all(isinstance(o, Tensor) for o in outs):
+        raise SlimtorchError("PD-Quant needs a model that returns a logits tensor; use qdrop "
+                             "for models with other outputs")
+    z = pool.empty((sum(len(o) for o in outs), *outs[0].shape[1:]))
+    torch.cat(outs, out=z)
+    return z
+
 
 
 class PDTerm(UnitTerm):

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from ..methods import MethodContext, register_method
-from . import recon
+from ..runner import recon
 from .brecq import block_units
 from .pd import PDSettings, PDTerm
 from .qdrop import QDropConfig, act_bits, has_depthwise

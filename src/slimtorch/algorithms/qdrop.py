@@ -27,10 +27,10 @@ from typing import Any, Literal
 from pydantic import Field, PositiveFloat
 
 from ..methods import MethodContext, register_method
-from . import recon
+from ..runner import recon
 from .adaround import AdaRoundConfig, budget_lr
 from .brecq import block_units
-from .recon import Stage
+from ..runner.recon import Stage
 
 
 def act_bits(recipe) -> int | None:
