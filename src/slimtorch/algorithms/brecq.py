@@ -16,8 +16,8 @@ from pydantic import Field
 
 from ..methods import MethodContext, register_method
 from ..runner import recon, units
-from .adaround import AdaRoundConfig
 from ..runner.recon import Stage
+from .adaround import AdaRoundConfig
 
 
 class BRECQConfig(AdaRoundConfig):

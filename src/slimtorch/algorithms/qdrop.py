@@ -28,9 +28,9 @@ from pydantic import Field, PositiveFloat
 
 from ..methods import MethodContext, register_method
 from ..runner import recon
+from ..runner.recon import Stage
 from .adaround import AdaRoundConfig, budget_lr
 from .brecq import block_units
-from ..runner.recon import Stage
 
 
 def act_bits(recipe) -> int | None:
