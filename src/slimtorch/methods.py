@@ -81,7 +81,6 @@ class MethodContext:
     progress: bool = False
     float_model: Any = None       # the untouched float model (BN not folded); None if inplace
     work_dir: Any = None          # resumable state of this method, or None
-    graph: Any = None             # the QuantGraph captured by prepare
 
 
 @dataclass(frozen=True)
