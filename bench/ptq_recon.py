@@ -50,10 +50,10 @@ def one(model: str, bits: str, method: str, seed: int, a) -> dict:
         from slimtorch.pipeline import run_quantize
         r = method_recipe(bits, method)
         if a.method_args and method != "rtn":
-            r["method_args"] = {**r["method_args"], **a.method_args}
+            r["methods"] = [{**m, **a.method_args} for m in r["methods"]]
         m, _ = run_quantize(f"zoo:{model}", r, calib_size=a.calib_size, seed=seed)
         m.pop("versions", None)
-        m["per_unit"] = m.pop("method_stats", {}).get("per_unit")
+        m["per_unit"] = [u for s in m.pop("methods", []) for u in s["stats"].get("per_unit", [])]
     from slimtorch.eval.machine import machine_markdown
     return {**m, "model": model, "bits": bits, "method": method, "seed": seed,
             "wall_seconds": round(time.perf_counter() - t0, 1),
@@ -71,7 +71,7 @@ def method_recipe(bits: str, method: str) -> dict:
             return load_builtin(f"{bits}-{method}").to_dict()
         except RecipeError:
             pass
-    return {**load_builtin(bits).to_dict(), "method": method}
+    return {**load_builtin(bits).to_dict(), "methods": [method]}
 
 
 def row_file(out: Path, model: str, bits: str, method: str, seed: int) -> Path:
@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--calib-size", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--method-args", type=json.loads, default={},
-                   help='JSON merged into method_args of our methods, e.g. \'{"iters": 20000}\'')
+                   help='JSON merged into the method settings of our methods, e.g. \'{"iters": 20000}\'')
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--from-json", action="store_true",
                    help="only re-render the table from the rows saved in OUT/rows")

@@ -8,7 +8,7 @@ eval sentences and their near-duplicates, ``data.text.eval_pairs``), calibration
 split. First and last layer at 8 bits in every recipe. RTN rows use the built-in ``w{b}a{b}``
 recipes; PTQ4ViT uses its default 32 calibration items (of the calibration set), RepQ-ViT the
 whole calibration set. "RepQ-ViT + post-GELU" is the ``repq`` recipe with
-``method_args: {reparam_gelu: true}`` — our extension, not the published method. Writes
+``methods: [{name: repq, reparam_gelu: true}]`` — our extension, not the published method. Writes
 bench/results/ptq_vit.md (+ .json).
 
     python bench/ptq_vit.py [--models vit minilm] [--bits 8 6 4] [--methods rtn ptq4vit repq
@@ -39,7 +39,7 @@ def recipe_for(method: str, bits: int):
         return f"w{bits}a{bits}"
     if method == "repq_gelu":
         d = load_builtin(f"vit-w{bits}a{bits}-repq").to_dict()
-        d["method_args"] = {**d.get("method_args", {}), "reparam_gelu": True}
+        d["methods"] = [{**e, "reparam_gelu": True} for e in d["methods"]]
         return Recipe.from_dict(d)
     return f"vit-w{bits}a{bits}-{method}"
 
@@ -76,7 +76,8 @@ def main() -> None:
                     m = {"model": SOURCES[model], "error": f"{type(e).__name__}: {e}"}
                 m.update(bits=bits, method_name=METHOD_NAMES[method],
                          wall_seconds=round(time.perf_counter() - t0, 1))
-                m.pop("method_stats", None)
+                for s in m.get("methods", []):
+                    s.pop("stats", None)  # keep the resolved settings, not the per-unit stats
                 rows.append(m)
                 print(json.dumps({k: m.get(k) for k in ("model", "bits", "method_name",
                       "q_top1", "q_cosine", "q_retrieval_agreement", "calib_seconds",

@@ -5,7 +5,8 @@ MobileNetV2 W4A4 investigation in ``bench/results/ptq_recon_actlr.md``.
 
 JSON_PATCH is merged into the recipe dict (one level deep for dicts), e.g.
 '{"activations": null}' (weights only), '{"overrides": {"re:.*": {"weights": null}}}'
-(activations only), '{"method_args": {"act_lr": 4e-3}}'. Prints one JSON line: top-1 of the
+(activations only), '{"method_args": {"act_lr": 4e-3}}' (merged into every ``methods``
+entry). Prints one JSON line: top-1 of the
 float and quantized model, the quantized model's top-1 agreement with float, agreement and
 KL(float ‖ quantized) on the calibration images and on the test split, and the per-unit
 reconstruction loss before/after.
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from slimtorch.algorithms.recon import pd_loss
+from slimtorch.algorithms.pd import pd_loss
 from slimtorch.eval.tasks import run_batches, task_for
 from slimtorch.pipeline import run_quantize
 from slimtorch.recipe import load_builtin
@@ -46,6 +47,9 @@ def main() -> None:
     model = sys.argv[4] if len(sys.argv) > 4 else "mobilenetv2"
     r = load_builtin(base).to_dict()
     for k, v in patch.items():
+        if k == "method_args":
+            r["methods"] = [{**e, **v} for e in r["methods"]]
+            continue
         r[k] = {**r[k], **v} if isinstance(v, dict) and isinstance(r.get(k), dict) else v
     r["name"] = name
     t = time.time()
@@ -53,7 +57,7 @@ def main() -> None:
     fp_cache: dict = {}
     m, qmodel = run_quantize(f"zoo:{model}", r, calib_size=1024, seed=seed, fp_cache=fp_cache)
     wall = round(time.time() - t, 1)
-    pu = (m.get("method_stats") or {}).get("per_unit") or []
+    pu = [u for s in m.get("methods", []) for u in s["stats"].get("per_unit", [])]
     print(json.dumps({"name": name, "base": base, "patch": patch, "fp": m["fp_top1"],
                       "q": m["q_top1"], "agree": m.get("q_top1_agreement"),
                       **fidelity(f"zoo:{model}", qmodel, seed, fp_cache[f"zoo:{model}"]),

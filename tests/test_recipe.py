@@ -16,12 +16,14 @@ def test_reconstruction_recipes_share_one_scheme_across_bit_widths(method):
     compare the same scheme as the other bit widths), and not from the deployable w8a8."""
     def scheme(name):
         d = load_builtin(name).to_dict()
-        for k in ("name", "description", "method"):
+        for k in ("name", "description", "methods"):
             d.pop(k)
         d["weights"].pop("bits")
         d["activations"].pop("bits")
         return d
     assert scheme(f"w8a8-{method}") == scheme(f"w4a4-{method}") == scheme(f"w2a2-{method}")
+    assert (load_builtin(f"w8a8-{method}").methods == load_builtin(f"w4a4-{method}").methods
+            == load_builtin(f"w2a2-{method}").methods)
     assert scheme("w8a8") != scheme(f"w8a8-{method}")
 
 

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import slimtorch
-from slimtorch.algorithms import recon, recon_cache
-from slimtorch.algorithms.units import partition
+from slimtorch.runner import recon, recon_cache
+from slimtorch.runner.units import partition
 from slimtorch.data.cache import CachePool
-from slimtorch.algorithms.pd import PDSettings, bn_stat_loss, correct, dc_objective
+from slimtorch.algorithms.pd import PDSettings, bn_stat_loss, correct, dc_objective, pd_loss
 from slimtorch.errors import RecipeError
 from slimtorch.quant.quantizer import Quantizer, rectified_sigmoid, rectified_sigmoid_inverse
 from slimtorch.recipe import QuantSpec, load_builtin
@@ -120,18 +120,22 @@ def test_qdrop_mix_and_drop_probability():
     q = Quantizer(QuantSpec(bits=2))
     q.scale, q.zero_point, q.mode = torch.tensor(1.0), torch.tensor(0.0), q.mode.QUANT
     v = torch.full((100_000,), 0.4)  # quantizes to 0
-    q.drop_prob = 0.5
+    drop = recon.QDrop([q], [q], 0.5, torch.Generator().manual_seed(0))
+    rng = torch.random.get_rng_state()
     assert abs((q(v) == 0).float().mean().item() - 0.5) < 0.01
-    q.drop_mask = mask  # an external mask decides instead
+    assert torch.equal(torch.random.get_rng_state(), rng)  # its own generator
+    drop.mask = mask  # the mix mask decides for a quantizer reading the unit input
     assert torch.equal(q(v) == 0, mask)
+    drop.remove()
+    assert (q(v) == 0).all()
 
 
 def test_pd_loss_is_batchmean_kl_of_tempered_softmax():
     zf, zq = torch.randn(8, 10), torch.randn(8, 10)
     p, T = torch.softmax(zf / 4, 1), 4.0
     expect = (p * (p.log() - torch.log_softmax(zq / T, 1))).sum() / 8
-    assert recon.pd_loss(zq, zf, T).item() == pytest.approx(expect.item(), rel=1e-5)
-    assert recon.pd_loss(zf, zf, T).abs().item() < 1e-6
+    assert pd_loss(zq, zf, T).item() == pytest.approx(expect.item(), rel=1e-5)
+    assert pd_loss(zf, zf, T).abs().item() < 1e-6
 
 
 def test_dc_objective_and_correction():
@@ -187,7 +191,7 @@ def test_conftest_block_without_module_falls_back_to_layers(cnn, images):
 
 # ------------------------------------------------------------------ mechanics
 def _run(model, x, method, bits="w2a4", **args):
-    recipe = dict(load_builtin(bits).to_dict(), method=method, method_args=args)
+    recipe = dict(load_builtin(bits).to_dict(), methods=[{"name": method, **args}])
     return slimtorch.quantize(model, recipe, x[:128], seed=0)
 
 
@@ -205,7 +209,7 @@ def test_reconstruction_beats_rtn(trained, method, args):
         rtn_err = (_run(m, x, "rtn")(test) - ref).square().mean().item()
         q = _run(m, x, method, **args)
         err = (q(test) - ref).square().mean().item()
-    stats = q._slimtorch_meta["method_stats"]["per_unit"]
+    stats = q._slimtorch_meta["methods"][0]["stats"]["per_unit"]
     blocks = [s for s in stats if s["layers"] > 1 or method == "adaround"]
     assert sum(s["loss_after"] for s in blocks) < 0.85 * sum(s["loss_before"] for s in blocks)
     assert err < 0.8 * rtn_err, (method, err, rtn_err)
@@ -217,16 +221,16 @@ def test_reconstruction_beats_rtn(trained, method, args):
 def test_deterministic_and_resumable(trained, tmp_path):
     m, x = trained
     a = _run(m, x, "qdrop", iters=60)
-    b = slimtorch.quantize(m, dict(load_builtin("w2a4").to_dict(), method="qdrop",
-                                   method_args={"iters": 60}), x[:128], seed=0,
+    b = slimtorch.quantize(m, dict(load_builtin("w2a4").to_dict(),
+                                   methods=[{"name": "qdrop", "iters": 60}]), x[:128], seed=0,
                            work_dir=tmp_path)
-    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    files = sorted(p.name for p in (tmp_path / "0-qdrop").glob("*.safetensors"))
     assert files == [f"joint-{k}.safetensors" for k in range(5)]
-    (tmp_path / "joint-4.safetensors").unlink()  # "crash" before the last unit finished
-    c = slimtorch.quantize(m, dict(load_builtin("w2a4").to_dict(), method="qdrop",
-                                   method_args={"iters": 60}), x[:128], seed=0,
+    (tmp_path / "0-qdrop" / "joint-4.safetensors").unlink()  # "crash" before the last unit
+    c = slimtorch.quantize(m, dict(load_builtin("w2a4").to_dict(),
+                                   methods=[{"name": "qdrop", "iters": 60}]), x[:128], seed=0,
                            work_dir=tmp_path)
-    resumed = [s.get("resumed", False) for s in c._slimtorch_meta["method_stats"]["per_unit"]]
+    resumed = [s.get("resumed", False) for s in c._slimtorch_meta["methods"][0]["stats"]["per_unit"]]
     assert resumed == [True] * 4 + [False]
     slimtorch.save(c, tmp_path / "art")
     r = slimtorch.load(tmp_path / "art", model=ResCNN())
@@ -258,15 +262,15 @@ def test_unit_state_is_never_half_written(tmp_path, monkeypatch):
     assert work.load("joint", 1) is None and work.load("joint", 0)[1] == {"loss": 1.0}
 
 
-def test_method_args_are_validated():
-    with pytest.raises(RecipeError, match="method_args.iterz"):
+def test_method_settings_are_validated():
+    with pytest.raises(RecipeError, match=r"methods\[0\] \(qdrop\): unknown key 'iterz'"):
         slimtorch.quantize(nn.Linear(2, 2), dict(load_builtin("w4a4").to_dict(),
-                           method="qdrop", method_args={"iterz": 1}), torch.randn(4, 2))
+                           methods=[{"name": "qdrop", "iterz": 1}]), torch.randn(4, 2))
 
 
 def test_workdir_of_another_run_is_an_error(trained, tmp_path):
     m, x = trained
-    recipe = dict(load_builtin("w2a4").to_dict(), method="qdrop", method_args={"iters": 5})
+    recipe = dict(load_builtin("w2a4").to_dict(), methods=[{"name": "qdrop", "iters": 5}])
     slimtorch.quantize(m, recipe, x[:64], seed=0, work_dir=tmp_path)
     with pytest.raises(ValueError, match="different run"):
         slimtorch.quantize(m, recipe, x[:64], seed=1, work_dir=tmp_path)
@@ -322,8 +326,8 @@ def test_suffix_cache_equals_recompute(trained, model_cls, skips):
 
 def test_pdquant_same_seed_same_artifact(trained, tmp_path):
     m, x = trained
-    recipe = dict(load_builtin("w2a2").to_dict(), method="pdquant",
-                  method_args={"iters": 20, "dc_steps": 3})
+    recipe = dict(load_builtin("w2a2").to_dict(),
+                  methods=[{"name": "pdquant", "iters": 20, "dc_steps": 3}])
     for d in ("a", "b"):
         slimtorch.save(slimtorch.quantize(m, recipe, x[:64], seed=3), tmp_path / d)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -352,11 +356,13 @@ def test_mobilenet_style_settings_come_from_depthwise_convs():
     for model, lam, t, lc in ((dw, 0.1, 1.0, 0.005), (grouped, 0.01, 4.0, 0.02),
                               (load_zoo_model("mobilenetv2", pretrained=False), 0.1, 1.0, 0.005),
                               (load_zoo_model("resnet20", pretrained=False), 0.01, 4.0, 0.02)):
-        st = cfg.joint_stage(model, pd=cfg.settings(model))
-        assert (st.round_weight, st.pd.temperature, st.pd.lambda_c) == (lam, t, lc)
+        st = cfg.joint_stage(model, terms=(cfg.term(model),))
+        pd = st.terms[0].pd
+        assert (st.round_weight, pd.temperature, pd.lambda_c) == (lam, t, lc)
     fixed = PDQuantConfig.parse({"round_weight": 0.3, "temperature": 2, "lambda_c": 1}, "pdquant")
-    st = fixed.joint_stage(dw, pd=fixed.settings(dw))
-    assert (st.round_weight, st.pd.temperature, st.pd.lambda_c) == (0.3, 2.0, 1.0)
+    st = fixed.joint_stage(dw, terms=(fixed.term(dw),))
+    pd = st.terms[0].pd
+    assert (st.round_weight, pd.temperature, pd.lambda_c) == (0.3, 2.0, 1.0)
 
 
 def test_auto_act_lr_keeps_the_published_lsq_step_budget():
@@ -379,14 +385,19 @@ def test_auto_act_lr_keeps_the_published_lsq_step_budget():
 
 @pytest.mark.parametrize("method", ["qdrop", "pdquant"])
 def test_recipes_give_the_stage_their_activation_bits(method, monkeypatch):
-    """apply() passes the recipe's activation bits to act_lr auto (w8a8-M: 4e-5, w4a4-M: 4e-3)."""
+    """apply() passes the recipe's activation bits to act_lr auto (w8a8-M: 4e-5, w4a4-M: 4e-3),
+    and resolving the config gives the same value."""
     import importlib
+    from slimtorch.methods import MethodContext
     mod = importlib.import_module(f"slimtorch.algorithms.{method}")
     seen = {}
-    monkeypatch.setattr(recon, "run_stages", lambda m, r, b, stages, **kw: seen.update(
-        {r.name: stages[0].lr_act}))
+    monkeypatch.setattr(recon, "run_stages", lambda m, ctx, stages, **kw: seen.update(
+        {ctx.recipe.name: stages[0].lr_act}))
     for name in (f"w8a8-{method}", f"w4a4-{method}", f"w4a2-{method}"):
-        mod.apply(nn.Linear(2, 2), load_builtin(name), [torch.randn(4, 2)])
+        r = load_builtin(name)
+        ctx = MethodContext(r, [torch.randn(4, 2)])
+        mod.apply(nn.Linear(2, 2), r.methods[0], ctx)
+        assert r.methods[0].resolve(nn.Linear(2, 2), ctx).act_lr == pytest.approx(seen[name])
     assert seen == pytest.approx({f"w8a8-{method}": 4e-5, f"w4a4-{method}": 4e-3,
                                   f"w4a2-{method}": 4e-3})
 

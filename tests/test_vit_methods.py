@@ -29,7 +29,7 @@ FAST = {"calib_items": 4, "rounds": 1, "max_rows": 128}
 
 def _recipe(method: str, bits: int = 4, **args) -> Recipe:
     d = load_builtin(f"vit-w{bits}a{bits}-{method}").to_dict()
-    d["method_args"] = args
+    d["methods"] = [{"name": method, **args}]
     d["calib"] = {"batch_size": 4}
     return Recipe.from_dict(d)
 
@@ -288,7 +288,7 @@ def test_post_ln_artifact_bit_exact(tmp_path):
     x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(0))
     model = PostLN().eval()
     q = slimtorch.quantize(model, _recipe("repq"), x, seed=0)
-    assert getattr(q, META_ATTR)["method_stats"]["carried"]
+    assert getattr(q, META_ATTR)["methods"][0]["stats"]["carried"]
     slimtorch.save(q, tmp_path / "a")
     r = slimtorch.load(tmp_path / "a", model=model)
     assert isinstance(r.q.input_quantizer, ReparamQuantizer)
@@ -331,7 +331,7 @@ def test_methods_run_on_timm(method, arch):
     with torch.no_grad():
         ref, out = model(x), q(x)
     assert torch.isfinite(out).all() and _cos(ref, out) > 0.95
-    stats = getattr(q, META_ATTR)["method_stats"]
+    stats = getattr(q, META_ATTR)["methods"][0]["stats"]
     if method == "repq":
         assert stats["log2_sites"] > 0 and stats["reparameterized"]
     else:
@@ -351,7 +351,7 @@ def test_methods_run_on_minilm(method):
         ref = model(**calib[0]).last_hidden_state
         out = q(**calib[0]).last_hidden_state
     assert _cos(ref, out) > 0.9
-    stats = getattr(q, META_ATTR)["method_stats"]
+    stats = getattr(q, META_ATTR)["methods"][0]["stats"]
     if method == "repq":  # post-LN BERT: every LN feeds a residual (or is returned): carried
         assert stats["log2_sites"] == 6 and len(stats["carried"]) == 13
         assert stats["float_output_rel_change"] < 1e-4 and not stats["reparameterized"]
@@ -382,5 +382,5 @@ def test_vit_recipes_round_trip(name):
     r = load_builtin(name)
     b = int(name[5])
     assert (r.weights.bits, r.activations.bits) == (b, b)
-    assert r.method == name.rsplit("-", 1)[1]
+    assert r.method_names == [name.rsplit("-", 1)[1]]
     assert load_recipe_text(r.to_yaml()) == r and Recipe.from_dict(r.to_dict()) == r

@@ -6,12 +6,28 @@
     qmodel = slimtorch.load("out/")
     report = slimtorch.export_onnx(qmodel, "model.onnx", example_inputs)
     print(slimtorch.inspect(qmodel, model, calib_batch).table())  # worst layers by SQNR
+
+The names below are imported on first use (PEP 562), so ``import slimtorch.errors`` or
+``slimtorch.methods`` does not import torch or the whole package.
 """
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .api import export_onnx, inspect, load, quantize, save  # noqa: E402
-from .errors import SlimtorchError  # noqa: E402
-from .recipe import Recipe, resolve_recipe  # noqa: E402
+import importlib
 
-__all__ = ["quantize", "save", "load", "export_onnx", "inspect", "Recipe", "resolve_recipe", "SlimtorchError",
-           "__version__"]
+from ._version import __version__
+
+_PUBLIC = {"quantize": "api", "save": "api", "load": "api", "export_onnx": "api", "inspect": "api",
+           "Recipe": "recipe", "resolve_recipe": "recipe", "SlimtorchError": "errors"}
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'slimtorch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -2,20 +2,21 @@
 
 ``quantize`` composes small steps: resolve the recipe → check the calibration data → copy and
 prepare the model (rewrite, capture, plan, attach quantizers) → calibrate → run the recipe's
-method → freeze the integer weights.
+methods in order (``run_methods``) → freeze the integer weights.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .algorithms import ALGORITHMS
 from .data.calibration import calibration_batches
 from .eval.selfcheck import CheckReport, check, default_floor, enforce
 from .export.artifact import load, save
+from .methods import MethodContext, handler_for
 from .quant.prepare import META_ATTR, calibrate, freeze, prepare, sync_shared
 from .recipe import Recipe, resolve_recipe
 
@@ -23,33 +24,40 @@ __all__ = ["quantize", "save", "load", "export_onnx", "inspect"]
 
 
 def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, seed: int = 0,
-             progress: bool = False, work_dir: str | None = None, self_check: bool = True,
+             progress: bool = False, work_dir: str | None = None, inplace: bool = False,
+             transform: Callable[[Any], Any] | None = None, self_check: bool = True,
              strict: bool = False, min_sqnr_db: float | None = None) -> nn.Module:
     """Return a quantized copy of ``model`` (same forward signature; the input is untouched).
 
-    calib_data: a Tensor of samples, or an iterable of items — a Tensor (one positional
-    argument), a tuple (positional arguments) or a dict (keyword arguments).
+    calib_data: a Tensor of samples, or any iterable of items (a list, a generator, a torch
+    ``DataLoader``) — a Tensor (one positional argument), a tuple (positional arguments) or a
+    dict (keyword arguments). ``transform`` maps each item to the model's input first, e.g.
+    ``lambda batch: batch[0]`` for a loader of (images, labels).
     work_dir: where reconstruction methods keep per-unit state; a rerun with the same recipe,
     seed and data resumes after the last finished unit.
     self_check: compare quantized and float outputs (and every layer's SQNR) on the first
     calibration batch (``eval.selfcheck``); below ``min_sqnr_db`` (default by bit width: 6 dB
     at 8 bits, 0 dB below) it warns, or with
     ``strict=True`` raises ``QuantizationCheckError``. The report is in the artifact metadata
-    (``self_check``) and in ``metrics.json``.
+    (``self_check``) and in ``metrics.json``. Not run with ``inplace=True`` (no float model is
+    left to compare with).
+    inplace: quantize ``model`` itself instead of a copy (no second copy of a large model);
+    methods that need the untouched float model (PD-Quant's distribution correction) refuse.
+    The caller's global RNG is left as it was: every random draw uses a generator seeded from
+    ``seed``.
     """
     recipe = resolve_recipe(recipe)
-    batches = calibration_batches(calib_data, recipe.calib.batch_size)
-    torch.manual_seed(seed)
-    qmodel = copy.deepcopy(model).eval()
-    meta = prepare(qmodel, recipe, batches[0], seed=seed)
-    calibrate(qmodel, batches, progress=progress)
-    meta["method_stats"] = ALGORITHMS[recipe.method](
-        qmodel, recipe, batches, seed=seed, progress=progress, float_model=model,
-        work_dir=work_dir)
+    batches = calibration_batches(calib_data, recipe.calib.batch_size, transform)
+    with torch.random.fork_rng(devices=[]):  # module constructors in rewrites draw from it
+        qmodel = (model if inplace else copy.deepcopy(model)).eval()
+        meta = prepare(qmodel, recipe, batches[0], seed=seed)
+        calibrate(qmodel, batches, progress=progress)
+        meta["methods"] = run_methods(qmodel, recipe, batches, seed=seed, progress=progress,
+                                      float_model=None if inplace else model, work_dir=work_dir)
     sync_shared(qmodel, meta["plan"])
     freeze(qmodel)
     setattr(qmodel, META_ATTR, meta)
-    if self_check:
+    if self_check and not inplace:
         floor = default_floor(recipe) if min_sqnr_db is None else min_sqnr_db
         report = check(qmodel, model, batches[0], min_sqnr_db=floor, meta=meta)
         meta["self_check"] = report.to_dict(worst=8)
@@ -62,6 +70,25 @@ def inspect(qmodel: nn.Module, float_model: nn.Module, inputs: Any) -> CheckRepo
     positional arguments or dict of keywords): ``report.table(None)`` prints every layer,
     ``report.worst()`` the layers with the largest own error (``eval.selfcheck``)."""
     return check(qmodel, float_model, inputs)
+
+
+def run_methods(model: nn.Module, recipe: Recipe, batches: list, *, seed: int = 0,
+                progress: bool = False, float_model: nn.Module | None = None,
+                work_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Run the recipe's methods in order, each on its config with every ``auto`` resolved.
+    Returns one record per method: name, the resolved config, what ``auto`` became, and the
+    decisions/statistics the method returned (kept in the artifact and metrics.json)."""
+    records = []
+    for i, cfg in enumerate(recipe.methods):
+        handler = handler_for(cfg)
+        ctx = MethodContext(recipe, batches, seed, progress, float_model,
+                            None if work_dir is None else Path(work_dir) / f"{i}-{handler.name}")
+        resolved = cfg.resolve(model, ctx)
+        stats = handler.apply(model, resolved, ctx)
+        records.append({"name": handler.name, "config": resolved.model_dump(mode="json"),
+                        "auto": {k: getattr(resolved, k) for k, v in cfg if v == "auto"},
+                        "stats": stats})
+    return records
 
 
 def export_onnx(qmodel: nn.Module, path, example_inputs: Any, **kwargs):

@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
+from ._version import versions
 from .api import quantize
 from .errors import SlimtorchError
 from .eval.size import fp_size_bytes, quantized_size_bytes
 from .eval.tasks import task_for
-from .export.artifact import save, versions, write_json_atomic
+from .export.artifact import save, write_json_atomic
 from .quant.prepare import META_ATTR
 from .recipe import resolve_recipe
 from .zoo.sources import load_model
@@ -49,7 +50,8 @@ def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int 
     q_out = task.outputs(qmodel, progress)
     eval_seconds = time.perf_counter() - t0
     fp_score, q_score = task.score(fp_out), task.score(q_out, fp_out)
-    metrics = {"model": source, "recipe": recipe_obj.name, "method": recipe_obj.method,
+    metrics = {"model": source, "recipe": recipe_obj.name,
+               "method": "+".join(recipe_obj.method_names),
                "task": task.kind, "calib_size": calib_size, "seed": seed,
                "fp_size_bytes": fp_size_bytes(model),
                "q_size_bytes": quantized_size_bytes(qmodel),
@@ -63,9 +65,8 @@ def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int 
     check = getattr(qmodel, META_ATTR, {}).get("self_check")
     if check:
         metrics["self_check"] = check  # output SQNR/cosine on a calibration batch, worst layers
-    stats = getattr(qmodel, META_ATTR, {}).get("method_stats")
-    if stats:
-        metrics["method_stats"] = stats  # per-unit loss before/after, seconds
+    # each method's resolved config, what `auto` became, its stats (per-unit losses, seconds)
+    metrics["methods"] = getattr(qmodel, META_ATTR, {}).get("methods", [])
     if out is not None:
         save(qmodel, out, extra={"task": task.kind})
         shutil.rmtree(work, ignore_errors=True)

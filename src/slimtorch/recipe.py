@@ -1,7 +1,11 @@
-"""Recipes: what to quantize, to how many bits, with which range estimator and method.
+"""Recipes: what to quantize, to how many bits, with which range estimator and methods.
 
 A recipe is a frozen pydantic model that loads from YAML. Errors name the offending key and
-the YAML line. Built-in recipes ship as YAML files in ``slimtorch/recipes``; ``resolve_recipe``
+the YAML line. ``methods`` is an ordered list of registered method configs (``methods.py``),
+each written ``- qdrop`` or ``- {name: qdrop, iters: 500}`` and validated once, here, into its
+typed config; ``quantize`` runs them in order. The old one-method form ``method: qdrop`` +
+``method_args: {...}`` (recipes and artifacts written before the list) is read as a
+one-entry list. Built-in recipes ship as YAML files in ``slimtorch/recipes``; ``resolve_recipe``
 accepts a Recipe, a built-in name (``w4a4``) or a path to a YAML file.
 
 Per-layer assignment is an ordered map ``{fqn | "re:regex" | ModuleType -> LayerOverride |
@@ -13,65 +17,47 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, ValidationError,
-                      BeforeValidator, field_validator)
+from pydantic import (BaseModel, BeforeValidator, Field, PlainSerializer, ValidationError,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from .errors import RecipeError
-from .quant.granularity import Granularity, parse_granularity
+from .methods import MethodConfig, config_errors, method_entry, method_handler
+from .quant.spec import LayerOverride, QuantSpec, Strict as _Strict  # noqa: F401 (re-export)
 
 RECIPE_VERSION = 1
-MIN_BITS, MAX_BITS = 2, 8
-
-GranularityField = Annotated[
-    Any, BeforeValidator(parse_granularity), PlainSerializer(str, return_type=str)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-def _check_bits(v: int | None) -> int | None:
-    if v is not None and not MIN_BITS <= v <= MAX_BITS:
-        raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {v}")
-    return v
-
-
-class QuantSpec(_Strict):
-    """How one tensor is quantized: uniform, ``bits`` wide, with a range estimator."""
-
-    bits: int
-    symmetric: bool = False
-    granularity: GranularityField = "per_tensor"
-    observer: Literal["minmax", "percentile", "mse"] = "mse"
-    p: float = Field(2.4, gt=0, description="norm of the MSE-p range search")
-    percentile: float = Field(99.99, gt=50, le=100, description="for observer: percentile")
-    # quantizer family (quant/kinds.py): uniform grid, log√2 (RepQ-ViT), twin-uniform (PTQ4ViT),
-    # uniform after a per-channel affine (RepQ-ViT on a post-LN input)
-    kind: Literal["uniform", "log2sqrt2", "twin_uniform", "reparam_uniform"] = "uniform"
-
-    _bits = field_validator("bits")(classmethod(lambda cls, v: _check_bits(v)))
-
-    @property
-    def gran(self) -> Granularity:
-        return self.granularity
-
-
-class LayerOverride(_Strict):
-    """Bit widths for matching layers. A missing key inherits; ``null`` keeps that part float."""
-
-    weights: int | None = None
-    activations: int | None = None
-
-    _bits = field_validator("weights", "activations")(
-        classmethod(lambda cls, v: _check_bits(v)))
-
 
 class CalibConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     max_samples_per_quantizer: int = Field(1 << 18, ge=1024)
+
+
+def _parse_method(v: Any) -> MethodConfig:
+    """One ``methods`` entry (a name, or a mapping with ``name``) → its typed config."""
+    if isinstance(v, MethodConfig):
+        return v
+    if isinstance(v, str):
+        v = {"name": v}
+    if not isinstance(v, dict) or not isinstance(v.get("name"), str):
+        raise ValueError("each entry of methods is a method name or a mapping with a 'name', "
+                         "e.g. `- qdrop` or `- {name: qdrop, iters: 500}`")
+    try:
+        handler = method_handler(v["name"])
+    except RecipeError as e:
+        raise ValueError(str(e)) from None
+    try:
+        return handler.config.model_validate({k: x for k, x in v.items() if k != "name"})
+    except ValidationError as e:
+        errs = config_errors(e, handler.config)
+        raise PydanticCustomError("method_config", "{detail}", {
+            "detail": "; ".join(m for _, m in errs), "method": handler.name,
+            "errors": [[list(loc), m] for loc, m in errs]}) from None
+
+
+MethodField = Annotated[Any, BeforeValidator(_parse_method), PlainSerializer(method_entry)]
 
 
 class Recipe(_Strict):
@@ -80,8 +66,7 @@ class Recipe(_Strict):
     version: int = RECIPE_VERSION
     name: str
     description: str = ""
-    method: str = "rtn"
-    method_args: dict[str, Any] = Field(default_factory=dict)
+    methods: list[MethodField] = Field(default_factory=lambda: ["rtn"])
     weights: QuantSpec
     activations: QuantSpec | None = None
     first_layer: LayerOverride | None = None
@@ -104,25 +89,25 @@ class Recipe(_Strict):
                              f"version {RECIPE_VERSION})")
         return v
 
-    @field_validator("method")
+    @model_validator(mode="before")
     @classmethod
-    def _method(cls, v: str) -> str:
-        from .algorithms import ALGORITHMS
-        if v not in ALGORITHMS:
-            raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(ALGORITHMS))}")
-        return v
+    def _one_method_form(cls, data: Any) -> Any:
+        """``method: M`` + ``method_args: {...}`` (the form before ``methods``) → one entry."""
+        if not isinstance(data, dict) or not {"method", "method_args"} & data.keys():
+            return data
+        if "methods" in data:
+            raise ValueError("give `methods:` only (`method:` / `method_args:` is the old form "
+                             "of a one-entry list)")
+        data = dict(data)
+        args = data.pop("method_args", None) or {}
+        if not isinstance(args, dict):
+            raise ValueError("method_args must be a mapping of settings")
+        data["methods"] = [{"name": data.pop("method", "rtn"), **args}]
+        return data
 
-    @field_validator("method_args")
-    @classmethod
-    def _method_args(cls, v: dict[str, Any], info) -> dict[str, Any]:
-        from .algorithms import CONFIGS
-        config = CONFIGS.get(info.data.get("method", ""))
-        if config is not None:
-            try:
-                config.parse(v, info.data["method"])
-            except RecipeError as e:
-                raise ValueError(str(e)) from None
-        return v
+    @property
+    def method_names(self) -> list[str]:
+        return [method_entry(m)["name"] for m in self.methods]
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -159,13 +144,11 @@ def _format_errors(err: ValidationError, source: str, lines: dict | None) -> str
     for e in err.errors():
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
         key = ".".join(str(x) for x in loc) or "(top level)"
-        line = None
-        if lines:
-            for n in range(len(loc), -1, -1):
-                if loc[:n] in lines:
-                    line = lines[loc[:n]]
-                    break
+        line = _line_of(loc, lines)
         where = f"{source} line {line}" if line else source
+        if e["type"] == "method_config":
+            msgs += _method_errors(e, loc, source, lines)
+            continue
         if e["type"] == "extra_forbidden":
             what = f"unknown key {key!r}"
             parent = _model_at(loc[:-1])
@@ -177,6 +160,35 @@ def _format_errors(err: ValidationError, source: str, lines: dict | None) -> str
             what = f"bad value for {key!r}: {e['msg'].removeprefix('Value error, ')}"
         msgs.append(f"{where}: {what}")
     return "invalid recipe:\n  " + "\n  ".join(msgs)
+
+
+def _line_of(loc: tuple, lines: dict | None) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if lines and loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def _method_errors(e: dict, loc: tuple, source: str, lines: dict | None) -> list[str]:
+    """One message per bad setting of a ``methods`` entry, each with its own line."""
+    out = []
+    for sub, msg in e["ctx"]["errors"]:
+        line = _line_of(loc + tuple(sub), lines)
+        where = f"{source} line {line}" if line else source
+        out.append(f"{where}: methods[{loc[-1]}] ({e['ctx']['method']}): {msg}")
+    return out
+
+
+def _alias_one_method_form(lines: dict) -> dict:
+    """Lines of ``method`` / ``method_args.K`` also under ``methods.0`` / ``methods.0.K``."""
+    if ("methods",) in lines or not {("method",), ("method_args",)} & lines.keys():
+        return lines
+    top = lines.get(("method_args",), lines.get(("method",)))
+    lines[("methods",)] = lines[("methods", 0)] = top
+    for path, line in list(lines.items()):
+        if path[:1] == ("method_args",) and len(path) > 1:
+            lines[("methods", 0) + path[1:]] = line
+    return lines
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
@@ -209,7 +221,8 @@ def load_recipe_text(text: str, *, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_format_errors(e, source, _line_map(node))) from None
+        raise RecipeError(_format_errors(e, source, _alias_one_method_form(_line_map(node)))
+                          ) from None
 
 
 def builtin_recipe_names() -> list[str]:

@@ -20,12 +20,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveFloat
 
-from . import recon, units
-from .config import MethodConfig
-from .recon import Stage
+from ..methods import MethodConfig, MethodContext, register_method
+from ..runner import recon, units
+from ..runner.recon import Stage
 
-# CPU default of every reconstruction method (papers: 20 000 per unit, `method_args: {iters:
-# 20000}`). Chosen by measurement: PD-Quant, the costliest method, W2A2 on zoo ResNet-20, 1 thread
+# CPU default of every reconstruction method (papers: 20 000 per unit, `methods: [{name: M, iters:
+# 20000}]`). Chosen by measurement: PD-Quant, the costliest method, W2A2 on zoo ResNet-20, 1 thread
 # on the shared 2-core machine (load ≈ 2.7): ≈ 1.06 s per iteration summed over its 11 units
 # and ≈ 8.3 s per distribution-correction step (all units, 1024 images); 100 iterations and 10
 # DC steps gave 88.17 % top-1 (float 93.14, RTN 72.40) in 218 s of calibration; 200 iterations
@@ -57,6 +57,9 @@ class AdaRoundConfig(MethodConfig):
     b_end: float = Field(2.0, gt=0)
     cache_mb: int = Field(2048, ge=1, description="RAM for cached unit tensors; beyond: disk")
 
+    def auto_values(self, model, ctx: MethodContext) -> dict[str, Any]:
+        return {"lr": self.round_lr()} if self.lr == "auto" else {}
+
     def round_lr(self) -> float:
         if self.lr != "auto":
             return self.lr
@@ -73,9 +76,7 @@ def layer_units(model, example):
     return units.partition(model, example, blocks=False, max_group=1)
 
 
-def apply(model, recipe, batches, *, seed: int = 0, progress: bool = False,
-          float_model=None, work_dir=None) -> dict[str, Any]:
-    cfg = AdaRoundConfig.parse(recipe.method_args, "adaround")
-    return recon.run_stages(model, recipe, batches, [cfg.weight_stage()], seed=seed,
-                            progress=progress, float_model=float_model, work_dir=work_dir,
-                            units_fn=layer_units, cache_mb=cfg.cache_mb)
+@register_method("adaround", AdaRoundConfig)
+def apply(model, cfg: AdaRoundConfig, ctx: MethodContext) -> dict[str, Any]:
+    return recon.run_stages(model, ctx, [cfg.weight_stage()], units_fn=layer_units,
+                            cache_mb=cfg.cache_mb)

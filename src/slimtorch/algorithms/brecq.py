@@ -14,9 +14,10 @@ from typing import Any
 
 from pydantic import Field
 
-from . import recon, units
+from ..methods import MethodContext, register_method
+from ..runner import recon, units
+from ..runner.recon import Stage
 from .adaround import AdaRoundConfig
-from .recon import Stage
 
 
 class BRECQConfig(AdaRoundConfig):
@@ -29,14 +30,11 @@ def block_units(model, example):
     return units.partition(model, example, blocks=True, max_group=3)
 
 
-def apply(model, recipe, batches, *, seed: int = 0, progress: bool = False,
-          float_model=None, work_dir=None) -> dict[str, Any]:
-    cfg = BRECQConfig.parse(recipe.method_args, "brecq")
+@register_method("brecq", BRECQConfig)
+def apply(model, cfg: BRECQConfig, ctx: MethodContext) -> dict[str, Any]:
     stages = [cfg.weight_stage()]
-    if recipe.activations is not None and cfg.act_iters > 0:
+    if ctx.recipe.activations is not None and cfg.act_iters > 0:
         stages.append(Stage("acts", cfg.act_iters, learn_weights=False, learn_acts=True,
                             acts_on=True, batch_size=cfg.batch_size, lr_act=cfg.act_lr,
                             rec_p=cfg.act_p))
-    return recon.run_stages(model, recipe, batches, stages, seed=seed, progress=progress,
-                            float_model=float_model, work_dir=work_dir, units_fn=block_units,
-                            cache_mb=cfg.cache_mb)
+    return recon.run_stages(model, ctx, stages, units_fn=block_units, cache_mb=cfg.cache_mb)

@@ -10,18 +10,26 @@ an *unfolded* float copy of the model) match the BN running statistics, plus ‖
 Adam, ReduceLROnPlateau(patience 100, min lr 1e-5). The objective is a mean over samples of
 per-sample terms and Adam is element-wise, so we optimise ``dc_batch`` samples at once (the code
 uses 32) — the same per-sample optimum, faster on CPU.
+
+Both plug into the reconstruction runner as one ``PDTerm`` (a ``recon.UnitTerm``): ``setup``
+caches the float model's logits on the calibration set, ``correct`` is DC, ``bind`` is L_pd.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ..data.cache import CachePool
+from ..errors import CalibrationDataError, SlimtorchError
+from ..graph.capture import call_model
 from ..quant.prepare import quant_state
-from .recon import Context, pd_loss, rec_loss
-from .recon_cache import take, unit_map
-from .units import Unit
+from ..runner.recon import Context, UnitTerm, rec_loss
+from ..runner.recon_cache import cat_items, take, unit_map
+from ..runner.units import Unit
+from .suffix import SuffixRunner
 
 
 @dataclass(frozen=True)
@@ -34,11 +42,61 @@ class PDSettings:
     dc_batch: int = 256
 
 
-def prediction_loss(suffix, ctx: Context, out_q: Tensor, idx: Tensor, pd: PDSettings
-                    ) -> Tensor:
-    """L_pd on a batch: ``suffix`` (a ``SuffixRunner``) gives z_q from the unit output."""
-    z_q = suffix(out_q, take(ctx.inputs, idx))
-    return pd.pd_weight * pd_loss(z_q, ctx.logits_fp[idx], pd.temperature)
+def pd_loss(z_q: Tensor, z_fp: Tensor, temperature: float) -> Tensor:
+    """KL(softmax(z_fp/T) ‖ softmax(z_q/T)), 'batchmean', no T² factor (PD-Quant code)."""
+    return nn.functional.kl_div(torch.log_softmax(z_q / temperature, 1),
+                                torch.softmax(z_fp / temperature, 1), reduction="batchmean")
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, batches: list, pool: CachePool) -> Tensor:
+    outs = [call_model(model, b) for b in batches]
+    if not all(isinstance(o, Tensor) for o in outs):
+        raise SlimtorchError("PD-Quant needs a model that returns a logits tensor; use qdrop "
+                             "for models with other outputs")
+    z = pool.empty((sum(len(o) for o in outs), *outs[0].shape[1:]))
+    torch.cat(outs, out=z)
+    return z
+
+
+
+class PDTerm(UnitTerm):
+    """PD-Quant's additions to the QDrop stage: DC of each unit's float input, and L_pd."""
+
+    def __init__(self, pd: PDSettings, batch_size: int):
+        self.pd, self.batch_size = pd, batch_size
+        self.inputs = self.logits_fp = None  # all calibration items; the float model's logits
+
+    def setup(self, ctx: Context) -> None:
+        if self.pd.dc_steps > 0 and ctx.float_model is None:
+            raise SlimtorchError("PD-Quant's distribution correction needs the untouched float "
+                                 "model: call quantize with inplace=False, or set dc_steps: 0")
+        self.inputs = cat_items(ctx.batches)
+        with torch.no_grad(), quant_state(ctx.model, weights=False, acts=False):
+            self.logits_fp = model_outputs(ctx.model, ctx.batches, ctx.pool)
+
+    def correct(self, ctx: Context, unit: Unit, x_fp: Tensor, y_fp: Tensor
+                ) -> tuple[Tensor, Tensor, dict]:
+        if self.pd.dc_steps <= 0:
+            return x_fp, y_fp, {}
+        t0 = time.perf_counter()
+        x_fp, y_fp, dc = correct_unit_inputs(ctx, unit, x_fp, y_fp, self.pd)
+        dc["seconds"] = round(time.perf_counter() - t0, 2)
+        return x_fp, y_fp, {"dc": dc}
+
+    def bind(self, ctx: Context, mod: nn.Module, y_fp: Tensor):
+        """L_pd on (unit output, sample indices); the suffix runs the rest of the network."""
+        first = torch.arange(min(self.batch_size, len(y_fp)))
+        if len(first) < self.batch_size:
+            raise CalibrationDataError(
+                f"PD-Quant needs at least batch_size={self.batch_size} calibration samples, "
+                f"got {len(first)}; give more calibration data or lower its batch_size")
+        suffix = SuffixRunner(ctx.model, mod, take(self.inputs, first), y_fp[first])
+        return (lambda out_q, idx: self.loss(suffix, out_q, idx)), {"suffix": suffix.mode}
+
+    def loss(self, suffix: SuffixRunner, out_q: Tensor, idx: Tensor) -> Tensor:
+        z_q = suffix(out_q, take(self.inputs, idx))
+        return self.pd.pd_weight * pd_loss(z_q, self.logits_fp[idx], self.pd.temperature)
 
 
 def bn_stat_loss(inp: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tensor:

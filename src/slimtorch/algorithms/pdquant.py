@@ -15,9 +15,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from . import recon
+from ..methods import MethodContext, register_method
+from ..runner import recon
 from .brecq import block_units
-from .pd import PDSettings
+from .pd import PDSettings, PDTerm
 from .qdrop import QDropConfig, act_bits, has_depthwise
 
 
@@ -32,6 +33,19 @@ class PDQuantConfig(QDropConfig):
     lambda_c: float | Literal["auto"] = "auto"
     dc_batch: int = Field(256, ge=1)
 
+    def auto_values(self, model, ctx: MethodContext) -> dict[str, Any]:
+        out = super().auto_values(model, ctx)
+        pd = self.settings(model)
+        if self.temperature == "auto":
+            out["temperature"] = pd.temperature
+        if self.lambda_c == "auto":
+            out["lambda_c"] = pd.lambda_c
+        return out
+
+    def term(self, model) -> PDTerm:
+        """DC + prediction-difference loss, plugged into the QDrop stage."""
+        return PDTerm(self.settings(model), self.batch_size)
+
     def settings(self, model) -> PDSettings:
         dw = has_depthwise(model)
         t = (1.0 if dw else 4.0) if self.temperature == "auto" else self.temperature
@@ -39,10 +53,7 @@ class PDQuantConfig(QDropConfig):
         return PDSettings(t, self.pd_weight, self.dc_steps, self.dc_lr, lc, self.dc_batch)
 
 
-def apply(model, recipe, batches, *, seed: int = 0, progress: bool = False,
-          float_model=None, work_dir=None) -> dict[str, Any]:
-    cfg = PDQuantConfig.parse(recipe.method_args, "pdquant")
-    stage = cfg.joint_stage(model, act_bits(recipe), pd=cfg.settings(model))
-    return recon.run_stages(model, recipe, batches, [stage], seed=seed, progress=progress,
-                            float_model=float_model, work_dir=work_dir, units_fn=block_units,
-                            cache_mb=cfg.cache_mb, need_logits=True)
+@register_method("pdquant", PDQuantConfig)
+def apply(model, cfg: PDQuantConfig, ctx: MethodContext) -> dict[str, Any]:
+    stage = cfg.joint_stage(model, act_bits(ctx.recipe), terms=(cfg.term(model),))
+    return recon.run_stages(model, ctx, [stage], units_fn=block_units, cache_mb=cfg.cache_mb)

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..graph.capture import call_model
+from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.functional import quantized_sdpa
 from ..quant.prepare import quant_layers, quantizers_off
 from ..quant.quantizer import Mode, Quantizer
 from ..quant.twin import SPLITS, TwinUniformQuantizer
-from .config import MethodConfig
 from .vit_sites import (first_float, observe_only, post_gelu_layers,
                         post_softmax_slots, sites_of, swap_input_quantizer,
                         swap_site_quantizer)
@@ -58,10 +58,17 @@ class PTQ4ViTConfig(MethodConfig):
     twin: bool = True
     max_rows: int = Field(2048, ge=16, description="token rows kept per Linear unit")
 
+    def auto_values(self, model, ctx: MethodContext) -> dict[str, Any]:
+        if self.target != "auto":
+            return {}
+        with torch.no_grad(), quantizers_off(model):  # the prediction's shape decides
+            pred = first_float(call_model(model, ctx.batches[0]))
+        return {"target": "kl" if pred.dim() == 2 else "mse"}
 
-def apply(model, recipe, batches, *, seed: int = 0, progress: bool = False,
-          float_model=None, work_dir=None) -> dict[str, Any]:
-    cfg = PTQ4ViTConfig.parse(recipe.method_args, "ptq4vit")
+
+@register_method("ptq4vit", PTQ4ViTConfig)
+def apply(model, cfg: PTQ4ViTConfig, ctx: MethodContext) -> dict[str, Any]:
+    batches, seed = ctx.batches, ctx.seed
     t0 = time.perf_counter()
     batches = _first_items(batches, cfg.calib_items)
     if cfg.twin:

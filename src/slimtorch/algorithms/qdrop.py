@@ -26,10 +26,11 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveFloat
 
-from . import recon
+from ..methods import MethodContext, register_method
+from ..runner import recon
+from ..runner.recon import Stage
 from .adaround import AdaRoundConfig, budget_lr
 from .brecq import block_units
-from .recon import Stage
 
 
 def act_bits(recipe) -> int | None:
@@ -55,6 +56,20 @@ class QDropConfig(AdaRoundConfig):
     mix_prob: float = Field(0.5, ge=0, le=1)
     drop_prob: float = Field(0.5, ge=0, le=1)
 
+    def auto_values(self, model, ctx: MethodContext) -> dict[str, Any]:
+        out = super().auto_values(model, ctx)
+        if self.round_weight == "auto":
+            out["round_weight"] = self.round_lambda(model)
+        if self.act_lr == "auto":
+            out["act_lr"] = self.lsq_lr(act_bits(ctx.recipe))
+        return out
+
+    def round_lambda(self, model) -> float:
+        """λ: 0.1 for nets with depthwise convolutions (QDrop's MobileNetV2 config), else 0.01."""
+        if self.round_weight != "auto":
+            return self.round_weight
+        return 0.1 if has_depthwise(model) else 0.01
+
     def lsq_lr(self, act_bits: int | None) -> float:
         """The LSQ learning rate for a recipe whose activations have ``act_bits`` bits."""
         if self.act_lr != "auto":
@@ -64,9 +79,7 @@ class QDropConfig(AdaRoundConfig):
         return budget_lr(PAPER_ACT_LR, self.iters)
 
     def joint_stage(self, model, act_bits: int | None = None, **kw) -> Stage:
-        lam = self.round_weight
-        if lam == "auto":
-            lam = 0.1 if has_depthwise(model) else 0.01
+        lam = self.round_lambda(model)
         act_lr = self.lsq_lr(act_bits)
         return Stage("joint", self.iters, learn_weights=True, learn_acts=True, acts_on=True,
                      batch_size=self.batch_size, lr_round=self.round_lr(), lr_act=act_lr,
@@ -74,10 +87,7 @@ class QDropConfig(AdaRoundConfig):
                      mix_prob=self.mix_prob, drop_prob=self.drop_prob, **kw)
 
 
-def apply(model, recipe, batches, *, seed: int = 0, progress: bool = False,
-          float_model=None, work_dir=None) -> dict[str, Any]:
-    cfg = QDropConfig.parse(recipe.method_args, "qdrop")
-    stage = cfg.joint_stage(model, act_bits(recipe))
-    return recon.run_stages(model, recipe, batches, [stage], seed=seed,
-                            progress=progress, float_model=float_model, work_dir=work_dir,
-                            units_fn=block_units, cache_mb=cfg.cache_mb)
+@register_method("qdrop", QDropConfig)
+def apply(model, cfg: QDropConfig, ctx: MethodContext) -> dict[str, Any]:
+    stage = cfg.joint_stage(model, act_bits(ctx.recipe))
+    return recon.run_stages(model, ctx, [stage], units_fn=block_units, cache_mb=cfg.cache_mb)

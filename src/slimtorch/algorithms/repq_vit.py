@@ -27,7 +27,7 @@ a log√2 quantizer for post-softmax activations, as the published code does it.
    4-bit ones) each get their own (r, b), carried by their input quantizers.
 3. The weights of the reparameterised layers are re-calibrated (the recipe's observer).
 
-``method_args``: ``log2_softmax`` (default true), ``reparameterize`` (default true),
+Settings: ``log2_softmax`` (default true), ``reparameterize`` (default true),
 ``reparam_gelu`` (default false) — an extension that is *not* in the paper: post-GELU layer
 inputs (fc2, found from the graph) get the same per-channel calibration and reparameterisation,
 carried by their input quantizer (GELU is not affine, so there is nothing to fold it into).
@@ -42,11 +42,11 @@ import torch
 from pydantic import Field
 
 from ..graph.capture import call_model
+from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.granularity import PerChannel
 from ..quant.kinds import make_quantizer
-from ..quant.quantizer import Mode
 from ..quant.prepare import quantizers_off
-from .config import MethodConfig
+from ..quant.quantizer import Mode
 from .vit_sites import (LNGroup, first_float, ln_linear_groups, observe_only, post_gelu_layers,
                         post_softmax_slots, recapture, set_input_quantizer,
                         swap_input_quantizer, swap_site_quantizer)
@@ -64,9 +64,9 @@ class RepQConfig(MethodConfig):
                                "the reparameterisation on post-GELU layer inputs")
 
 
-def apply(model, recipe, batches, *, seed: int = 0, progress: bool = False,
-          float_model=None, work_dir=None) -> dict[str, Any]:
-    cfg = RepQConfig.parse(recipe.method_args, "repq")
+@register_method("repq", RepQConfig)
+def apply(model, cfg: RepQConfig, ctx: MethodContext) -> dict[str, Any]:
+    recipe, batches = ctx.recipe, ctx.batches
     t0 = time.perf_counter()
     stats: dict[str, Any] = {"log2_sites": 0, "reparameterized": [], "carried": [],
                              "skipped": []}

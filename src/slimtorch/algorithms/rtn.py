@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..methods import MethodConfig, MethodContext, register_method
 
-def apply(model, recipe, batches, *, seed: int = 0, progress: bool = False,
-          float_model=None, work_dir=None) -> dict[str, Any]:
-    if recipe.method_args:
-        from ..errors import RecipeError
-        raise RecipeError(f"method 'rtn' takes no method_args, got {sorted(recipe.method_args)}")
+
+class RTNConfig(MethodConfig):
+    """No settings."""
+
+
+@register_method("rtn", RTNConfig)
+def apply(model, cfg: RTNConfig, ctx: MethodContext) -> dict[str, Any]:
     return {}

@@ -1,12 +1,16 @@
 """The calibration-data contract and its checks.
 
-``calib_data`` is an iterable of items, or one Tensor holding a stack of samples (split into
-batches of the recipe's ``calib.batch_size``). An item is a Tensor (one positional argument),
-a tuple/list (positional arguments) or a dict (keyword arguments, e.g. a tokenizer's output).
+``calib_data`` is any iterable of items (a list, a generator, a torch ``DataLoader``), or one
+Tensor holding a stack of samples (split into batches of the recipe's ``calib.batch_size``).
+An item is a Tensor (one positional argument), a tuple/list (positional arguments) or a dict
+(keyword arguments, e.g. a tokenizer's output); an optional ``transform`` maps each item to that
+form first (NNCF's ``Dataset(data_source, transform_func)``). The iterable is read once, item by
+item, each checked as it arrives; methods revisit the calibration set many times, so the
+(transformed) items are kept.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -15,8 +19,9 @@ from torch.utils._pytree import tree_flatten
 from ..errors import CalibrationDataError
 
 
-def calibration_batches(calib_data: Any, batch_size: int) -> list[Any]:
-    """Materialise calibration items as a list, rejecting empty data and NaN/inf values."""
+def calibration_batches(calib_data: Any, batch_size: int,
+                        transform: Callable[[Any], Any] | None = None) -> list[Any]:
+    """Calibration items as a list, rejecting empty data and NaN/inf values."""
     if calib_data is None:
         raise CalibrationDataError("no calibration data given; pass a Tensor of samples or "
                                    "an iterable of batches (Tensor, tuple or dict)")
@@ -26,16 +31,19 @@ def calibration_batches(calib_data: Any, batch_size: int) -> list[Any]:
         items = [calib_data]
     else:
         try:
-            items = list(calib_data)
+            items = iter(calib_data)
         except TypeError:
             raise CalibrationDataError(
                 f"calibration data of type {type(calib_data).__name__} is not iterable; pass "
                 "a Tensor of samples or an iterable of batches") from None
-    if not items:
-        raise CalibrationDataError("calibration data is empty: give at least one batch")
+    out = []
     for i, item in enumerate(items):
+        item = item if transform is None else transform(item)
         check_item(item, i)
-    return items
+        out.append(item)
+    if not out:
+        raise CalibrationDataError("calibration data is empty: give at least one batch")
+    return out
 
 
 def check_item(item: Any, index: int) -> None:

@@ -146,7 +146,8 @@ def float_twin(float_model: nn.Module, meta: dict) -> nn.Module:
     """A copy of the float model rewritten as the quantized model was (same layer names)."""
     twin = copy.deepcopy(float_model).eval()
     if meta.get("decomposed"):
-        decompose_attention(twin)
+        with torch.random.fork_rng(devices=[]):  # its nn.Linear constructors draw from the RNG
+            decompose_attention(twin)
     folds = [tuple(p) for p in meta.get("bn_folds", [])]
     if folds:
         fold_batchnorm(twin, folds)

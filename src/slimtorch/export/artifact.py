@@ -16,7 +16,6 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
+from .._version import versions
 from ..errors import ArtifactError
 from ..graph.rewrite import apply_fold_structure, decompose_attention
 from ..quant.prepare import META_ATTR, attach, quant_layers
@@ -137,11 +136,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=1))
-
-
-def versions() -> dict[str, str]:
-    return {"slimtorch": __version__, "torch": torch.__version__,
-            "python": platform.python_version()}
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from .onnx_rewrite import Graph, attrs, replace_node
+from .onnx_graph import Graph, attrs, replace_node
 
 
 def _const_key(gr: Graph, name: str) -> tuple | None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from .onnx_rewrite import Graph
+from .onnx_graph import Graph
 
 WEIGHT_FORMS = ("auto", "s8", "u8")
 S7_BOUND = 64  # |w| ≤ 64 for every code: no pair of u8×s8 products leaves int16

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..graph.tracker import FUNCTIONAL_KINDS, ModuleTracker
-from ..recipe import QuantSpec
 from .kinds import make_quantizer
 from .quantizer import Quantizer
+from .spec import QuantSpec
 
 SITE_ROLES = {"matmul": ("a", "b"), "sdpa": ("q", "k", "probs", "v"), "add": ("a", "b")}
 INPLACE = {"__iadd__", "add_"}

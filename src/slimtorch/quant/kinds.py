@@ -8,10 +8,10 @@ the spec (with its kind), so ``load`` rebuilds the same class and the buffers re
 """
 from __future__ import annotations
 
-from ..recipe import QuantSpec
 from .log2 import Log2Sqrt2Quantizer
 from .quantizer import Quantizer
 from .reparam import ReparamQuantizer
+from .spec import QuantSpec
 from .twin import TwinUniformQuantizer
 
 QUANTIZER_KINDS: dict[str, type[Quantizer]] = {

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..recipe import QuantSpec
 from .kinds import make_quantizer
 from .quantizer import Quantizer
+from .spec import QuantSpec
 
 QMODULES: dict[type[nn.Module], type[nn.Module]] = {}
 

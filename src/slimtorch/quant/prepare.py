@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 from ..graph.capture import QuantGraph, call_model, capture, view_source
 from ..graph.rewrite import decompose_attention, fold_batchnorm, set_submodule
-from ..recipe import LayerOverride, QuantSpec, Recipe, match_override
+from ..recipe import Recipe, match_override
 from .functional import SITE_ROLES, FunctionalSites
 from .granularity import PerChannel, PerTensor
 from .modules import QuantLayerMixin, qmodule_class
 from .quantizer import Mode, Quantizer
+from .spec import LayerOverride, QuantSpec
 
 SITES_ATTR = "slimtorch_functional"
 META_ATTR = "_slimtorch_meta"

@@ -18,8 +18,8 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 
-from ..recipe import QuantSpec
 from .granularity import PerChannel, PerGroup, PerTensor
+from .spec import QuantSpec
 
 MSE_CANDIDATES = 100
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch (Nagel et al. 2020)
@@ -159,8 +159,6 @@ class Quantizer(nn.Module):
         self.rounding: nn.Parameter | None = None   # AdaRound V, shaped like the weight layout
         self.hard_rounding = False                   # h = 1[V >= 0] instead of h(V)
         self.learned_scale: nn.Parameter | None = None  # LSQ step size
-        self.drop_prob = 0.0                          # QDrop: P(element stays float)
-        self.drop_mask: Tensor | None = None          # external keep-mask (True = quantize)
 
     # ------------------------------------------------------------------ layout
     def _rows(self, x: Tensor) -> Tensor:
@@ -231,20 +229,10 @@ class Quantizer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if self.mode is Mode.QUANT:
-            if self.drop_prob > 0 or self.drop_mask is not None:
-                return self._dropped(x)
             return self.fake_quant(x)
         if self.mode is Mode.OBSERVE:
             self._observe(x)
         return x
-
-    def _dropped(self, x: Tensor) -> Tensor:
-        """QDrop: each element keeps its quantized value with p = 1 − drop_prob, else float.
-        An external ``drop_mask`` (same shape as x) decides instead when given."""
-        keep = self.drop_mask
-        if keep is None or keep.shape != x.shape:
-            keep = torch.rand_like(x) >= self.drop_prob
-        return torch.where(keep, self.fake_quant(x), x)
 
     def _layout(self, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], self.scale.shape[1], -1) if isinstance(

@@ -76,16 +76,6 @@ def collect(model: nn.Module, module: nn.Module, batches: list, pool: CachePool,
 
 
 @torch.no_grad()
-def model_outputs(model: nn.Module, batches: list, pool: CachePool) -> Tensor:
-    outs = [call_model(model, b) for b in batches]
-    if not all(isinstance(o, Tensor) for o in outs):
-        raise ValueError("PD-Quant needs a model that returns a logits tensor")
-    z = pool.empty((sum(len(o) for o in outs), *outs[0].shape[1:]))
-    torch.cat(outs, out=z)
-    return z
-
-
-@torch.no_grad()
 def unit_map(fn: Callable[[Tensor], Tensor], xs: Tensor, pool: CachePool, chunk: int = 256
              ) -> Tensor:
     first = fn(xs[:chunk])

@@ -7,10 +7,16 @@ their own units, the remaining layers are grouped by their module (≤ ``max_gro
 For each unit, in graph order (``reconstruct``):
 1. cache, for every calibration image, the unit's float input x_fp and float output (all
    quantizers off) and its input x_q in the current quantized model (earlier units done);
-2. optionally correct x_fp's distribution (PD-Quant DC, ``pd.py``) and recompute the target;
+2. let the stage's terms adjust the float input and target (PD-Quant: distribution
+   correction, ``pd.py``);
 3. optimise AdaRound V (``Quantizer.rounding``) and/or LSQ activation step sizes of the unit
-   on ‖unit(x) − target‖² (+ λ·round regulariser, + PD loss), x = x_q or the QDrop mix;
+   on ‖unit(x) − target‖² (+ λ·round regulariser, + the terms' losses), x = x_q or the QDrop
+   mix;
 4. harden the rounding, record the loss before/after on the whole cache, persist the state.
+
+A ``UnitTerm`` is the pluggable part of a stage: it may set itself up once per run, correct a
+unit's cached float input/target, and add a loss on the unit's output for the pure quantized
+input (appended to each batch). The runner knows no method beyond that interface.
 
 Cached tensors live in a ``CachePool`` (bounded RAM, spill to disk; ``recon_cache.py``). Every
 random draw of a unit comes from a generator seeded by (seed, stage, unit index), so a run
@@ -21,16 +27,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.cache import CachePool
+from ..methods import MethodContext
 from ..quant.prepare import distinct, quant_layers, quant_state
-from ..quant.quantizer import Quantizer
-from .recon_cache import WorkDir, cat_items, collect, fingerprint, model_outputs, take
+from ..quant.quantizer import Mode, Quantizer
+from .recon_cache import WorkDir, collect, fingerprint
 from .units import Unit
 
 
@@ -53,7 +60,25 @@ class Stage:
     rec_p: float = 2.0           # exponent of the reconstruction error
     mix_prob: float = 0.0        # QDrop: P(unit input element comes from x_q); 0 = always x_q
     drop_prob: float = 0.0       # QDrop: P(in-unit activation element stays float)
-    pd: Any = None               # PD-Quant settings (pdquant.PDSettings) or None
+    terms: tuple = ()            # UnitTerm objects (PD-Quant: pd.PDTerm)
+
+
+class UnitTerm:
+    """A pluggable part of a stage; every hook is optional (the defaults do nothing)."""
+
+    def setup(self, ctx: "Context") -> None:
+        """Once per run, before the first unit (e.g. cache the float model's outputs)."""
+
+    def correct(self, ctx: "Context", unit: Unit, x_fp: Tensor, y_fp: Tensor
+                ) -> tuple[Tensor, Tensor, dict]:
+        """The unit's float input and target to reconstruct from, and stats to record."""
+        return x_fp, y_fp, {}
+
+    def bind(self, ctx: "Context", mod: nn.Module, y_fp: Tensor
+             ) -> tuple[Callable[[Tensor, Tensor], Tensor] | None, dict]:
+        """A loss ``fn(unit output on the pure quantized input, sample indices)`` for this unit
+        (None: no loss), and stats to record."""
+        return None, {}
 
 
 # ============================================================== formulas
@@ -73,17 +98,37 @@ def rec_loss(pred: Tensor, target: Tensor, p: float = 2.0) -> Tensor:
     return (d.square() if p == 2.0 else d.pow(p)).sum(1).mean()
 
 
-def pd_loss(z_q: Tensor, z_fp: Tensor, temperature: float) -> Tensor:
-    """KL(softmax(z_fp/T) ‖ softmax(z_q/T)), 'batchmean', no T² factor (PD-Quant code)."""
-    return nn.functional.kl_div(torch.log_softmax(z_q / temperature, 1),
-                                torch.softmax(z_fp / temperature, 1), reduction="batchmean")
-
-
 def mix_inputs(x_q: Tensor, x_fp: Tensor, prob: float, gen: torch.Generator
                ) -> tuple[Tensor, Tensor]:
     """QDrop: element-wise x_q with probability ``prob`` else x_fp. Returns (x, mask)."""
     mask = torch.rand(x_q.shape, generator=gen) < prob
     return torch.where(mask, x_q, x_fp), mask
+
+
+class QDrop:
+    """QDrop's random drop, a forward hook on each of the unit's activation quantizers: in QUANT
+    mode an element keeps its quantized value with p = 1 − ``prob``, else its float input; the
+    quantizers that read the unit input (``boundary``) follow the mix mask (``mask``) instead.
+    Draws come from ``gen`` (never the global RNG)."""
+
+    def __init__(self, quantizers: list[Quantizer], boundary: list[Quantizer], prob: float,
+                 gen: torch.Generator):
+        self.prob, self.gen, self.mask = prob, gen, None
+        self.boundary = {id(q) for q in boundary}
+        self.hooks = [q.register_forward_hook(self._hook) for q in quantizers]
+
+    def _hook(self, q: Quantizer, args: tuple, out: Tensor) -> Tensor | None:
+        mask = self.mask if id(q) in self.boundary else None
+        if q.mode is not Mode.QUANT or (mask is None and self.prob <= 0):
+            return None
+        x = args[0]
+        keep = mask if mask is not None and mask.shape == x.shape else (
+            torch.rand(x.shape, generator=self.gen, dtype=x.dtype) >= self.prob)
+        return torch.where(keep, out, x)
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
 
 
 @torch.no_grad()
@@ -107,8 +152,6 @@ class Context:
     progress: bool = False
     float_model: nn.Module | None = None
     bn_folds: list = field(default_factory=list)
-    inputs: Any = None           # all calibration items concatenated
-    logits_fp: Tensor | None = None
 
 
 def unit_quantizers(model: nn.Module, unit: Unit) -> tuple[list, list[Quantizer]]:
@@ -142,18 +185,19 @@ def reconstruct(ctx: Context, units: list[Unit], stage: Stage, stage_idx: int = 
             _restore(ctx.model, unit, stage, saved[0])
             stats.append({**saved[1], "resumed": True})
             continue
-        gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 1009 * stage_idx + k)
-        with torch.random.fork_rng(devices=[]), quant_state(ctx.model, weights=True,
-                                                            acts=stage.acts_on):
-            torch.manual_seed(ctx.seed * 1_000_003 + 1009 * stage_idx + k)
-            st = reconstruct_unit(ctx, unit, stage, gen, f"{stage.name} {k + 1}/{len(units)}")
+        seed = ctx.seed * 1_000_003 + 1009 * stage_idx + k
+        gens = (torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed))
+        with quant_state(ctx.model, weights=True, acts=stage.acts_on):
+            st = reconstruct_unit(ctx, unit, stage, gens, f"{stage.name} {k + 1}/{len(units)}")
         ctx.work.save(stage.name, k, _state(ctx.model, unit, stage), st)
         stats.append(st)
     return stats
 
 
-def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage, gen: torch.Generator,
-                     desc: str) -> dict:
+def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
+                     gens: tuple[torch.Generator, torch.Generator], desc: str) -> dict:
+    """One unit (steps 1-4 of the module docstring). ``gens``: the generators of the batch
+    draws / QDrop mix and of QDrop's drop."""
     t0 = time.perf_counter()
     model, pool = ctx.model, ctx.pool
     mod = model.get_submodule(unit.name)
@@ -162,11 +206,9 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage, gen: torch.Generato
     x_q, _ = collect(model, mod, ctx.batches, pool, want_output=False)
     st: dict[str, Any] = {"unit": unit.name, "kind": unit.kind, "layers": len(unit.layers),
                           "stage": stage.name}
-    if stage.pd is not None and stage.pd.dc_steps > 0:
-        from .pd import correct_unit_inputs
-        t_dc = time.perf_counter()
-        x_fp, y_fp, st["dc"] = correct_unit_inputs(ctx, unit, x_fp, y_fp, stage.pd)
-        st["dc"]["seconds"] = round(time.perf_counter() - t_dc, 2)
+    for term in stage.terms:
+        x_fp, y_fp, extra_st = term.correct(ctx, unit, x_fp, y_fp)
+        st.update(extra_st)
     st["loss_before"] = eval_loss(mod, x_q, y_fp, stage.rec_p)
     ws, acts = unit_quantizers(model, unit)
     params_w, params_a = [], []
@@ -177,18 +219,19 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage, gen: torch.Generato
     if stage.learn_acts and stage.acts_on:
         params_a = [q.enable_lsq() for q in acts]
     boundary = _boundary(mod, acts, x_q[:2]) if stage.acts_on else []
-    for q in acts:
-        q.drop_prob = stage.drop_prob if stage.acts_on else 0.0
-    extra = None
-    if stage.pd is not None:
-        extra, st["suffix"] = _pd_term(ctx, mod, y_fp, stage)
+    drop = QDrop(acts if stage.acts_on else [], boundary, stage.drop_prob, gens[1])
+    extra = []
+    for term in stage.terms:
+        fn, extra_st = term.bind(ctx, mod, y_fp)
+        st.update(extra_st)
+        extra += [fn] if fn is not None else []
     t_opt = time.perf_counter()
     try:
-        st["loss_train_last"] = _optimise(ctx, mod, ws, acts, boundary, params_w, params_a,
-                                          x_q, x_fp, y_fp, stage, gen, desc, extra)
+        st["loss_train_last"] = _optimise(ctx, mod, ws, drop, params_w, params_a,
+                                          x_q, x_fp, y_fp, stage, gens[0], desc, extra)
     finally:
+        drop.remove()
         for q in acts:
-            q.drop_prob, q.drop_mask = 0.0, None
             q.disable_lsq()
         for _, m in ws:
             if m.weight_quantizer.rounding is not None:
@@ -201,20 +244,8 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage, gen: torch.Generato
     return st
 
 
-def _pd_term(ctx: Context, mod: nn.Module, y_fp: Tensor, stage: Stage):
-    """PD-Quant's prediction loss on (unit output, sample indices), and how the suffix runs."""
-    from .pd import prediction_loss
-    from .suffix import SuffixRunner
-    first = torch.arange(min(stage.batch_size, len(y_fp)))
-    if len(first) < stage.batch_size:
-        raise ValueError(f"PD-Quant needs at least batch_size={stage.batch_size} calibration "
-                         f"samples, got {len(first)}")
-    runner = SuffixRunner(ctx.model, mod, take(ctx.inputs, first), y_fp[first])
-    return (lambda out_q, idx: prediction_loss(runner, ctx, out_q, idx, stage.pd)), runner.mode
-
-
-def _optimise(ctx, mod, ws, acts, boundary, params_w, params_a, x_q, x_fp, y_fp,
-              stage: Stage, gen, desc, extra=None) -> float | None:
+def _optimise(ctx, mod, ws, drop: "QDrop", params_w, params_a, x_q, x_fp, y_fp,
+              stage: Stage, gen, desc, extra=()) -> float | None:
     if not params_w and not params_a:
         return None
     opt_w = torch.optim.Adam(params_w, lr=stage.lr_round) if params_w else None
@@ -230,14 +261,13 @@ def _optimise(ctx, mod, ws, acts, boundary, params_w, params_a, x_q, x_fp, y_fp,
             x, mask = mix_inputs(xq, xf, stage.mix_prob, gen)
         else:
             x, mask = xq, torch.ones(xq.shape, dtype=torch.bool)
-        if stage.pd is not None:
+        if extra:  # the terms' losses read the unit output on the pure quantized input
             x, mask = torch.cat([x, xq]), torch.cat([mask, torch.ones_like(mask)])
-        for q in boundary:
-            q.drop_mask = mask
+        drop.mask = mask
         out = mod(x)
         loss = rec_loss(out[:len(idx)], y, stage.rec_p)
-        if extra is not None:
-            loss = loss + extra(out[len(idx):], idx)
+        for fn in extra:
+            loss = loss + fn(out[len(idx):], idx)
         beta = beta_at(t, stage.iters, stage.warmup, stage.b_range)
         if params_w and beta is not None:
             loss = loss + stage.round_weight * sum(
@@ -283,23 +313,21 @@ def commit(model: nn.Module) -> None:
             m.weight.data = wq.commit_rounding(m.weight)
 
 
-def run_stages(model: nn.Module, recipe, batches: list, stages: list[Stage], *, seed: int,
-               progress: bool, float_model: nn.Module | None, work_dir, units_fn,
-               cache_mb: int, need_logits: bool = False) -> dict[str, Any]:
+def run_stages(model: nn.Module, mctx: MethodContext, stages: list[Stage], *, units_fn,
+               cache_mb: int) -> dict[str, Any]:
     """Shared ``apply`` body: partition, run each stage over all units, commit the rounding."""
     for p in model.parameters():
         p.requires_grad_(False)
     meta = getattr(model, "_slimtorch_meta", {})
+    work_dir, batches, seed = mctx.work_dir, mctx.batches, mctx.seed
     pool = CachePool(cache_mb << 20, Path(work_dir) / "spill" if work_dir else None)
     ctx = Context(model, batches, seed, pool,
-                  WorkDir(work_dir, fingerprint(recipe.to_dict(), seed, batches, model)),
-                  progress, float_model, [tuple(p) for p in meta.get("bn_folds", [])])
+                  WorkDir(work_dir, fingerprint(mctx.recipe.to_dict(), seed, batches, model)),
+                  mctx.progress, mctx.float_model, [tuple(p) for p in meta.get("bn_folds", [])])
     try:
         units = units_fn(model, batches[0])
-        if need_logits:
-            ctx.inputs = cat_items(batches)
-            with torch.no_grad(), quant_state(model, weights=False, acts=False):
-                ctx.logits_fp = model_outputs(model, batches, pool)
+        for term in {id(t): t for s in stages for t in s.terms}.values():
+            term.setup(ctx)
         t0 = time.perf_counter()
         per_unit = []
         with torch.enable_grad():
