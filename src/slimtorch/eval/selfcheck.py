@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import SlimtorchError
 from ..graph.capture import call_model
@@ -154,16 +154,25 @@ def float_twin(float_model: nn.Module, meta: dict) -> nn.Module:
     return twin
 
 
+def _copy(tree: Any) -> Any:
+    return tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, tree)
+
+
 def _record(model: nn.Module, names: set[str], item: Any) -> tuple[Any, dict, dict]:
     """Run ``model`` once; returns its output and the (args, kwargs) and output of each named
     module."""
     inputs, outputs, handles = {}, {}, []
+
+    def keep(store: dict, name: str, value: Any) -> None:  # a hook returning a value would
+        if name not in store:                               # replace the module's args/output
+            store[name] = _copy(value)  # a copy: later in-place ops (ReLU(inplace=True)) act
+                                        # on the module's own output, not on what is kept
     for name, mod in model.named_modules():
         if name in names:
             handles.append(mod.register_forward_pre_hook(
-                lambda m, a, k, n=name: inputs.setdefault(n, (a, k)), with_kwargs=True))
+                lambda m, a, k, n=name: keep(inputs, n, (a, k)), with_kwargs=True))
             handles.append(mod.register_forward_hook(
-                lambda m, a, o, n=name: outputs.setdefault(n, o)))
+                lambda m, a, o, n=name: keep(outputs, n, o)))
     try:
         out = call_model(model, item)
     finally:
