@@ -74,14 +74,21 @@ def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int 
     return metrics, qmodel
 
 
+def _artifact_source(directory: str | Path, from_python: str) -> tuple[dict, str]:
+    """(config, model source) of a saved artifact; an artifact of a custom model has no source
+    the CLI can rebuild, and the error says to use Python (``from_python``)."""
+    from .export.artifact import read_config
+    cfg = read_config(directory)
+    if not cfg.get("source"):
+        raise SlimtorchError(f"this artifact was made from a custom model; {from_python}")
+    return cfg, cfg["source"]
+
+
 def run_eval(directory: str | Path, *, data_dir: str | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Reload an artifact and evaluate it against its float model again."""
-    from .export.artifact import load, read_config
-    cfg = read_config(directory)
-    source = cfg.get("source")
-    if not source:
-        raise SlimtorchError("this artifact was made from a custom model; evaluate it from Python")
+    from .export.artifact import load
+    cfg, source = _artifact_source(directory, "evaluate it from Python")
     task = task_for(source, data_dir)
     qmodel = load(directory)
     fp_out = task.outputs(load_model(source), progress)
@@ -96,12 +103,9 @@ def run_inspect(directory: str | Path, *, samples: int = 32, seed: int = 0,
     """Per-layer self-check of a saved artifact against its float model, on ``samples``
     calibration inputs of the model's task (``eval.selfcheck.check``)."""
     from .eval.selfcheck import check
-    from .export.artifact import load, read_config
-    cfg = read_config(directory)
-    source = cfg.get("source")
-    if not source:
-        raise SlimtorchError("this artifact was made from a custom model; inspect it from "
-                             "Python: slimtorch.inspect(qmodel, float_model, inputs)")
+    from .export.artifact import load
+    cfg, source = _artifact_source(
+        directory, "inspect it from Python: slimtorch.inspect(qmodel, float_model, inputs)")
     if samples < 1:
         raise SlimtorchError(f"--samples must be at least 1, got {samples}")
     task = task_for(source, data_dir)
