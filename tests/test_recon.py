@@ -420,3 +420,22 @@ def test_auto_round_lr_is_published_rate_floored_at_two_over_iters():
         assert cls.parse({"iters": 1000}, "x").round_lr() == pytest.approx(max(paper, 2e-3))
         assert cls.parse({"lr": 5e-4}, "x").round_lr() == 5e-4
 
+
+
+@pytest.mark.parametrize("method,args", [("qdrop", {"iters": 40}),
+                                         ("pdquant", {"iters": 40, "dc_steps": 5}),
+                                         ("brecq", {"iters": 30, "act_iters": 20})])
+def test_carried_unit_inputs_equal_rerunning_the_prefix(trained, method, args, monkeypatch):
+    """Inputs carried from the previous unit (its float output; the finished quantized unit
+    on its quantized inputs) are what a rerun of the model prefix collects: same artifact."""
+    import slimtorch.runner.recon as recon_mod
+    m, x = trained
+    a = _run(m, x, method, **args)
+    per_unit = a._slimtorch_meta["methods"][0]["stats"]["per_unit"]
+    assert [s["inputs"] for s in per_unit][:4] == ["collected", "carried", "carried", "carried"]
+    monkeypatch.setattr(recon_mod, "chained", lambda model, units, ex: [False] * len(units))
+    b = _run(m, x, method, **args)
+    assert all(s["inputs"] == "collected"
+               for s in b._slimtorch_meta["methods"][0]["stats"]["per_unit"])
+    for (n, t), (_, u) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(t, u), n

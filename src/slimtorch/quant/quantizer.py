@@ -58,8 +58,13 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 def fake_quant(x: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int) -> Tensor:
-    q = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)
-    return (q - zp) * scale
+    """s·(clip(⌊x/s⌉ + z) − z). Without autograd it runs in place on one buffer: the same
+    values bit for bit (round_ste's (⌊v⌉ − v) + v is exact), fewer passes over memory."""
+    if torch.is_grad_enabled() and (x.requires_grad or getattr(scale, "requires_grad", False)):
+        q = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)
+        return (q - zp) * scale
+    q = torch.div(x, scale).round_().add_(zp).clamp_(qmin, qmax)
+    return q.sub_(zp).mul_(scale)
 
 
 def qparams_from_range(lo: Tensor, hi: Tensor, bits: int, symmetric: bool

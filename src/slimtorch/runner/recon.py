@@ -37,8 +37,8 @@ from ..data.cache import CachePool
 from ..methods import MethodContext
 from ..quant.prepare import distinct, quant_layers, quant_state
 from ..quant.quantizer import Mode, Quantizer
-from .recon_cache import WorkDir, collect, fingerprint
-from .units import Unit
+from .recon_cache import WorkDir, collect, fingerprint, n_samples, unit_map
+from .units import Unit, chained
 
 
 # ============================================================== config
@@ -176,36 +176,72 @@ def _boundary(unit_mod: nn.Module, acts: list[Quantizer], x: Tensor) -> list[Qua
     return hit
 
 
-def reconstruct(ctx: Context, units: list[Unit], stage: Stage, stage_idx: int = 0
-                ) -> list[dict]:
-    stats = []
+def reconstruct(ctx: Context, units: list[Unit], stage: Stage, stage_idx: int = 0,
+                chain: list[bool] | None = None) -> list[dict]:
+    """Every unit of one stage. ``chain[k]`` (``units.chained``): unit k reads unit k−1's
+    output, so its inputs are carried over from unit k−1 (its float output, and the finished
+    quantized unit applied to its quantized inputs) instead of rerunning the model's prefix."""
+    stats, carry = [], None
     for k, unit in enumerate(units):
+        want_next = bool(chain) and k + 1 < len(units) and chain[k + 1]
         saved = ctx.work.load(stage.name, k)
         if saved is not None:
             _restore(ctx.model, unit, stage, saved[0])
             stats.append({**saved[1], "resumed": True})
+            _release(ctx.pool, carry)
+            carry = None
             continue
         seed = ctx.seed * 1_000_003 + 1009 * stage_idx + k
         gens = (torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed))
         with quant_state(ctx.model, weights=True, acts=stage.acts_on):
-            st = reconstruct_unit(ctx, unit, stage, gens, f"{stage.name} {k + 1}/{len(units)}")
+            st, carry = reconstruct_unit(ctx, unit, stage, gens,
+                                         f"{stage.name} {k + 1}/{len(units)}", carry, want_next)
         ctx.work.save(stage.name, k, _state(ctx.model, unit, stage), st)
         stats.append(st)
+    _release(ctx.pool, carry)
     return stats
 
 
-def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
-                     gens: tuple[torch.Generator, torch.Generator], desc: str) -> dict:
-    """One unit (steps 1-4 of the module docstring). ``gens``: the generators of the batch
-    draws / QDrop mix and of QDrop's drop."""
-    t0 = time.perf_counter()
+def _release(pool: CachePool, tensors) -> None:
+    for t in tensors or ():
+        pool.release(t)
+
+
+def _inputs(ctx: Context, mod: nn.Module, carry) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """x_fp, y_fp, x_q of a unit: from the carried inputs, or from runs of the model prefix."""
     model, pool = ctx.model, ctx.pool
-    mod = model.get_submodule(unit.name)
+    if carry is not None:
+        x_fp, x_q = carry
+        with quant_state(model, weights=False, acts=False):
+            y_fp = unit_map(mod, x_fp, pool, _chunk(ctx))
+        return x_fp, y_fp, x_q, True
     with quant_state(model, weights=False, acts=False):
         x_fp, y_fp = collect(model, mod, ctx.batches, pool, want_output=True)
     x_q, _ = collect(model, mod, ctx.batches, pool, want_output=False)
+    return x_fp, y_fp, x_q, False
+
+
+def _chunk(ctx: Context) -> int:
+    """Samples per unit call on cached inputs: one calibration batch, as in a model run."""
+    return max(1, n_samples(ctx.batches[:1]))
+
+
+def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
+                     gens: tuple[torch.Generator, torch.Generator], desc: str,
+                     carry=None, want_next: bool = False) -> tuple[dict, Any]:
+    """One unit (steps 1-4 of the module docstring). ``gens``: the generators of the batch
+    draws / QDrop mix and of QDrop's drop. Returns the stats and, with ``want_next``, the next
+    unit's carried inputs (this unit's float output, its quantized output on x_q)."""
+    t0 = time.perf_counter()
+    model, pool = ctx.model, ctx.pool
+    mod = model.get_submodule(unit.name)
+    x_fp, y_fp, x_q, carried = _inputs(ctx, mod, carry)
     st: dict[str, Any] = {"unit": unit.name, "kind": unit.kind, "layers": len(unit.layers),
-                          "stage": stage.name}
+                          "stage": stage.name, "inputs": "carried" if carried else "collected"}
+    y_next = None
+    if want_next:  # the float output, before any term corrects the target
+        y_next = pool.empty(tuple(y_fp.shape))
+        y_next.copy_(y_fp)
     for term in stage.terms:
         x_fp, y_fp, extra_st = term.correct(ctx, unit, x_fp, y_fp)
         st.update(extra_st)
@@ -238,10 +274,13 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
                 m.weight_quantizer.hard_rounding = True
     st["optimise_seconds"] = round(time.perf_counter() - t_opt, 2)
     st["loss_after"] = eval_loss(mod, x_q, y_fp, stage.rec_p)
+    nxt = None
+    if want_next:
+        nxt = (y_next, unit_map(mod, x_q, pool, _chunk(ctx)))
     st["seconds"] = round(time.perf_counter() - t0, 2)
     for t in (x_fp, y_fp, x_q):
         pool.release(t)
-    return st
+    return st, nxt
 
 
 def _optimise(ctx, mod, ws, drop: "QDrop", params_w, params_a, x_q, x_fp, y_fp,
@@ -330,9 +369,10 @@ def run_stages(model: nn.Module, mctx: MethodContext, stages: list[Stage], *, un
             term.setup(ctx)
         t0 = time.perf_counter()
         per_unit = []
+        chain = chained(model, units, batches[0])
         with torch.enable_grad():
             for i, stage in enumerate(stages):
-                per_unit += reconstruct(ctx, units, stage, i)
+                per_unit += reconstruct(ctx, units, stage, i, chain)
         commit(model)
         return {"units": [u.__dict__ for u in units], "per_unit": per_unit,
                 "recon_seconds": round(time.perf_counter() - t0, 2),

@@ -28,13 +28,21 @@ def _inside(fqn: str, mod: str) -> bool:
     return fqn == mod or fqn.startswith(mod + ".")
 
 
-def partition(model: nn.Module, example: Any, *, blocks: bool = True, max_group: int = 3
-              ) -> list[Unit]:
-    """Reconstruction units of a prepared model, from its graph (see module docstring)."""
+def layer_order(model: nn.Module, example: Any) -> tuple[Any, list[str]]:
+    """The captured graph of a prepared model (quantizers off) and its quantized layers in
+    graph order (each once, at its first call)."""
     with quant_state(model, weights=False, acts=False):
         graph = capture(model, example)
     qnames = {n for n, _ in quant_layers(model)}
-    order = [l["fqn"] for l in graph.layers if l["fqn"] in qnames]
+    order = list(dict.fromkeys(l["fqn"] for l in graph.layers if l["fqn"] in qnames))
+    return graph, order
+
+
+def partition(model: nn.Module, example: Any, *, blocks: bool = True, max_group: int = 3
+              ) -> list[Unit]:
+    """Reconstruction units of a prepared model, from its graph (see module docstring)."""
+    graph, order = layer_order(model, example)
+    qnames = set(order)
     pos = {f: i for i, f in enumerate(order)}
     edge = {order[0], order[-1]} if order else set()
     taken: dict[str, Unit] = {}
@@ -93,3 +101,26 @@ def _checked(model: nn.Module, units: list[Unit], example: Any) -> list[Unit]:
             raise ValueError(f"layer {u.name!r} runs {len(c)} times per forward; "
                              "reconstruction needs each layer to run once")
     return out
+
+
+def chained(model: nn.Module, units: list[Unit], example: Any) -> list[bool]:
+    """``chained[k]``: unit k is called on unit k−1's output tensor itself (nothing runs in
+    between), so its inputs over the calibration set are unit k−1 applied to its cached inputs
+    — no rerun of the model's prefix."""
+    ins: dict[str, Any] = {}
+    outs: dict[str, Any] = {}
+    hooks = []
+    for u in units:
+        mod = model.get_submodule(u.name)
+        hooks.append(mod.register_forward_pre_hook(
+            lambda m, a, n=u.name: ins.setdefault(n, a[0] if a else None)))
+        hooks.append(mod.register_forward_hook(
+            lambda m, a, o, n=u.name: outs.setdefault(n, o)))
+    try:
+        with torch.no_grad(), quant_state(model, weights=False, acts=False):
+            call_model(model, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [k > 0 and ins.get(u.name) is not None and ins.get(u.name) is outs.get(units[k - 1].name)
+            for k, u in enumerate(units)]

@@ -1,0 +1,194 @@
+"""GPTQ: the Cholesky/lazy-batch algorithm equals the OBQ update it is derived from, the
+layer's input columns reproduce its output, and on a model it lowers the error of RTN."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import slimtorch
+from slimtorch.algorithms.gptq import gptq, input_rows, proxy_error, quantize_column
+from slimtorch.quant.prepare import META_ATTR
+
+
+def _problem(n=24, r=5, m=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, m, generator=g)
+    x[1] = x[0] + 0.05 * x[1]            # strongly correlated inputs: error feedback matters
+    x[5] = 0.3 * x[2] - x[3]
+    h = 2 * x @ x.T / m
+    w = torch.randn(1, r, n, generator=g)
+    s = w.abs().amax(-1, keepdim=True) / 7
+    return w, h, s, torch.zeros_like(s)
+
+
+def _obq(w, h, s, damp, order):
+    """The OBS/OBQ update, column by column in ``order``, with the explicit inverse:
+    δ = −(w_i − q_i)/[H⁻¹]_ii · H⁻¹_:,i, then H⁻¹ ← H⁻¹ − H⁻¹_:,i H⁻¹_i,: / [H⁻¹]_ii."""
+    hd = h.double() + damp * h.diagonal().mean() * torch.eye(len(h), dtype=torch.float64)
+    hinv = torch.linalg.inv(hd)
+    w = w.double().clone()
+    q = torch.zeros_like(w)
+    for i in order:
+        q[:, i] = quantize_column(w[:, i], s.double()[:, 0], 0.0, -8, 7)
+        e = (w[:, i] - q[:, i]) / hinv[i, i]
+        w -= e[:, None] * hinv[i][None, :]
+        hinv = hinv - hinv[:, i:i + 1] @ hinv[i:i + 1, :] / hinv[i, i]
+    return q
+
+
+def test_gptq_equals_obq_and_is_block_invariant():
+    w, h, s, z = _problem()
+    q, st = gptq(w, h[None], s, z, -8, 7, block_size=5, damp=0.01)
+    q_one, _ = gptq(w, h[None], s, z, -8, 7, block_size=1000, damp=0.01)
+    assert torch.equal(q, q_one)  # lazy batches change nothing
+    ref = _obq(w[0], h, s[0], 0.01, range(h.shape[0]))
+    assert (q[0].double() - ref).abs().max() < 1e-4
+    k = q / s
+    assert (k - k.round()).abs().max() < 1e-4 and k.abs().max() <= 8  # on the grid
+    assert proxy_error(q - w, h[None]) < 0.9 * st["rtn_error"]
+
+
+def test_act_order_is_obq_in_decreasing_diag_order():
+    w, h, s, z = _problem(seed=1)
+    q, _ = gptq(w, h[None], s, z, -8, 7, block_size=7, damp=0.01, act_order=True)
+    order = torch.argsort(h.diagonal(), descending=True).tolist()
+    assert (q[0].double() - _obq(w[0], h, s[0], 0.01, order)).abs().max() < 1e-4
+
+
+def test_diagonal_hessian_is_round_to_nearest_and_dead_inputs_are_zeroed():
+    w, _, s, z = _problem()
+    h = torch.diag(torch.rand(w.shape[-1]) + 0.5)
+    h[3, 3] = 0.0  # an input that is always zero
+    q, _ = gptq(w, h[None], s, z, -8, 7)
+    rtn = quantize_column(w, s, z, -8, 7)
+    keep = torch.arange(w.shape[-1]) != 3
+    assert torch.equal(q[..., keep], rtn[..., keep]) and (q[..., 3] == 0).all()
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(6, 8, 3, stride=2, padding=1),
+    nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=6),     # depthwise
+    nn.Conv2d(6, 4, (1, 3), groups=2),
+    nn.Conv1d(6, 4, 3, stride=2, padding=1),
+    nn.Linear(6, 5),
+])
+def test_input_rows_reproduce_the_layer(layer):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9) if isinstance(layer, nn.Conv1d) else (
+        torch.randn(2, 3, 6) if isinstance(layer, nn.Linear) else torch.randn(2, 6, 9, 9))
+    cols = input_rows(layer, x).transpose(1, 2)                 # [g, n, M]
+    g = cols.shape[0]
+    w = layer.weight.reshape(g, layer.weight.shape[0] // g, -1)  # [g, r, n]
+    y = (w @ cols)                                              # [g, r, M]
+    ref = layer(x) - layer.bias.reshape(-1, *[1] * (x.dim() - 2)).movedim(0, -1 if isinstance(
+        layer, nn.Linear) else 0)
+    if isinstance(layer, nn.Linear):
+        assert torch.allclose(y[0].T.reshape(ref.shape), ref, atol=1e-5)
+    else:
+        b = x.shape[0]
+        out = y.reshape(g * w.shape[1], b, -1).transpose(0, 1).reshape(ref.shape)
+        assert torch.allclose(out, ref, atol=1e-5)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.c2 = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.dw(x)) + x
+        x = F.relu(self.c2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _w4(methods):
+    return {"name": "t", "methods": methods,
+            "weights": {"bits": 4, "symmetric": True, "granularity": "per_channel",
+                        "observer": "minmax"}}
+
+
+def test_gptq_on_a_model_beats_rtn_and_records_its_decisions():
+    torch.manual_seed(0)
+    model = Net().eval()
+    calib = torch.randn(64, 3, 12, 12)
+    test = torch.randn(64, 3, 12, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rtn = slimtorch.quantize(model, _w4(["rtn"]), calib)
+        q = slimtorch.quantize(model, _w4(["gptq"]), calib)
+    ref = model(test)
+    e_rtn, e_gptq = ((rtn(test) - ref) ** 2).mean(), ((q(test) - ref) ** 2).mean()
+    assert e_gptq < 0.7 * e_rtn
+    stats = getattr(q, META_ATTR)["methods"][0]["stats"]
+    assert set(stats["layers"]) == {"c1", "dw", "c2", "fc"} and not stats["skipped"]
+    assert all(s["gain_db"] > 0 for s in stats["layers"].values())
+    for mod in (q.c1, q.dw, q.c2, q.fc):  # frozen codes are the GPTQ weights, 4-bit
+        assert mod.weight_int.abs().max() <= 8
+
+
+def test_gptq_accumulates_every_call_of_a_shared_layer():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(self.a(torch.relu(self.a(x))))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = slimtorch.quantize(model, _w4(["gptq"]), torch.randn(32, 8))
+    layers = getattr(q, META_ATTR)["methods"][0]["stats"]["layers"]
+    assert layers["a"]["columns"] == 2 * layers["b"]["columns"] == 64
+
+
+def test_sampled_rows_estimate_the_full_hessian():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    x = torch.randn(4, 8, 40, 40)
+    full = input_rows(layer, x)                                   # [8, 6400, 9]
+    part = input_rows(layer, x, 2000, torch.Generator().manual_seed(0))
+    assert part.shape == (8, 2000, 9)
+    h_full = full.transpose(1, 2) @ full / full.shape[1]
+    h_part = part.transpose(1, 2) @ part / part.shape[1]
+    assert ((h_part - h_full).norm() / h_full.norm()) < 0.1
+
+
+def test_cached_propagation_equals_rerunning_the_prefix(monkeypatch):
+    """Unit inputs computed from the previous unit's cached inputs are the inputs a rerun of
+    the model gives: the same GPTQ weights either way."""
+    import slimtorch.runner.layerwise as lw
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+        def forward(self, x):
+            return x + self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Block(8), Block(8), nn.Conv2d(8, 4, 1),
+                          nn.Flatten(), nn.Linear(4 * 12 * 12, 10)).eval()
+    calib = torch.randn(48, 3, 12, 12)
+    recipe = {**_w4(["gptq"]), "activations": {"bits": 8, "symmetric": False,
+                                               "granularity": "per_tensor"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cached = slimtorch.quantize(model, recipe, calib, self_check=False)
+        monkeypatch.setattr(lw, "chained", lambda m, units, ex: [False] * len(units))
+        rerun = slimtorch.quantize(model, recipe, calib, self_check=False)
+    st_c = getattr(cached, META_ATTR)["methods"][0]["stats"]
+    st_r = getattr(rerun, META_ATTR)["methods"][0]["stats"]
+    assert st_c["units"] == st_r["units"] == st_r["prefix_runs"] == 5
+    assert st_c["prefix_runs"] == 2  # the stem, and the Linear after Flatten
+    for a, b in zip(cached.state_dict().values(), rerun.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
