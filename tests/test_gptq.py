@@ -57,14 +57,17 @@ def test_act_order_is_obq_in_decreasing_diag_order():
     assert (q[0].double() - _obq(w[0], h, s[0], 0.01, order)).abs().max() < 1e-4
 
 
-def test_diagonal_hessian_is_round_to_nearest_and_dead_inputs_are_zeroed():
-    w, _, s, z = _problem()
-    h = torch.diag(torch.rand(w.shape[-1]) + 0.5)
-    h[3, 3] = 0.0  # an input that is always zero
+def test_diagonal_hessian_and_unseen_inputs_are_round_to_nearest():
+    w, h, s, z = _problem()
+    d = torch.diag(torch.rand(w.shape[-1]) + 0.5)
+    assert torch.equal(gptq(w, d[None], s, z, -8, 7)[0], quantize_column(w, s, z, -8, 7))
+    h = h.clone()
+    h[3], h[:, 3] = 0.0, 0.0  # an input that was 0 on every calibration sample
     q, _ = gptq(w, h[None], s, z, -8, 7)
-    rtn = quantize_column(w, s, z, -8, 7)
-    keep = torch.arange(w.shape[-1]) != 3
-    assert torch.equal(q[..., keep], rtn[..., keep]) and (q[..., 3] == 0).all()
+    assert torch.equal(q[..., 3], quantize_column(w, s, z, -8, 7)[..., 3])  # not zeroed
+    rest = torch.arange(w.shape[-1]) != 3
+    ref = _obq(w[0][:, rest], h[rest][:, rest], s[0], 0.01, range(w.shape[-1] - 1))
+    assert (q[0][:, rest].double() - ref).abs().max() < 1e-4  # the others: GPTQ without it
 
 
 @pytest.mark.parametrize("layer", [
@@ -113,6 +116,10 @@ def _w4(methods):
                         "observer": "minmax"}}
 
 
+def rtn_small(model, calib):
+    return slimtorch.quantize(model, _w4(["rtn"]), calib, self_check=False)
+
+
 def test_gptq_on_a_model_beats_rtn_and_records_its_decisions():
     torch.manual_seed(0)
     model = Net().eval()
@@ -128,6 +135,10 @@ def test_gptq_on_a_model_beats_rtn_and_records_its_decisions():
     stats = getattr(q, META_ATTR)["methods"][0]["stats"]
     assert set(stats["layers"]) == {"c1", "dw", "c2", "fc"} and not stats["skipped"]
     assert all(s["gain_db"] > 0 for s in stats["layers"].values())
+    few = slimtorch.quantize(model, _w4(["gptq"]), calib[:8], self_check=False)
+    fc = getattr(few, META_ATTR)["methods"][0]["stats"]["layers"]["fc"]
+    assert "kept_rtn" in fc  # 8 samples for 16 inputs: H is singular, GPTQ would overfit
+    assert torch.equal(few.fc.weight, rtn_small(model, calib[:8]).fc.weight)
     for mod in (q.c1, q.dw, q.c2, q.fc):  # frozen codes are the GPTQ weights, 4-bit
         assert mod.weight_int.abs().max() <= 8
 

@@ -6,8 +6,17 @@ Per layer, on the layer-wise runner (``runner/layerwise.py``):
 - H = 2/N · Σ x xᵀ over the N input columns the layer saw (``add_batch``): a Linear's input
   rows, a convolution's unfolded patches (one H per group; a depthwise conv has one 9×9 H per
   channel, all solved at once as a batch);
-- dead inputs (H_ii = 0): H_ii = 1 and W_:,i = 0; damping H += λ·mean(diag H)·I, λ = ``damp``
-  (1 %); if the Cholesky factorisation still fails, λ is raised ×10 (at most 3 times; recorded);
+- inputs never non-zero in calibration (H_ii = 0): H_ii = 1, which leaves them uncoupled, so
+  their weights are rounded to nearest. The public code sets those weights to 0 instead, which
+  is right for an input that is always 0 — but an input that was 0 on the calibration set
+  (a ReLU6 channel no calibration photo excites) need not be 0 later: on EfficientNet-Lite2,
+  zeroing cost the late 1×1 convolutions 20 dB of output SQNR on held-out photos;
+- damping H += λ·mean(diag H)·I, λ = ``damp`` (1 %); if the Cholesky factorisation still fails,
+  λ is raised ×10 (at most 3 times; recorded);
+- fewer input columns than inputs (N < n: H is singular, e.g. a classifier with fewer
+  calibration images than features): the layer keeps round-to-nearest, since GPTQ would fit
+  the calibration set's null space (on EfficientNet-Lite2's classifier, +16.5 dB of proxy error
+  on calibration, −0.4 dB on held-out photos); recorded as ``kept_rtn``;
 - U = chol(H⁻¹)ᵀ (upper); for each block of ``block_size`` (128) columns, for column i:
   q_i = Q(w_i) on the layer's grid, e_i = (w_i − q_i) / U_ii, w_j −= e_i · U_ij (j > i in the
   block); after the block, the columns right of it take the block's error at once
@@ -91,9 +100,7 @@ def gptq(w: Tensor, h: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int, *,
     s, z = s.expand_as(w).float(), z.expand_as(w).float()
     rtn_err = proxy_error(quantize_column(w, s, z, qmin, qmax) - w, h)
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
-    dead = diag == 0
-    diag[dead] = 1.0
-    w.masked_fill_(dead[:, None, :], 0.0)
+    diag[diag == 0] = 1.0  # an input never seen: no coupling, so it is rounded to nearest
     perm = None
     if act_order:
         perm = torch.argsort(diag, dim=-1, descending=True)  # [g, n]
@@ -213,6 +220,10 @@ class GPTQSolver:
         w = layer.weight.detach()
         shape = w.shape
         g = self.groups
+        n = self.h.shape[-1]
+        if self.count < n:
+            return {"kept_rtn": f"{self.count} input columns for {n} inputs: H is singular",
+                    "columns": self.count}
         h = self.h * (2.0 / max(1, self.count))
         grid = [t.expand_as(wq._layout(w)).reshape(g, shape[0] // g, -1) for t in
                 (wq.scale, wq.zero_point)]
