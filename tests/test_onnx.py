@@ -82,10 +82,14 @@ def test_cnn_w8a8_agrees_and_runs_int8(tmp_path, imgs):
     # the add's conv2 operand, fc input
     assert r.weight_dq == 4 and r.activation_qdq == 5
     # every conv's output is re-quantized (by its reader or the residual add's operand
-    # quantizer), so all three run as QLinearConv and none falls back to float
+    # quantizer), so all three run as QLinearConv and no conv falls back to float
     assert r.int8_kernels.get("QLinearConv", 0) == 3
     assert r.int8_kernels.get("MatMulIntegerToFloat", 0) == 1  # fc (a Gemm in the trace)
-    assert r.quantized_fallbacks == []
+    # the residual add has both operands quantized, but its sum goes to ReLU → pooling → fc's
+    # own quantizer, not to a QuantizeLinear: onnxruntime has no QLinearAdd for it
+    assert [(f["op"], f["reason"].split(" (")[0]) for f in r.quantized_fallbacks] == [
+        ("Add", "output not re-quantized")]
+    assert r.float_quantized == {"Add": 1} and r.to_dict()["float_quantized"] == {"Add": 1}
 
 
 @pytest.mark.parametrize("form", ["s8", "u8"])

@@ -193,9 +193,9 @@ def export_table(report, title: str) -> Table:
             t.add_row(label, f"{a[key]:.5g}")
     t.add_row("int8 kernels (ORT optimised graph)", _counts(report.int8_kernels) or "[red]none")
     t.add_row("float compute left", _counts(report.float_compute) or "none")
-    if report.quantized_fallbacks:
-        t.add_row("[yellow]quantized ops run in float[/yellow]",
-                  ", ".join(_short(f["node"]) for f in report.quantized_fallbacks))
+    for f in report.quantized_fallbacks:
+        t.add_row(f"[yellow]quantized {f['op']} run in float[/yellow]",
+                  f"{_short(f['node'])}: {f['reason']}")
     if report.float_quantizers or report.float_weights:
         t.add_row("[yellow]exported as float arithmetic[/yellow]",
                   ", ".join(report.float_quantizers + report.float_weights))
