@@ -95,7 +95,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
                 opset: int = DEFAULT_OPSET, check_inputs: list | None = None,
                 conv_integer: bool = False, portable: bool = False,
                 weight_form: str = "auto", threads: int = 2,
-                runtimes: tuple[str, ...] = DEFAULT_RUNTIMES) -> ExportReport:
+                runtimes: str | tuple[str, ...] = DEFAULT_RUNTIMES) -> ExportReport:
     """Export ``qmodel`` to ``path`` and check it with onnxruntime (and ``runtimes``).
 
     example_inputs: a Tensor, a tuple of Tensors (positional) or a dict (keyword arguments),
@@ -120,7 +120,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
         raise OnnxExportError(f"weight_form {weight_form!r} is not known: use one of "
                               f"{', '.join(WEIGHT_FORMS)}")
     form, why = resolve_weight_form(weight_form)
-    runtimes = parse_runtimes(("onnxruntime", *runtimes))
+    runtimes = parse_runtimes("onnxruntime", runtimes)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -81,10 +81,11 @@ def get_runtime(name: str) -> Runtime:
     return rt
 
 
-def parse_runtimes(text: str | tuple | list) -> tuple[str, ...]:
-    """``"onnxruntime,openvino"`` (or a sequence) → validated, de-duplicated names in order."""
-    names = text.split(",") if isinstance(text, str) else list(text)
-    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+def parse_runtimes(*specs: str | tuple | list) -> tuple[str, ...]:
+    """Names from comma-separated strings or sequences of them (``"onnxruntime,openvino"``,
+    ``("onnxruntime", "openvino")``) → validated, de-duplicated, in order."""
+    parts = [p for s in specs for p in ([s] if isinstance(s, str) else s)]
+    names = tuple(dict.fromkeys(n.strip() for p in parts for n in p.split(",") if n.strip()))
     if not names:
         raise SlimtorchError(f"no runtime given: use one or more of {', '.join(RUNTIMES)}, "
                              "comma-separated")
