@@ -146,11 +146,13 @@ def to_markdown(results: list[dict], args, load_before: tuple, load_after: tuple
               "graph; last column: the same PyTorch quantized model in float64 vs float32 "
               "(what float rounding alone changes):", "",
               "| model | samples | ORT vs PyTorch | max abs diff | int8 kernels | "
-              "float compute left | PyTorch fp64 vs fp32 |", "|---|---:|---:|---:|---|---|---:|"]
+              "float compute left | quantized ops in float | PyTorch fp64 vs fp32 |",
+              "|---|---:|---:|---:|---|---|---|---:|"]
     for r in results:
         e, a = r["export"], r["export"]["agreement"]
         lines.append(f"| {r['model']} | {a['n']} | {_agree(a)} | {a['max_abs_diff']:.3g} | "
                      f"{_counts(e['int8_kernels'])} | {_counts(e['float_compute']) or '-'} | "
+                     f"{_counts(e.get('float_quantized', {})) or '-'} | "
                      f"{_agree(r['float64'])} |")
     others = [(r["model"], rt, c) for r in results
               for rt, c in r["export"]["runtime_checks"].items()]
