@@ -84,13 +84,19 @@ def census(path: str | Path, threads: int = 2) -> dict:
         precision = "int8" if data in INT8_TYPES else data
         counts.setdefault(kind, Counter())[precision] += 1
         if precision != "int8":
-            float_layers.append({"layer": names.split(",")[-1], "type": kind,
+            float_layers.append({"layer": _onnx_name(names), "type": kind,
                                  "primitive": _text(info, "primitiveType"), "input": data})
     int8 = sum(c["int8"] for c in counts.values())
     return {"layers": {k: dict(sorted(c.items())) for k, c in sorted(counts.items())},
             "int8_layers": int8, "float_layers": sum(map(sum, (c.values() for c in
                                                               counts.values()))) - int8,
             "float": float_layers}
+
+
+def _onnx_name(names: str) -> str:
+    """The ONNX node (``/model/...``) among the original layers a runtime layer fuses."""
+    parts = [n for n in names.split(",") if n]
+    return next((n for n in parts if n.startswith("/")), parts[0] if parts else "")
 
 
 def _text(info, key: str) -> str:
