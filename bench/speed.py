@@ -8,9 +8,11 @@ int8 onnxruntime and int8 PyTorch (``lower_to_int8``) at batch 1 and 64 with 2 t
 of repeated runs after warm-up), and measure sizes on disk. Prints markdown and writes
 bench/results/speed.md (+ .json). ``--weight-form`` picks the int8 file's weight codes
 (``export_onnx``: s8, or u8 = uint8 + 128, exact on x86 CPUs without VNNI; auto by CPU).
+``--runtime onnxruntime,openvino`` times (and checks) the same files in each runtime.
 
     python bench/speed.py [--models resnet20 mobilenetv2 vit minilm] [--calib-size 1024]
-                          [--batches 1 64] [--weight-form auto|s8|u8] [--out PATH]
+                          [--batches 1 64] [--weight-form auto|s8|u8]
+                          [--runtime onnxruntime,openvino] [--out PATH]
 """
 from __future__ import annotations
 
@@ -32,7 +34,12 @@ from slimtorch.pipeline import run_quantize
 from slimtorch.zoo.registry import weights_path
 
 MODELS = ["resnet20", "mobilenetv2", "vit", "minilm"]
-ENGINES = ["fp32 PyTorch", "fp32 onnxruntime", "int8 onnxruntime", "int8 PyTorch"]
+
+
+def engines(runtimes) -> list[str]:
+    """Engine columns in the order ``measure_speed`` times them."""
+    return ["fp32 PyTorch", *(f"{p} {rt}" for rt in runtimes for p in ("fp32", "int8")),
+            "int8 PyTorch"]
 
 
 def source_of(name: str) -> str:
@@ -50,11 +57,13 @@ def run_model(name: str, args, workdir: Path) -> dict | None:
     n = 10000 if source.startswith("zoo:") else 1000
     items = check_items(source, n)
     report = export_onnx(load(art), workdir / f"{name}.onnx", deploy_inputs(source, 8),
-                         check_inputs=items, threads=args.threads, weight_form=args.weight_form)
+                         check_inputs=items, threads=args.threads, weight_form=args.weight_form,
+                         runtimes=args.runtime)
     ort_quality = ort_task_score(source, workdir / f"{name}.onnx", items, args.threads)
     float64 = float64_agreement(load(art), items)
     speed = measure_speed(art, batches=tuple(args.batches), threads=args.threads,
-                          repeats=args.repeats, weight_form=args.weight_form)
+                          repeats=args.repeats, weight_form=args.weight_form,
+                          runtimes=args.runtime)
     print(f"{name}: exported, agreement {report.agreement}, speed {speed['rows']}", flush=True)
     return {"model": name, "metrics": metrics, "export": report.to_dict(), "speed": speed,
             "ort_quality": ort_quality, "float64": float64}
@@ -98,20 +107,23 @@ def ort_task_score(source: str, path: Path, items: list, threads: int) -> dict:
 
 
 def to_markdown(results: list[dict], args, load_before: tuple, load_after: tuple) -> str:
+    runtimes = results[0]["speed"]["runtimes"] if results else ["onnxruntime"]
+    cols = engines(runtimes)
     lines = [machine_markdown() + f"; W8A8 (`w8a8` recipe), calibration {args.calib_size} "
              f"samples, seed {args.seed}; {args.threads} threads; int8 ONNX weight codes "
              f"{_forms(results)} (`--weight-form {args.weight_form}`); load average before/after: "
              f"{load_before[0]:.2f} / {load_after[0]:.2f}.", "",
              "Latency (median ms per batch):", "",
-             "| model | batch | " + " | ".join(ENGINES) + " | int8 ORT vs fp32 ORT | "
-             "int8 PyTorch vs fp32 PyTorch |", "|---|---:|" + "---:|" * (len(ENGINES) + 2)]
+             "| model | batch | " + " | ".join(cols) + " | " + " | ".join(
+                 f"int8 vs fp32 {rt}" for rt in runtimes) + " | int8 PyTorch vs fp32 PyTorch |",
+             "|---|---:|" + "---:|" * (len(cols) + len(runtimes) + 1)]
     for r in results:
         sp = speedups(r["speed"])
         for b in sorted(sp):
             ms = {x["engine"]: x["ms"] for x in r["speed"]["rows"] if x["batch"] == b}
-            lines.append(f"| {r['model']} | {b} | " + " | ".join(f"{ms[e]:.2f}" for e in ENGINES)
-                         + f" | {sp[b]['int8_ort_vs_fp32_ort']:.2f}× | "
-                         f"{sp[b]['int8_torch_vs_fp32_torch']:.2f}× |")
+            lines.append(f"| {r['model']} | {b} | " + " | ".join(f"{ms[e]:.2f}" for e in cols)
+                         + "".join(f" | {sp[b][f'int8_vs_fp32 {rt}']:.2f}×" for rt in runtimes)
+                         + f" | {sp[b]['int8_torch_vs_fp32_torch']:.2f}× |")
     lines += ["", "Size on disk:", "", "| model | fp32 weights | slimtorch artifact | ratio | "
               "fp32 ONNX | int8 ONNX | ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -134,12 +146,26 @@ def to_markdown(results: list[dict], args, load_before: tuple, load_after: tuple
               "graph; last column: the same PyTorch quantized model in float64 vs float32 "
               "(what float rounding alone changes):", "",
               "| model | samples | ORT vs PyTorch | max abs diff | int8 kernels | "
-              "float compute left | PyTorch fp64 vs fp32 |", "|---|---:|---:|---:|---|---|---:|"]
+              "float compute left | quantized ops in float | PyTorch fp64 vs fp32 |",
+              "|---|---:|---:|---:|---|---|---|---:|"]
     for r in results:
         e, a = r["export"], r["export"]["agreement"]
         lines.append(f"| {r['model']} | {a['n']} | {_agree(a)} | {a['max_abs_diff']:.3g} | "
                      f"{_counts(e['int8_kernels'])} | {_counts(e['float_compute']) or '-'} | "
+                     f"{_counts(e.get('float_quantized', {})) or '-'} | "
                      f"{_agree(r['float64'])} |")
+    others = [(r["model"], rt, c) for r in results
+              for rt, c in r["export"]["runtime_checks"].items()]
+    if others:
+        lines += ["", "Other runtimes vs PyTorch quantized (same file, same inputs); layers "
+                  "whose data input is int8 in the compiled model:", "",
+                  "| model | runtime | agreement | max abs diff | int8 / float layers |",
+                  "|---|---|---:|---:|---:|"]
+        for model, rt, c in others:
+            lines.append(f"| {model} | {rt} | " + (
+                f"{_agree(c['agreement'])} | {c['agreement']['max_abs_diff']:.3g} | "
+                f"{c['census']['int8_layers']} / {c['census']['float_layers']} |"
+                if "error" not in c else f"error: {c['error']} | | |"))
     return "\n".join(lines)
 
 
@@ -165,6 +191,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--weight-form", choices=WEIGHT_FORMS, default="auto")
+    p.add_argument("--runtime", default="onnxruntime",
+                   help="comma-separated: onnxruntime, openvino")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)

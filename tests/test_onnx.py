@@ -82,10 +82,14 @@ def test_cnn_w8a8_agrees_and_runs_int8(tmp_path, imgs):
     # the add's conv2 operand, fc input
     assert r.weight_dq == 4 and r.activation_qdq == 5
     # every conv's output is re-quantized (by its reader or the residual add's operand
-    # quantizer), so all three run as QLinearConv and none falls back to float
+    # quantizer), so all three run as QLinearConv and no conv falls back to float
     assert r.int8_kernels.get("QLinearConv", 0) == 3
     assert r.int8_kernels.get("MatMulIntegerToFloat", 0) == 1  # fc (a Gemm in the trace)
-    assert r.quantized_fallbacks == []
+    # the residual add has both operands quantized, but its sum goes to ReLU → pooling → fc's
+    # own quantizer, not to a QuantizeLinear: onnxruntime has no QLinearAdd for it
+    assert [(f["op"], f["reason"].split(" (")[0]) for f in r.quantized_fallbacks] == [
+        ("Add", "output not re-quantized")]
+    assert r.float_quantized == {"Add": 1} and r.to_dict()["float_quantized"] == {"Add": 1}
 
 
 @pytest.mark.parametrize("form", ["s8", "u8"])
@@ -220,20 +224,29 @@ def test_cli_export_and_bench_speed(tmp_path, capsys):
         pytest.skip("Fashion-MNIST not installed")
     q = slimtorch.quantize(load_model("zoo:resnet20"), "w8a8", calib)
     slimtorch.save(q, tmp_path / "art", extra={"task": "classification"})
+    import importlib.util
+    runtimes = "onnxruntime,openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
     _deploy_cli(["export", str(tmp_path / "art"), "--onnx", str(tmp_path / "r20.onnx"),
-                 "--check-samples", "600"])
+                 "--check-samples", "600", "--runtime", runtimes])
     rep = json.loads((tmp_path / "art" / "export_report.json").read_text())
     assert rep["agreement"]["n"] == 600 and rep["agreement"]["top1_agreement"] >= 99.0
+    assert rep["float_quantized"] == {"Add": 1}  # the last residual add (test_onnx_zoo_census)
+    if "openvino" in runtimes:  # u8 weights (auto on this CPU) or s8: agreement either way
+        ov = rep["runtime_checks"]["openvino"]
+        assert ov["agreement"]["n"] == 600 and ov["agreement"]["top1_agreement"] >= 99.0
+        assert ov["census"]["int8_layers"] + ov["census"]["float_layers"] == 22
     assert rep["int8_kernels"]["QLinearConv"] >= 9 and rep["source"] == "zoo:resnet20"
     from slimtorch.eval.machine import u8s8_saturates
     assert rep["weight_form"] == ("u8" if u8s8_saturates() else "s8")  # --weight-form auto
     assert "top-1 agreement" in capsys.readouterr().out
     _deploy_cli(["bench", "speed", str(tmp_path / "art"), "--batches", "1", "--repeats", "2",
-                 "--weight-form", "u8"])
+                 "--weight-form", "u8", "--runtime", runtimes])
     out = capsys.readouterr().out
     assert "int8 weight codes u8" in out
     for engine in ("fp32 PyTorch", "fp32 onnxruntime", "int8 onnxruntime", "int8 PyTorch"):
         assert engine in out
+    if "openvino" in runtimes:
+        assert "int8 vs fp32 openvino" in out and "openvino layers int8 / float" in out
     assert "smaller" in out
 
 

@@ -93,6 +93,7 @@ def run_methods(model: nn.Module, recipe: Recipe, batches: list, *, seed: int = 
 
 def export_onnx(qmodel: nn.Module, path, example_inputs: Any, **kwargs):
     """ONNX QDQ export checked by onnxruntime (``export.onnx.export_onnx``; needs the
-    ``export`` extra: onnx, onnxruntime). Returns the ExportReport."""
+    ``export`` extra: onnx, onnxruntime), and by OpenVINO too with
+    ``runtimes=("onnxruntime", "openvino")`` (the ``deploy`` extra). Returns the ExportReport."""
     from .export.onnx import export_onnx as _export
     return _export(qmodel, path, example_inputs, **kwargs)

@@ -3,7 +3,8 @@
 ``register(subparsers)`` adds them to the parser of ``cli.py``. ``deploy_inputs`` and
 ``measure_speed`` are shared with ``bench/speed.py``.
 
-Speed protocol (DESIGN.md): fp32 PyTorch, fp32 onnxruntime, int8 onnxruntime, int8 PyTorch
+Speed protocol (DESIGN.md): fp32 PyTorch, fp32 and int8 in each runtime (``--runtime
+onnxruntime,openvino``; ``export.runtime``) on the same two ONNX files, int8 PyTorch
 (``intops.lower_to_int8``), at batch 1 and 64, 2 threads, median of repeated runs after warm-up
 (the engines take turns over three rounds: ``interleaved_ms``), on real inputs of the
 artifact's task (Fashion-MNIST test images, Austen sentences).
@@ -89,26 +90,29 @@ def _torch_runner(model, item) -> Callable[[], Any]:
     return run
 
 
-def _ort_runner(path: Path, item, threads: int) -> Callable[[], Any]:
+def _onnx_runner(runtime, path: Path, item, threads: int) -> Callable[[], Any]:
     from .export.onnx import _signature
-    from .export.onnx_check import make_session
-    sess = make_session(path, threads)
+    run = runtime.session(path, threads)
     names, tensors, _ = _signature(item)
     feeds = {n: t.numpy() for n, t in zip(names, tensors)}
-    return lambda: sess.run(None, feeds)
+    return lambda: run(feeds)
 
 
 def measure_speed(directory: str | Path, *, batches=BATCHES, threads: int = 2,
                   repeats: int = 15, data_dir: str | None = None,
-                  weight_form: str = "auto") -> dict[str, Any]:
-    """Latency of the four engines for the artifact in ``directory`` and sizes on disk;
-    ``weight_form``: of the int8 ONNX file (``export_onnx``)."""
+                  weight_form: str = "auto",
+                  runtimes: str | tuple[str, ...] = ("onnxruntime",)) -> dict[str, Any]:
+    """Latency of fp32/int8 PyTorch and of fp32/int8 in each of ``runtimes`` (the same fp32
+    and int8 ONNX files for every runtime) for the artifact in ``directory``, sizes on disk,
+    and each runtime's int8 census; ``weight_form``: of the int8 ONNX file (``export_onnx``)."""
     from . import load
     from .eval.size import fp_size_bytes
     from .export.artifact import TENSORS, read_config
     from .export.onnx import export_onnx
+    from .export.runtime import get_runtime, parse_runtimes
     from .intops import lower_to_int8, lowering_summary
     from .zoo.sources import load_model
+    runtimes = parse_runtimes(runtimes)  # a missing runtime fails before any work
     source = read_config(directory).get("source")
     if not source:
         raise SlimtorchError("this artifact was made from a custom model; benchmark it from "
@@ -119,14 +123,17 @@ def measure_speed(directory: str | Path, *, batches=BATCHES, threads: int = 2,
     with tempfile.TemporaryDirectory() as tmp:
         fp_onnx, q_onnx = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         export_onnx(fp, fp_onnx, example, opset=17, threads=threads)
-        report = export_onnx(q, q_onnx, example, threads=threads, weight_form=weight_form)
+        report = export_onnx(q, q_onnx, example, threads=threads, weight_form=weight_form,
+                             runtimes=runtimes)
         rows = []
         for b in batches:
             item = deploy_inputs(source, b, data_dir=data_dir)
-            runners = {"fp32 PyTorch": _torch_runner(fp, item),
-                       "fp32 onnxruntime": _ort_runner(fp_onnx, item, threads),
-                       "int8 onnxruntime": _ort_runner(q_onnx, item, threads),
-                       "int8 PyTorch": _torch_runner(q_int, item)}
+            runners = {"fp32 PyTorch": _torch_runner(fp, item)}
+            for name in runtimes:
+                rt = get_runtime(name)
+                runners[f"fp32 {name}"] = _onnx_runner(rt, fp_onnx, item, threads)
+                runners[f"int8 {name}"] = _onnx_runner(rt, q_onnx, item, threads)
+            runners["int8 PyTorch"] = _torch_runner(q_int, item)
             for engine, ms in interleaved_ms(runners, repeats=repeats).items():
                 rows.append({"engine": engine, "batch": b, "ms": round(ms, 3)})
         sizes = {"fp32_state_bytes": fp_size_bytes(fp),
@@ -134,18 +141,21 @@ def measure_speed(directory: str | Path, *, batches=BATCHES, threads: int = 2,
                  "fp32_onnx_bytes": fp_onnx.stat().st_size,
                  "int8_onnx_bytes": q_onnx.stat().st_size}
     return {"model": source, "threads": threads, "rows": rows, "sizes": sizes,
-            "int8_kernels": report.int8_kernels, "float_compute": report.float_compute,
-            "weight_form": report.weight_form,
+            "runtimes": list(runtimes), "int8_kernels": report.int8_kernels,
+            "float_compute": report.float_compute, "float_quantized": report.float_quantized,
+            "runtime_checks": report.runtime_checks, "weight_form": report.weight_form,
             "torch_int8_layers": len(lowering_summary(q_int)["int8"])}
 
 
 def speedups(result: dict) -> dict[int, dict[str, float]]:
-    """Per batch: speed of every engine relative to fp32 onnxruntime and to fp32 PyTorch."""
+    """Per batch: int8 vs fp32 in each runtime (``int8_vs_fp32 <runtime>``) and in PyTorch."""
     out: dict[int, dict[str, float]] = {}
     for b in sorted({r["batch"] for r in result["rows"]}):
         ms = {r["engine"]: r["ms"] for r in result["rows"] if r["batch"] == b}
-        out[b] = {"int8_ort_vs_fp32_ort": ms["fp32 onnxruntime"] / ms["int8 onnxruntime"],
-                  "int8_torch_vs_fp32_torch": ms["fp32 PyTorch"] / ms["int8 PyTorch"]}
+        sp = {f"int8_vs_fp32 {rt}": ms[f"fp32 {rt}"] / ms[f"int8 {rt}"]
+              for rt in result.get("runtimes", ["onnxruntime"])}
+        sp["int8_torch_vs_fp32_torch"] = ms["fp32 PyTorch"] / ms["int8 PyTorch"]
+        out[b] = sp
     return out
 
 
@@ -165,7 +175,8 @@ def cmd_export(args) -> None:
     report = export_onnx(qmodel, args.onnx, example, opset=args.opset,
                          check_inputs=check_items(source, n, args.data_dir),
                          conv_integer=args.conv_integer, portable=args.portable,
-                         weight_form=args.weight_form, threads=args.threads)
+                         weight_form=args.weight_form, threads=args.threads,
+                         runtimes=args.runtime)
     console.print(export_table(report, f"{directory} → {args.onnx}"))
     write_json_atomic(directory / "export_report.json",
                       {"source": source, "versions": versions(), **report.to_dict()})
@@ -183,23 +194,39 @@ def export_table(report, title: str) -> Table:
               f"{report.rewrites.get('u8_weights', 0)} stored as uint8 + 128)")
     if report.ort_error:
         t.add_row("[red]onnxruntime[/red]", report.ort_error)
-        return t
-    a = report.agreement
-    t.add_row("checked on", f"{a['n']} samples")
-    t.add_row("max |ORT − PyTorch|", f"{a['max_abs_diff']:.3g} ({a['max_rel_diff']:.2%} of max)")
-    for key, label in (("top1_agreement", "top-1 agreement %"), ("cosine_mean", "mean cosine"),
-                       ("retrieval_agreement", "retrieval top-1 agreement %")):
-        if key in a:
-            t.add_row(label, f"{a[key]:.5g}")
-    t.add_row("int8 kernels (ORT optimised graph)", _counts(report.int8_kernels) or "[red]none")
-    t.add_row("float compute left", _counts(report.float_compute) or "none")
-    if report.quantized_fallbacks:
-        t.add_row("[yellow]quantized ops run in float[/yellow]",
-                  ", ".join(_short(f["node"]) for f in report.quantized_fallbacks))
+    else:
+        _agreement_rows(t, "ORT", report.agreement)
+        t.add_row("int8 kernels (ORT optimised graph)",
+                  _counts(report.int8_kernels) or "[red]none")
+        t.add_row("float compute left", _counts(report.float_compute) or "none")
+        for f in report.quantized_fallbacks:
+            t.add_row(f"[yellow]quantized {f['op']} run in float[/yellow]",
+                      f"{_short(f['node'])}: {f['reason']}")
+    for rt, check in report.runtime_checks.items():
+        if "error" in check:
+            t.add_row(f"[red]{rt}[/red]", check["error"])
+            continue
+        c = check["census"]
+        _agreement_rows(t, rt, check["agreement"])
+        t.add_row(f"{rt} layers int8 / float", f"{c['int8_layers']} / {c['float_layers']} ("
+                  + ", ".join(f"{k}: {_counts(v)}" for k, v in c["layers"].items()) + ")")
+        if c["float"]:
+            t.add_row(f"[yellow]{rt} float layers[/yellow]", ", ".join(
+                f"{_short(f['layer'])} ({f['primitive']})" for f in c["float"]))
     if report.float_quantizers or report.float_weights:
         t.add_row("[yellow]exported as float arithmetic[/yellow]",
                   ", ".join(report.float_quantizers + report.float_weights))
     return t
+
+
+def _agreement_rows(t: Table, runtime: str, a: dict) -> None:
+    t.add_row(f"{runtime} checked on", f"{a['n']} samples")
+    t.add_row(f"max |{runtime} − PyTorch|",
+              f"{a['max_abs_diff']:.3g} ({a['max_rel_diff']:.2%} of max)")
+    for key, label in (("top1_agreement", "top-1 agreement %"), ("cosine_mean", "mean cosine"),
+                       ("retrieval_agreement", "retrieval top-1 agreement %")):
+        if key in a:
+            t.add_row(f"{runtime} {label}", f"{a[key]:.5g}")
 
 
 def _short(node: str) -> str:
@@ -217,7 +244,7 @@ def cmd_bench_speed(args) -> None:
     from .eval.machine import machine_markdown
     result = measure_speed(args.dir, batches=tuple(args.batches), threads=args.threads,
                            repeats=args.repeats, data_dir=args.data_dir,
-                           weight_form=args.weight_form)
+                           weight_form=args.weight_form, runtimes=args.runtime)
     console.print(speed_table(result))
     console.print(machine_markdown(), highlight=False)
 
@@ -233,8 +260,15 @@ def speed_table(result: dict) -> Table:
         ms = {r["batch"]: r["ms"] for r in result["rows"] if r["engine"] == engine}
         t.add_row(engine, *(f"{ms[b]:.2f}" for b in batches))
     sp = speedups(result)
-    t.add_row("int8 ORT speed-up vs fp32 ORT",
-              *(f"{sp[b]['int8_ort_vs_fp32_ort']:.2f}×" for b in batches))
+    for rt in result["runtimes"]:
+        t.add_row(f"int8 vs fp32 {rt}", *(f"{sp[b][f'int8_vs_fp32 {rt}']:.2f}×" for b in batches))
+    if "onnxruntime" in result["runtimes"]:
+        t.add_row("onnxruntime quantized ops in float", _counts(result["float_quantized"])
+                  or "none", *([""] * (len(batches) - 1)))
+    for rt, check in result["runtime_checks"].items():
+        c = check.get("census")
+        t.add_row(f"{rt} layers int8 / float", f"{c['int8_layers']} / {c['float_layers']}"
+                  if c else f"[red]{check['error']}", *([""] * (len(batches) - 1)))
     s = result["sizes"]
     t.add_row("size: fp32 → artifact", f"{s['fp32_state_bytes'] / 1e6:.3f} MB → "
               f"{s['artifact_bytes'] / 1e6:.3f} MB "
@@ -262,6 +296,7 @@ def register(subparsers) -> None:
                     help="standard ONNX operators only (default: Linear biases fused into "
                     "onnxruntime's MatMulIntegerToFloat, which only onnxruntime runs)")
     _weight_form_arg(ex)
+    _runtime_arg(ex, "check the file in")
     ex.add_argument("--threads", type=int, default=2)
     ex.add_argument("--data-dir", help="Fashion-MNIST IDX directory")
     ex.set_defaults(fn=cmd_export)
@@ -274,7 +309,15 @@ def register(subparsers) -> None:
     sp.add_argument("--repeats", type=int, default=15)
     sp.add_argument("--data-dir")
     _weight_form_arg(sp)
+    _runtime_arg(sp, "time fp32 and int8 in")
     sp.set_defaults(fn=cmd_bench_speed)
+
+
+def _runtime_arg(parser, what: str) -> None:
+    from .export.runtime import RUNTIMES
+    parser.add_argument("--runtime", default="onnxruntime",
+                        help=f"comma-separated runtimes to {what}: {', '.join(RUNTIMES)} "
+                        "(default: onnxruntime; openvino needs pip install 'slimtorch[deploy]')")
 
 
 def _weight_form_arg(parser) -> None:

@@ -87,7 +87,7 @@ def machine_info() -> dict[str, str]:
             "python": platform.python_version()}
     if hasattr(os, "getloadavg"):  # other work on the machine inflates timings: say so
         info["load avg (1 min) at start"] = f"{os.getloadavg()[0]:.1f}"
-    for pkg in ("torch", "slimtorch", "onnxruntime", "transformers"):
+    for pkg in ("torch", "slimtorch", "onnxruntime", "openvino", "transformers"):
         try:
             info[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

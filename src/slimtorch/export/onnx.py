@@ -13,7 +13,8 @@
    (``weight_form``; see ``onnx_rewrite``, ``onnx_speed`` and ``onnx_weight_form``);
 3. checks the file with onnxruntime (CPUExecutionProvider, 2 threads): output vs the PyTorch
    quantized model on the same inputs, and the op types of onnxruntime's optimised graph
-   (``onnx_check``). A failing check is reported, not raised.
+   (``onnx_check``); with ``runtimes=("onnxruntime", "openvino")`` the same comparison and an
+   int8 census in OpenVINO too (``export.runtime``). A failing check is reported, not raised.
 
 The file is written to a temporary file beside ``path`` and moved into place with
 ``os.replace`` only when export and rewrite have succeeded: an existing file at ``path`` is
@@ -24,6 +25,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from .artifact import atomic_path
 from .onnx_qdq import qdq_export_mode
 from .onnx_rewrite import rewrite
 from .onnx_weight_form import WEIGHT_FORMS, resolve_weight_form
+from .runtime import DEFAULT_RUNTIMES, get_runtime, parse_runtimes
 
 DEFAULT_OPSET = 21
 TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's newest opset; 21 only adds types/attrs
@@ -70,31 +73,44 @@ class ExportReport:
     quant_ops: dict[str, int] = field(default_factory=dict)
     fallbacks: list[dict] = field(default_factory=list)
     ort_ops: dict[str, int] = field(default_factory=dict)
+    # other runtimes checked (``runtimes=``), by name: {"agreement", "census"} or {"error"}
+    runtime_checks: dict[str, dict] = field(default_factory=dict)
 
     @property
     def quantized_fallbacks(self) -> list[dict]:
-        """Quantized ops that onnxruntime runs in float (a float kernel reading DQ values)."""
-        return [f for f in self.fallbacks if f["reason"].startswith("reads dequantized")]
+        """Quantized ops that onnxruntime runs in float (a float kernel reading DQ values),
+        each with the reason (``onnx_check.fallback_reason``)."""
+        return [f for f in self.fallbacks if f["quantized"]]
+
+    @property
+    def float_quantized(self) -> dict[str, int]:
+        """Per op type, how many quantized ops onnxruntime runs in float."""
+        return dict(sorted(Counter(f["op"] for f in self.quantized_fallbacks).items()))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "float_quantized": self.float_quantized}
 
 
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any, *,
                 opset: int = DEFAULT_OPSET, check_inputs: list | None = None,
                 conv_integer: bool = False, portable: bool = False,
-                weight_form: str = "auto", threads: int = 2) -> ExportReport:
-    """Export ``qmodel`` to ``path`` and check it with onnxruntime.
+                weight_form: str = "auto", threads: int = 2,
+                runtimes: str | tuple[str, ...] = DEFAULT_RUNTIMES) -> ExportReport:
+    """Export ``qmodel`` to ``path`` and check it with onnxruntime (and ``runtimes``).
 
     example_inputs: a Tensor, a tuple of Tensors (positional) or a dict (keyword arguments),
     as for calibration. check_inputs: items of the same form to compare onnxruntime with
     PyTorch on (default: ``[example_inputs]``). conv_integer: rewrite convs whose output is not
     re-quantized to ConvInteger (see ``onnx_rewrite``). portable: standard ONNX operators
     only; by default a Linear's bias is fused into onnxruntime's MatMulIntegerToFloat contrib op
-    (``onnx_speed.fuse_matmul_bias``), which only onnxruntime runs. weight_form: ``s8`` keeps
+    (``onnx_speed.fuse_matmul_bias``), a contrib op of onnxruntime's that OpenVINO's ONNX
+    frontend also reads. weight_form: ``s8`` keeps
     int8 weight codes; ``u8`` stores those onnxruntime's x86 u8×s8 kernels could saturate
     (without VNNI) as uint8 + 128, the same values; ``auto`` picks ``u8`` on such a CPU
-    (``onnx_weight_form``).
+    (``onnx_weight_form``). runtimes: names (``export.runtime``) to check the file in;
+    onnxruntime is always checked and fills the top-level fields, each other one an entry of
+    ``runtime_checks`` (agreement with PyTorch and its int8 census). A missing runtime raises
+    ``RuntimeMissingError`` before anything is exported.
     """
     import onnx
     if not 13 <= opset <= onnx.defs.onnx_opset_version():
@@ -104,6 +120,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
         raise OnnxExportError(f"weight_form {weight_form!r} is not known: use one of "
                               f"{', '.join(WEIGHT_FORMS)}")
     form, why = resolve_weight_form(weight_form)
+    runtimes = parse_runtimes("onnxruntime", runtimes)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -113,7 +130,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
                               state.act_qdq, state.weight_dq, changes.pop("int4_weights"),
                               changes.pop("conv_integer"), state.float_quantizers,
                               state.float_weights, changes, form, why)
-        _check(report, tmp, qmodel, check_inputs or [example_inputs], names, threads)
+        _check(report, tmp, qmodel, check_inputs or [example_inputs], names, threads, runtimes)
     return report
 
 
@@ -150,26 +167,35 @@ def _export_file(qmodel, tmp: str, example, opset: int, conv_integer: bool, port
 
 
 def _check(report: ExportReport, path: str, qmodel, items: list, names: list[str],
-           threads: int) -> None:
-    """Fill the onnxruntime part of ``report``; errors are recorded, not raised."""
-    from .onnx_check import compare, concat_padded, kernel_census, make_session, run_session
-    try:
-        census = kernel_census(path, threads)
-        report.ort_ops, report.fallbacks = census["ops"], census["fallbacks"]
-        report.int8_kernels, report.float_compute = census["int8_kernels"], census[
-            "float_compute"]
-        report.quant_ops = census["quant_ops"]
-        sess = make_session(path, threads)
-        feeds = [dict(zip(names, (t.numpy() for t in _signature(it)[1]))) for it in items]
-        got = run_session(sess, feeds)
-    except Exception as e:  # onnxruntime rejects the model or an op: say so in the report
-        report.ort_error = f"{type(e).__name__}: {e}"
-        return
+           threads: int, runtimes: tuple[str, ...]) -> None:
+    """Fill the runtime part of ``report``; runtime errors are recorded, not raised."""
+    from .onnx_check import compare, concat_padded
+    feeds = [dict(zip(names, (t.numpy() for t in _signature(it)[1]))) for it in items]
     ref = concat_padded([reference_output(qmodel, it) for it in items])
     masks = [it["attention_mask"].numpy() for it in items
              if isinstance(it, dict) and "attention_mask" in it]
     mask = concat_padded(masks) if len(masks) == len(items) else None
-    report.agreement = compare(ref, got, mask)
+    for name in runtimes:
+        rt = get_runtime(name)
+        try:
+            census = rt.census(path, threads)
+            run = rt.session(path, threads)
+            got = concat_padded([run(f) for f in feeds])
+        except Exception as e:  # the runtime rejects the model or an op: say so in the report
+            err = f"{type(e).__name__}: {e}"
+            if name == "onnxruntime":
+                report.ort_error = err
+            else:
+                report.runtime_checks[name] = {"error": err}
+            continue
+        agreement = compare(ref, got, mask)
+        if name == "onnxruntime":
+            report.ort_ops, report.fallbacks = census["ops"], census["fallbacks"]
+            report.int8_kernels = census["int8_kernels"]
+            report.float_compute, report.quant_ops = census["float_compute"], census["quant_ops"]
+            report.agreement = agreement
+        else:
+            report.runtime_checks[name] = {"agreement": agreement, "census": census}
 
 
 @torch.inference_mode()

@@ -4,7 +4,13 @@ run in onnxruntime's optimised graph (integer or float)?
 The optimised graph is the one onnxruntime executes (``SessionOptions.optimized_model_filepath``
 after all graph transformations on the CPU execution provider); its op types tell whether the
 QDQ node units were fused into integer kernels (QLinearConv, MatMulIntegerToFloat, ...) or
-whether a quantized op falls back to float (a float Conv/MatMul/Gemm reading DequantizeLinear).
+whether a quantized op falls back to float: a float Conv/MatMul/Gemm/Add (or its fused form)
+still reading DequantizeLinear outputs. ``fallback_reason`` names why, from the unit's
+neighbourhood in that graph, against the rules of onnxruntime's QDQ selectors
+(``optimizer/qdq_transformer/selectors_actions/qdq_selectors.cc``): Conv and the binary ops
+become QLinear* only with a QuantizeLinear on their output; on x86 an int8 (signed) activation
+is turned into uint8 (``QDQS8ToU8Transformer``) only when its QuantizeLinear has a single
+DequantizeLinear consumer; every data input needs its own Q/DQ; there is no 4-bit conv kernel.
 """
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLin
 FLOAT_COMPUTE = frozenset({
     "Conv", "FusedConv", "NchwcConv", "ConvTranspose", "MatMul", "FusedMatMul", "Gemm",
     "FusedGemm", "Attention", "MultiHeadAttention", "Einsum"})
+FLOAT_BINARY = frozenset({"Add", "Mul"})  # QLinearAdd / QLinearMul when quantized on all sides
+MATMUL_OPS = frozenset({"MatMul", "FusedMatMul", "Gemm", "FusedGemm"})  # no output Q needed
+LAYOUT_OPS = frozenset({"ReorderInput", "Transpose"})  # between a DQ and an NCHWc/NHWC node
 
 
 def make_session(path: str | Path, threads: int = 2, optimized_path: str | Path | None = None,
@@ -45,27 +54,81 @@ def make_session(path: str | Path, threads: int = 2, optimized_path: str | Path 
 
 def kernel_census(path: str | Path, threads: int = 2) -> dict:
     """Op types of onnxruntime's optimised graph, split into int8 kernels, float compute and
-    quantize/dequantize ops, plus the float compute nodes that read dequantized values."""
+    quantize/dequantize ops, plus every float compute node with its reason: ``quantized`` ones
+    read dequantized values (the quantized op runs in float), the others are float ops."""
     import onnx
     with tempfile.TemporaryDirectory() as d:
         opt = Path(d) / "optimized.onnx"
         make_session(path, threads, opt)
         graph = onnx.load(str(opt), load_external_data=False).graph
     ops = Counter(n.op_type for n in graph.node)
-    producer = {o: n for n in graph.node for o in n.output}
+    gr = _Index(graph)
     fallbacks = []
     for n in graph.node:
-        if n.op_type not in FLOAT_COMPUTE:
+        if n.op_type not in FLOAT_COMPUTE | FLOAT_BINARY:
             continue
-        dq = [i for i in n.input if i in producer and producer[i].op_type == "DequantizeLinear"]
-        reason = ("reads dequantized values: the quantized op runs in float" if dq else
-                  "not quantized: float op")
-        fallbacks.append({"node": n.name, "op": n.op_type, "reason": reason})
+        quantized = any(gr.dq(i) is not None for i in n.input[:2])
+        if quantized or n.op_type in FLOAT_COMPUTE:
+            reason = fallback_reason(gr, n) if quantized else "not quantized: float op"
+            fallbacks.append({"node": n.name, "op": n.op_type, "quantized": quantized,
+                              "reason": reason})
     return {"ops": dict(sorted(ops.items())),
             "int8_kernels": {k: v for k, v in sorted(ops.items()) if k in INT8_KERNELS},
             "float_compute": {k: v for k, v in sorted(ops.items()) if k in FLOAT_COMPUTE},
             "quant_ops": {k: v for k, v in sorted(ops.items()) if k in QUANT_OPS},
             "fallbacks": fallbacks}
+
+
+class _Index:
+    """Producers, consumers and integer initializer types of an optimised graph."""
+
+    def __init__(self, graph):
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.dtype = {t.name: t.data_type for t in graph.initializer}
+
+    def dq(self, name: str):
+        """The DequantizeLinear producing ``name`` (through layout reorders), if any."""
+        n = self.producer.get(name)
+        while n is not None and n.op_type in LAYOUT_OPS:
+            n = self.producer.get(n.input[0])
+        return n if n is not None and n.op_type == "DequantizeLinear" else None
+
+
+def fallback_reason(gr: _Index, node) -> str:
+    """Why a float ``node`` that reads dequantized values was not fused into an int8 kernel."""
+    import onnx
+    kernel = "QLinearConv" if "Conv" in node.op_type else (
+        f"QLinear{node.op_type}" if node.op_type in FLOAT_BINARY else "an int8 MatMul kernel")
+    for k, name in enumerate(node.input[:2]):
+        dq = gr.dq(name)
+        if dq is None:
+            return f"input {k} has no Q/DQ (a float operand): {kernel} needs both quantized"
+        codes_type = gr.dtype.get(dq.input[0])
+        if codes_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            return "4-bit weight codes: onnxruntime has no 4-bit kernel for this op"
+        q = gr.producer.get(dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear" and _signed(gr, q) \
+                and len(gr.consumers.get(q.output[0], [])) > 1:
+            return (f"input {k} is a signed int8 activation whose QuantizeLinear has "
+                    f"{len(gr.consumers[q.output[0]])} consumers: QDQS8ToU8Transformer makes "
+                    "only single-consumer pairs uint8, so no u8 kernel matches")
+    if node.op_type not in MATMUL_OPS:  # QLinearConv / QLinearAdd need an output Q
+        readers = sorted({c.op_type for c in gr.consumers.get(node.output[0], [])})
+        if "QuantizeLinear" not in readers:
+            fix = "; conv_integer=True runs it as ConvInteger" if "Conv" in node.op_type else ""
+            return (f"output not re-quantized (read by {', '.join(readers) or 'the graph output'}"
+                    f"): {kernel} needs a QuantizeLinear after it{fix}")
+    return "no onnxruntime QDQ selector matched this unit (op or attributes not supported)"
+
+
+def _signed(gr: _Index, q) -> bool:
+    """Does QuantizeLinear ``q`` produce int8 (its zero point's type; uint8 when omitted)?"""
+    import onnx
+    return len(q.input) > 2 and gr.dtype.get(q.input[2]) == onnx.TensorProto.INT8
 
 
 def run_session(session, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:

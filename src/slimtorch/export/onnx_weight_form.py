@@ -29,6 +29,11 @@ Weight forms (``export_onnx(weight_form=...)``):
   (``eval.machine.u8s8_saturates``), else ``s8``: the file is exact on the CPU that exported
   and checked it. Force ``u8`` for a file meant for unknown x86 CPUs.
 
+OpenVINO (oneDNN's AVX2 int8 kernels, ``jit_avx2_I8``) sums u8×s8 pairs the same saturating
+way: the s8 file is as far off there as in onnxruntime (tests/test_onnx_openvino.py). It
+reads a ``u8`` weight (zero point 128) as no symmetric int8 weight and runs that layer in f32
+on the dequantised weight: exact, but float (``onnx_openvino``).
+
 Activations need nothing: onnxruntime turns int8 Q/DQ activation pairs into uint8 itself
 (``QDQS8ToU8Transformer``), and an activation × activation product whose operands are both
 uint8 runs U8U8.
