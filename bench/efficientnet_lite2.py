@@ -32,8 +32,9 @@ MODEL = "zoo:efficientnet_lite2"
 RECIPES = ["w8a8", "w4a8", "w4a4"]
 # peer -> its (flow in peers_recon.TOOLS, bits) rows
 PEERS = {"nncf": [("nncf", "w8a8")],
-         "aimet": [(flow, bits) for bits in ("w8a8", "w4a8")
-                   for flow in ("aimet-ptq", "aimet-cle", "aimet-cle-bc", "aimet-adaround")]}
+         "aimet": [("aimet-ptq", "w8a8"), ("aimet-cle", "w8a8"), ("aimet-cle-bc", "w8a8"),
+                   ("aimet-adaround", "w8a8"), ("aimet-ptq", "w4a8"), ("aimet-cle", "w4a8"),
+                   ("aimet-adaround", "w4a8")]}
 
 
 def peer_runs(specs: list[str]) -> list[tuple[str, str]]:

@@ -79,7 +79,7 @@ def aimet(model, calib, wb: int, ab: int):
 # AdaRound on the ImageNet CNN, cut to fit CPU time: AIMET re-runs the float and the quantized
 # model up to each of the 65 layers for every AdaRound batch (sampling), then takes the steps
 AIMET_CPU_ITERS = 50  # steps per layer (AIMET's default: 10000; 15000 below 8 bits)
-AIMET_CPU_BATCHES = 1  # calibration batches of 32 crops AdaRound samples (AIMET: ceil(2000/32))
+AIMET_CPU_CROPS = 16  # calibration crops AdaRound samples, one batch (AIMET: up to 2000)
 AIMET_CONFIG = "default_config_per_channel.json"  # per-channel weights (aimet_torch/common/...)
 
 
@@ -157,8 +157,8 @@ def aimet_adaround(model, calib, wb: int, ab: int):
     model = _aimet_prepare(model)
     dummy = calib[0][:1]
     fold_all_batch_norms(model, None, dummy_input=dummy)
-    loader = [(x, torch.zeros(len(x))) for x in calib]
-    params = AdaroundParameters(data_loader=loader, num_batches=AIMET_CPU_BATCHES,
+    loader = [(calib[0][:AIMET_CPU_CROPS], torch.zeros(AIMET_CPU_CROPS))]
+    params = AdaroundParameters(data_loader=loader, num_batches=1,
                                 default_num_iterations=AIMET_CPU_ITERS)
     first_last = [] if wb >= 8 else [(m, 8) for m in _aimet_first_last(model)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,8 +167,8 @@ def aimet_adaround(model, calib, wb: int, ab: int):
                                       default_quant_scheme=QuantScheme.post_training_tf_enhanced,
                                       default_config_file=_aimet_config())
         q, policy = _aimet_sim(ada, calib, wb, ab, encodings=f"{tmp}/ada.encodings")
-    n_ada = AIMET_CPU_BATCHES * len(calib[0])
-    return q, (f"prepare_model, BN fold, AdaRound {AIMET_CPU_ITERS} it/layer on {n_ada} crops, "
+    return q, (f"prepare_model, BN fold, AdaRound {AIMET_CPU_ITERS} it/layer on "
+               f"{len(loader[0][0])} crops, "
                f"QuantSim tf_enhanced, {policy}"), "aimet-torch"
 
 
