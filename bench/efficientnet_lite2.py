@@ -3,12 +3,13 @@
 Task ``imagenet_photos`` (``eval/tasks.py``): calibration on seeded random-resized crops of the
 calibration photos, evaluation on 500 fixed crops (seed 0) of the disjoint evaluation photos
 (``data/photos.py``); score = top-1 agreement with the float model and mean KL(float ‖ quant).
-Peers (``--peers nncf``) run on the same model, calibration crops and evaluation crops
-(``bench/peers_recon.py``); a failure is recorded verbatim in the table. Prints a markdown
-table and writes bench/results/efficientnet_lite2.md (+ .json).
+Peers (``--peers nncf,aimet``) run on the same model, calibration crops and evaluation crops
+(``bench/peers_recon.py``); a peer name stands for its flows × bit widths (``PEERS``), one
+flow is ``FLOW:BITS`` (e.g. ``aimet-adaround:w4a8``); a failure is recorded verbatim in the
+table. Prints a markdown table and writes bench/results/efficientnet_lite2.md (+ .json).
 
-    python bench/efficientnet_lite2.py [--recipes w8a8 w4a8 w4a4] [--peers nncf]
-        [--calib-size 256] [--from-metrics DIR ...] [--from-json FILE ...]
+    python bench/efficientnet_lite2.py [--recipes w8a8 w4a8 w4a4] [--peers nncf,aimet]
+        [--calib-size 256] [--from-metrics DIR ...] [--from-json FILE ...] [--out PREFIX]
 
 ``--from-metrics`` adds rows from the ``metrics.json`` of artifacts written by
 ``slimtorch quantize --model zoo:efficientnet_lite2 ... --out DIR`` instead of re-running them.
@@ -29,12 +30,32 @@ from slimtorch.pipeline import run_quantize
 
 MODEL = "zoo:efficientnet_lite2"
 RECIPES = ["w8a8", "w4a8", "w4a4"]
+# peer -> its (flow in peers_recon.TOOLS, bits) rows
+PEERS = {"nncf": [("nncf", "w8a8")],
+         "aimet": [("aimet-ptq", "w8a8"), ("aimet-cle", "w8a8"), ("aimet-cle-bc", "w8a8"),
+                   ("aimet-adaround", "w8a8"), ("aimet-ptq", "w4a8"), ("aimet-cle", "w4a8"),
+                   ("aimet-adaround", "w4a8")]}
+
+
+def peer_runs(specs: list[str]) -> list[tuple[str, str]]:
+    """``--peers`` items (comma- or space-separated): a peer name or ``FLOW:BITS``."""
+    runs = []
+    for spec in (s for item in specs for s in item.split(",") if s):
+        flow, _, bits = spec.partition(":")
+        if spec in PEERS:
+            runs += PEERS[spec]
+        elif bits and flow in {f for rows in PEERS.values() for f, _ in rows}:
+            runs.append((flow, bits))
+        else:
+            raise SystemExit(f"--peers: unknown {spec!r}; use one of {sorted(PEERS)} or "
+                             "FLOW:BITS with FLOW from PEERS (e.g. aimet-adaround:w4a8)")
+    return runs
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipes", nargs="*", default=RECIPES)
-    p.add_argument("--peers", nargs="*", default=[], choices=["nncf", "aimet"])
+    p.add_argument("--peers", nargs="*", default=[], help="e.g. nncf,aimet or aimet-ptq:w8a8")
     p.add_argument("--calib-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -54,16 +75,19 @@ def main() -> None:
         rows.append(m)
         print(f"{recipe:12s} agreement {m['q_top1_agreement']:6.2f}  KL {m['q_kl']:.4f}  "
               f"calib {m['calib_seconds']:7.1f}s", flush=True)
-    rows += [peer_row(tool, args) for tool in args.peers]
+    rows += [peer_row(flow, bits, args) for flow, bits in peer_runs(args.peers)]
     write(rows, args)
 
 
-def peer_row(tool: str, args) -> dict:
+def peer_row(tool: str, bits: str, args) -> dict:
     from peers_recon import run_peer  # bench/ is on sys.path when this script runs
     try:
-        return run_peer(tool, MODEL.removeprefix("zoo:"), "w8a8", args.seed, args.calib_size)
+        m = run_peer(tool, MODEL.removeprefix("zoo:"), bits, args.seed, args.calib_size)
     except Exception as e:  # a peer's failure is a result: record it verbatim
-        return {"tool": tool, "error": f"{type(e).__name__}: {e}"}
+        m = {"tool": tool, "bits": bits, "error": f"{type(e).__name__}: {e}"}
+    print(f"{tool} {bits}: " + (m.get("error") or f"agreement {m['q_top1_agreement']:6.2f}  "
+          f"KL {m['q_kl']:.4f}  calib {m['calib_seconds']:7.1f}s"), flush=True)
+    return m
 
 
 def provenance() -> str:
@@ -81,9 +105,10 @@ def write(rows: list[dict], args) -> None:
 
 
 def _row(m: dict) -> str:
+    bits = m.get("bits", "w8a8").upper()  # rows written before "bits" was recorded are W8A8
     if "error" in m:
-        return f"| {m['tool']} W8A8 | failed: {m['error'][:300]} | | | | | |"
-    name = m.get("recipe") or f"{m['tool']} {m.get('tool_version', '')} (W8A8)"
+        return f"| {m['tool']} {bits} | failed: {m['error'][:300]} | | | | | |"
+    name = m.get("recipe") or f"{m['tool']} {m.get('tool_version', '')} ({bits})"
     size = f"{m['q_size_bytes'] / 1e6:.2f} MB" if "q_size_bytes" in m else "-"
     setting = m.get("setting", "slimtorch recipe, first/last layer W8A8")
     return (f"| {name} | {m['q_top1_agreement']:.2f} | {m['q_kl']:.4f} | {size} | "
