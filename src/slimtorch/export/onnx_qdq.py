@@ -96,38 +96,16 @@ class _WeightDQ(torch.autograd.Function):
 def _weight_codes(layer: QuantLayerMixin) -> tuple[Tensor, Tensor, Tensor, int]:
     """(codes, scale, zero point, axis) of a frozen layer's weight in ONNX DQ layout."""
     wq = layer.weight_quantizer
-    codes, zp, dtype = _centred(layer.weight_int, wq.zero_point.detach().round(), wq)
-    scale = wq.scale.detach().float()
+    dtype = container(wq.qmin, wq.qmax)
+    codes = layer.weight_int
+    scale, zp = wq.scale.detach().float(), wq.zero_point.detach()
     g = wq.spec.gran
     if isinstance(g, PerTensor):
-        return codes.to(dtype), scale.reshape(()), zp.reshape(()).to(dtype), -1
+        return codes.to(dtype), scale.reshape(()), zp.reshape(()).round().to(dtype), -1
     if isinstance(g, PerChannel):
-        return (codes.to(dtype), scale.reshape(-1), zp.reshape(-1).to(dtype), g.axis)
+        return (codes.to(dtype), scale.reshape(-1), zp.reshape(-1).round().to(dtype), g.axis)
     rows = codes.reshape(-1, g.size)  # [O·G, size]: one scale per row
-    return rows.to(dtype), scale.reshape(-1), zp.reshape(-1).to(dtype), 0
-
-
-def _centred(codes: Tensor, zp: Tensor, wq: Quantizer) -> tuple[Tensor, Tensor, torch.dtype]:
-    """Codes q − z with zero point 0 in int8 when the grid's centred codes fit int8 (every
-    asymmetric grid of ≤ 7 bits: |q − z| ≤ 127): (q − z)·s is the same float value, and the
-    runtimes' int8 kernels need symmetric weights (onnxruntime's QLinearConv and OpenVINO's
-    int8 convs refuse or drop a per-channel weight zero point). Otherwise the grid's own
-    8-bit container with its zero points."""
-    if not torch.any(zp != 0):
-        return codes, zp, container(wq.qmin, wq.qmax)
-    span = wq.qmax - wq.qmin
-    if span > 127:  # an 8-bit asymmetric grid: q − z can reach ±255
-        return codes, zp, container(wq.qmin, wq.qmax)
-    g, z = wq.spec.gran, zp.to(codes.dtype)
-    if isinstance(g, PerGroup):  # one zero point per row of the [O·G, size] code layout
-        centred = (codes.reshape(-1, g.size) - z.reshape(-1, 1)).reshape(codes.shape)
-    elif isinstance(g, PerChannel):
-        shape = [1] * codes.dim()
-        shape[g.axis] = -1
-        centred = codes - z.reshape(shape)
-    else:
-        centred = codes - z.reshape(())
-    return centred, torch.zeros_like(zp), torch.int8
+    return rows.to(dtype), scale.reshape(-1), zp.reshape(-1).round().to(dtype), 0
 
 
 @dataclass
