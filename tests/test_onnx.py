@@ -132,7 +132,7 @@ def test_attention_model_w8a8(tmp_path, imgs):
 
 @pytest.mark.parametrize("recipe", ["w4a8", "w4a4"])
 def test_low_bit_exact_and_int4_packed(tmp_path, imgs, recipe):
-    q, r, model = export(make_cnn(), recipe, imgs, tmp_path / "c.onnx")
+    q, r, model = export(make_cnn(), recipe, imgs, tmp_path / "c.onnx", int4=True)
     assert r.int4_weights == 2  # conv1, conv2 (first/last layer stay 8-bit)
     int4 = [t for t in model.graph.initializer if t.data_type in (
         onnx.TensorProto.INT4, onnx.TensorProto.UINT4) and len(t.dims) == 4]
@@ -144,6 +144,23 @@ def test_low_bit_exact_and_int4_packed(tmp_path, imgs, recipe):
     assert r.agreement["top1_agreement"] == 100.0 and r.agreement["max_rel_diff"] < 1e-2
     if recipe == "w4a4":  # 4-bit activation grids are clipped in float before an 8-bit Q
         assert any(n.op_type == "Clip" for n in model.graph.node)
+
+
+@pytest.mark.parametrize("recipe", ["w4a8", "w2a4"])
+def test_low_bit_asymmetric_weights_centred_in_int8(tmp_path, imgs, recipe):
+    """By default asymmetric low-bit codes q (uint8, per-channel zero points z) are stored as
+    int8 q − z with zero point 0: the same values, symmetric weights the int8 kernels take."""
+    q, r, model = export(make_cnn(), recipe, imgs, tmp_path / "c.onnx")
+    assert r.int4_weights == 0 and r.rewrites["centred_weights"] >= 2
+    arrays = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer]
+    for layer in (q.conv1, q.conv2):
+        z = layer.weight_quantizer.zero_point.round().to(torch.int16)
+        want = (layer.weight_int - z.reshape(-1, 1, 1, 1)).numpy()
+        assert z.any() and any(a.dtype == np.int8 and a.shape == want.shape
+                               and np.array_equal(a, want) for a in arrays)
+    assert r.agreement["top1_agreement"] == 100.0 and r.agreement["max_rel_diff"] < 1e-2
+    if recipe == "w4a8":  # 4-bit activations: a float Clip before each Q blocks the kernels
+        assert r.int8_kernels.get("QLinearConv", 0) >= 1
 
 
 def test_opset17_has_no_int4_and_dynamic_batch(tmp_path, imgs):

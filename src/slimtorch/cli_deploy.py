@@ -175,7 +175,7 @@ def cmd_export(args) -> None:
     report = export_onnx(qmodel, args.onnx, example, opset=args.opset,
                          check_inputs=check_items(source, n, args.data_dir),
                          conv_integer=args.conv_integer, portable=args.portable,
-                         weight_form=args.weight_form, threads=args.threads,
+                         int4=args.int4, weight_form=args.weight_form, threads=args.threads,
                          runtimes=args.runtime)
     console.print(export_table(report, f"{directory} → {args.onnx}"))
     write_json_atomic(directory / "export_report.json",
@@ -295,6 +295,9 @@ def register(subparsers) -> None:
     ex.add_argument("--portable", action="store_true",
                     help="standard ONNX operators only (default: Linear biases fused into "
                     "onnxruntime's MatMulIntegerToFloat, which only onnxruntime runs)")
+    ex.add_argument("--int4", action="store_true",
+                    help="store 4-bit weights as INT4 (opset ≥ 21): a smaller file, but those "
+                    "layers run in float (no 4-bit kernels); default int8 codes, int8 kernels")
     _weight_form_arg(ex)
     _runtime_arg(ex, "check the file in")
     ex.add_argument("--threads", type=int, default=2)

@@ -8,7 +8,8 @@
    Q → DQ, frozen weights as integer constants → DQ (see ``onnx_qdq``); batch (and, for token
    ids, sequence) axes are dynamic;
 2. rewrites the graph so onnxruntime finds its integer kernels and pays no avoidable
-   quantization overhead, packs 4-bit weight codes as INT4 when the opset is ≥ 21, and stores
+   quantization overhead, stores asymmetric low-bit weight codes centred in int8 (zero point
+   0, same values), packs 4-bit weight codes as INT4 when asked (``int4``, opset ≥ 21), and stores
    8-bit weight codes in the form onnxruntime's int8 kernels compute exactly on the target CPU
    (``weight_form``; see ``onnx_rewrite``, ``onnx_speed`` and ``onnx_weight_form``);
 3. checks the file with onnxruntime (CPUExecutionProvider, 2 threads): output vs the PyTorch
@@ -93,7 +94,7 @@ class ExportReport:
 
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any, *,
                 opset: int = DEFAULT_OPSET, check_inputs: list | None = None,
-                conv_integer: bool = False, portable: bool = False,
+                conv_integer: bool = False, portable: bool = False, int4: bool = False,
                 weight_form: str = "auto", threads: int = 2,
                 runtimes: str | tuple[str, ...] = DEFAULT_RUNTIMES) -> ExportReport:
     """Export ``qmodel`` to ``path`` and check it with onnxruntime (and ``runtimes``).
@@ -102,7 +103,9 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
     as for calibration. check_inputs: items of the same form to compare onnxruntime with
     PyTorch on (default: ``[example_inputs]``). conv_integer: rewrite convs whose output is not
     re-quantized to ConvInteger (see ``onnx_rewrite``). portable: standard ONNX operators
-    only; by default a Linear's bias is fused into onnxruntime's MatMulIntegerToFloat contrib op
+    only; int4: store 4-bit weight codes as INT4/UINT4 (opset ≥ 21): half the bytes, but
+    neither runtime has a 4-bit conv/matmul kernel, so those layers run in float (by default
+    they are int8 codes and run as int8 kernels); by default a Linear's bias is fused into onnxruntime's MatMulIntegerToFloat contrib op
     (``onnx_speed.fuse_matmul_bias``), a contrib op of onnxruntime's that OpenVINO's ONNX
     frontend also reads. weight_form: ``s8`` keeps
     int8 weight codes; ``u8`` stores those onnxruntime's x86 u8×s8 kernels could saturate
@@ -125,7 +128,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         names, state, changes = _export_file(qmodel, tmp, example_inputs, opset, conv_integer,
-                                              portable, form == "u8")
+                                              portable, form == "u8", int4)
         report = ExportReport(str(path), opset, os.path.getsize(tmp), names,
                               state.act_qdq, state.weight_dq, changes.pop("int4_weights"),
                               changes.pop("conv_integer"), state.float_quantizers,
@@ -135,7 +138,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: Any,
 
 
 def _export_file(qmodel, tmp: str, example, opset: int, conv_integer: bool, portable: bool,
-                 u8_weights: bool):
+                 u8_weights: bool, int4: bool):
     """Trace, rewrite and save to ``tmp``; returns (input names, ExportState, rewrite info)."""
     import onnx
     names, args, as_kwargs = _signature(example)
@@ -157,7 +160,7 @@ def _export_file(qmodel, tmp: str, example, opset: int, conv_integer: bool, port
         if imp.domain in ("", "ai.onnx"):
             imp.version = opset
     try:
-        changes = rewrite(model, conv_int=conv_integer, int4=opset >= 21, portable=portable,
+        changes = rewrite(model, conv_int=conv_integer, int4=int4 and opset >= 21, portable=portable,
                           u8_weights=u8_weights)
         onnx.checker.check_model(model)
     except Exception as e:  # a rewrite bug must not leave a broken file behind

@@ -14,8 +14,10 @@ function unchanged up to float rounding:
   becomes
   ``ConvInteger(q_x, q_w) → Cast → Mul(s_x·s_w) → Add(b)``: the int32 accumulation is exact,
   so the result is the fake-quant conv's (float accumulation) up to float rounding.
-- ``pack_int4``: weight codes that fit in 4 bits are stored as INT4/UINT4 (opset ≥ 21), two per
-  byte; DequantizeLinear reads them directly.
+- ``pack_int4`` (only with ``int4``): weight codes that fit in 4 bits are stored as INT4/UINT4
+  (opset ≥ 21), two per byte; DequantizeLinear reads them directly, but no runtime has a 4-bit
+  conv/matmul kernel, so those layers run in float. Without it ``centre_weights``
+  (``onnx_weight_form``) stores asymmetric codes as int8 q − z, which the int8 kernels run.
 - ``prune``: drop nodes and initializers nothing reads.
 
 ``onnx_speed`` adds passes that remove per-run quantization overhead (merged duplicate Q nodes,
@@ -33,7 +35,7 @@ from onnx import TensorProto, helper
 from .onnx_graph import Graph, attrs, replace_node
 from .onnx_speed import (dedupe_quantize, fold_matmul_scale, fuse_matmul_bias,
                          gather_then_dequantize, pad_conv_channels)
-from .onnx_weight_form import weights_to_u8
+from .onnx_weight_form import centre_weights, weights_to_u8
 
 
 def constants_to_initializers(gr: Graph) -> None:
@@ -231,7 +233,7 @@ def prune(gr: Graph) -> None:
     gr.reindex()
 
 
-def rewrite(model: onnx.ModelProto, *, conv_int: bool = False, int4: bool = True,
+def rewrite(model: onnx.ModelProto, *, conv_int: bool = False, int4: bool = False,
             portable: bool = False, u8_weights: bool = False) -> dict:
     """Run every pass on ``model`` in place; returns what was changed. ``portable``: standard
     ONNX operators only (no onnxruntime contrib ops); ``u8_weights``: the ``u8`` weight form
@@ -245,9 +247,10 @@ def rewrite(model: onnx.ModelProto, *, conv_int: bool = False, int4: bool = True
             "gather_dequantize": gather_then_dequantize(gr),
             "folded_matmul_scales": fold_matmul_scale(gr),
             "padded_conv_channels": pad_conv_channels(gr)}  # on int8 codes: before u8
-    info["u8_weights"] = weights_to_u8(gr) if u8_weights else 0
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    info["int4_weights"] = pack_int4(gr) if int4 and opset >= 21 else 0
+    info["int4_weights"] = pack_int4(gr) if int4 and opset >= 21 else 0  # before centring
+    info["centred_weights"] = centre_weights(gr)
+    info["u8_weights"] = weights_to_u8(gr) if u8_weights else 0
     info["fused_matmul_bias"] = 0 if portable else fuse_matmul_bias(gr)  # after int4 packing
     prune(gr)
     return info
