@@ -6,7 +6,9 @@ their own units, the remaining layers are grouped by their module (≤ ``max_gro
 
 For each unit, in graph order (``reconstruct``):
 1. cache, for every calibration image, the unit's float input x_fp and float output (all
-   quantizers off) and its input x_q in the current quantized model (earlier units done);
+   quantizers off) and its input x_q in the current quantized model (earlier units done) —
+   carried over from the previous unit when this unit reads its output (``units.chained``),
+   else collected by runs of the model prefix;
 2. let the stage's terms adjust the float input and target (PD-Quant: distribution
    correction, ``pd.py``);
 3. optimise AdaRound V (``Quantizer.rounding``) and/or LSQ activation step sizes of the unit
