@@ -63,3 +63,14 @@ def load_minilm_or_skip():
         return load_minilm()
     except UnknownModelError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def calib():
+    """64 Fashion-MNIST calibration images (skips when the dataset is not installed)."""
+    from slimtorch.data.fashion_mnist import calibration_set
+    from slimtorch.errors import SlimtorchError
+    try:
+        return calibration_set(64, 0)
+    except SlimtorchError:
+        pytest.skip("Fashion-MNIST not installed")

@@ -8,21 +8,11 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import slimtorch  # noqa: E402
-from slimtorch.errors import SlimtorchError  # noqa: E402
 from slimtorch.export.onnx import export_onnx  # noqa: E402
 from slimtorch.recipe import load_builtin, load_recipe_text  # noqa: E402
 
 # the reconstruction recipes' scheme (asymmetric per-channel 4-bit weights) with adds quantized
 W4A8_ADDS = load_builtin("w4a8").to_dict() | {"name": "w4a8-adds", "quantize_adds": True}
-
-
-@pytest.fixture(scope="module")
-def calib():
-    from slimtorch.data.fashion_mnist import calibration_set
-    try:
-        return calibration_set(64, 0)
-    except SlimtorchError:
-        pytest.skip("Fashion-MNIST not installed")
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import slimtorch  # noqa: E402
-from slimtorch.errors import SlimtorchError  # noqa: E402
 from slimtorch.export.onnx import export_onnx  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -33,15 +32,6 @@ WHY_FLOAT = {
     "vit": "the patch-embedding conv's output goes to reshape/concat/+pos-embed/LayerNorm, "
            "not a QuantizeLinear: no QLinearConv (conv_integer=True runs it as ConvInteger)",
 }
-
-
-@pytest.fixture(scope="module")
-def calib():
-    from slimtorch.data.fashion_mnist import calibration_set
-    try:
-        return calibration_set(64, 0)
-    except SlimtorchError:
-        pytest.skip("Fashion-MNIST not installed")
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.cache import CachePool
-from ..graph.capture import call_model
 from ..methods import MethodContext
 from ..quant.prepare import quant_state
-from .recon_cache import _Stop, collect, n_samples, unit_map
+from .recon_cache import _Stop, collect, n_samples, run_items, unit_map
 from .units import Unit, chained, layer_order, partition
 
 
@@ -78,11 +77,8 @@ def feed(model: nn.Module, solvers: dict[str, LayerSolver], batches: list, *,
     if stop_early:
         hooks.append(model.get_submodule(list(solvers)[-1]).register_forward_hook(post))
     try:
-        for item in batches:
-            try:
-                call_model(model, item)
-            except _Stop:
-                pass
+        for _ in run_items(model, batches):
+            pass
     finally:
         for h in hooks:
             h.remove()

@@ -37,6 +37,17 @@ def n_samples(batches: list) -> int:
     return sum(tree_flatten(b)[0][0].shape[0] for b in batches)
 
 
+def run_items(model: nn.Module, batches: list):
+    """Run the model on each calibration item in turn (a hook may end a forward early by
+    raising ``_Stop``); yields after each item so the caller can read what its hooks saw."""
+    for item in batches:
+        try:
+            call_model(model, item)
+        except _Stop:
+            pass
+        yield item
+
+
 @torch.no_grad()
 def collect(model: nn.Module, module: nn.Module, batches: list, pool: CachePool,
             want_output: bool) -> tuple[Tensor, Tensor | None]:
@@ -56,11 +67,7 @@ def collect(model: nn.Module, module: nn.Module, batches: list, pool: CachePool,
     hooks = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     n, row, xs, ys = n_samples(batches), 0, None, None
     try:
-        for item in batches:
-            try:
-                call_model(model, item)
-            except _Stop:
-                pass
+        for _ in run_items(model, batches):
             x = got["x"]
             if xs is None:
                 xs = pool.empty((n, *x.shape[1:]))

@@ -79,17 +79,22 @@ def partition(model: nn.Module, example: Any, *, blocks: bool = True, max_group:
     return _checked(model, units, example)
 
 
-def _checked(model: nn.Module, units: list[Unit], example: Any) -> list[Unit]:
-    """Keep a unit module only if it runs once per forward on one tensor; else split it."""
-    calls: dict[str, list] = {u.name: [] for u in units}
-    hooks = [model.get_submodule(u.name).register_forward_pre_hook(
-        lambda m, a, kw, n=u.name: calls[n].append((a, kw)), with_kwargs=True) for u in units]
+def probe(model: nn.Module, example: Any, hooks: list) -> None:
+    """One forward of ``example`` with all quantizers off, for the ``hooks`` (already
+    registered) to observe; they are removed afterwards."""
     try:
         with torch.no_grad(), quant_state(model, weights=False, acts=False):
             call_model(model, example)
     finally:
         for h in hooks:
             h.remove()
+
+
+def _checked(model: nn.Module, units: list[Unit], example: Any) -> list[Unit]:
+    """Keep a unit module only if it runs once per forward on one tensor; else split it."""
+    calls: dict[str, list] = {u.name: [] for u in units}
+    probe(model, example, [model.get_submodule(u.name).register_forward_pre_hook(
+        lambda m, a, kw, n=u.name: calls[n].append((a, kw)), with_kwargs=True) for u in units])
     out = []
     for u in units:
         c = calls[u.name]
@@ -116,11 +121,6 @@ def chained(model: nn.Module, units: list[Unit], example: Any) -> list[bool]:
             lambda m, a, n=u.name: ins.setdefault(n, a[0] if a else None)))
         hooks.append(mod.register_forward_hook(
             lambda m, a, o, n=u.name: outs.setdefault(n, o)))
-    try:
-        with torch.no_grad(), quant_state(model, weights=False, acts=False):
-            call_model(model, example)
-    finally:
-        for h in hooks:
-            h.remove()
+    probe(model, example, hooks)
     return [k > 0 and ins.get(u.name) is not None and ins.get(u.name) is outs.get(units[k - 1].name)
             for k, u in enumerate(units)]
