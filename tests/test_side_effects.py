@@ -80,3 +80,33 @@ def test_inplace_refuses_what_needs_the_float_model():
                   methods=[{"name": "pdquant", "iters": 2, "dc_steps": 1}])
     with pytest.raises(SlimtorchError, match="inplace=False"):
         slimtorch.quantize(make_cnn(), recipe, X, inplace=True)
+
+
+def test_training_and_speed_runs_restore_the_callers_threads_and_rng(monkeypatch, tmp_path):
+    """``zoo train`` seeds torch and uses 2 threads, ``bench speed`` its --threads: only while
+    they run (the work itself replaced by a probe of what it sees)."""
+    from slimtorch import cli_deploy
+    from slimtorch.zoo import train
+
+    seen = []
+
+    def probe(*args, **kwargs):
+        seen.append((torch.get_num_threads(), torch.rand(1).item()))
+        return nn.Linear(1, 1), 0.0
+
+    monkeypatch.setattr(train, "_train", probe)
+    monkeypatch.setattr(train, "evaluate", lambda *a: 0.0)
+    monkeypatch.setattr(train, "test_set", lambda *a: (None, None))
+    monkeypatch.setattr(train, "save_weights", lambda *a: None)
+    monkeypatch.setattr(cli_deploy, "_measure", lambda *a: seen.append((torch.get_num_threads(),)))
+    monkeypatch.setattr("slimtorch.export.artifact.read_config", lambda d: {"source": "zoo:x"})
+    torch.set_num_threads(1)
+    try:
+        state = torch.random.get_rng_state()
+        train.train_zoo_model("resnet20", seed=3)
+        train.train_zoo_model("resnet20", seed=3)
+        cli_deploy.measure_speed(tmp_path, threads=2)
+        assert torch.get_num_threads() == 1 and torch.equal(torch.random.get_rng_state(), state)
+    finally:
+        torch.set_num_threads(2)
+    assert seen[0] == seen[1] and seen[0][0] == 2 and seen[2] == (2,)  # seeded, 2 threads

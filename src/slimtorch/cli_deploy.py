@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import SlimtorchError
+from .eval.machine import torch_threads
 
 console = Console()
 BATCHES = (1, 64)
@@ -105,19 +106,27 @@ def measure_speed(directory: str | Path, *, batches=BATCHES, threads: int = 2,
     """Latency of fp32/int8 PyTorch and of fp32/int8 in each of ``runtimes`` (the same fp32
     and int8 ONNX files for every runtime) for the artifact in ``directory``, sizes on disk,
     and each runtime's int8 census; ``weight_form``: of the int8 ONNX file (``export_onnx``)."""
-    from . import load
-    from .eval.size import fp_size_bytes
-    from .export.artifact import TENSORS, read_config
-    from .export.onnx import export_onnx
-    from .export.runtime import get_runtime, parse_runtimes
-    from .intops import lower_to_int8, lowering_summary
-    from .zoo.sources import load_model
+    from .export.artifact import read_config
+    from .export.runtime import parse_runtimes
     runtimes = parse_runtimes(runtimes)  # a missing runtime fails before any work
     source = read_config(directory).get("source")
     if not source:
         raise SlimtorchError("this artifact was made from a custom model; benchmark it from "
                              "Python")
-    torch.set_num_threads(threads)
+    with torch_threads(threads):
+        return _measure(source, directory, batches, threads, repeats, data_dir, weight_form,
+                        runtimes)
+
+
+def _measure(source, directory, batches, threads, repeats, data_dir, weight_form, runtimes
+             ) -> dict[str, Any]:
+    from . import load
+    from .eval.size import fp_size_bytes
+    from .export.artifact import TENSORS
+    from .export.onnx import export_onnx
+    from .export.runtime import get_runtime
+    from .intops import lower_to_int8, lowering_summary
+    from .zoo.sources import load_model
     fp, q, q_int = load_model(source), load(directory), lower_to_int8(load(directory))
     example = deploy_inputs(source, 2, data_dir=data_dir)
     with tempfile.TemporaryDirectory() as tmp:

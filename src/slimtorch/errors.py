@@ -30,3 +30,7 @@ class UnknownModelError(SlimtorchError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class SharedLayerError(SlimtorchError):
+    """A layer runs more than once per forward, which unit-wise reconstruction cannot fit."""

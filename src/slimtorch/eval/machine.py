@@ -10,13 +10,28 @@ from __future__ import annotations
 
 import os
 import platform
+from contextlib import contextmanager
 from importlib import metadata
+from typing import Iterator
 
 import torch
 
 # /proc/cpuinfo flags that select an int8 kernel class, in the order they are printed
 ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (``None``: leave them); the caller's
+    setting is restored afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cpu_name() -> str:

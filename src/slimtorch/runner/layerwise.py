@@ -6,7 +6,8 @@ single layers). For each unit in graph order:
 1. its inputs over the calibration set are cached (a bounded ``CachePool`` that spills to the
    work dir): when the unit is called on the previous unit's output itself (``units.chained``)
    they are the previous unit — already solved — applied to *its* cached inputs; otherwise one
-   run of the model's prefix, stopped at the unit, collects them;
+   run of the model's prefix, stopped at the unit, collects them (a unit whose dim 0 is not
+   the samples, ``Unit.per_sample``, is not cached: its layers are fed by prefix runs);
 2. ``make_solver(name, layer)`` builds a solver per quantized layer (a string instead says why
    the method leaves that layer alone: ``skipped``);
 3. the unit runs on its cached inputs and every call of a layer hands its input, as the layer
@@ -37,6 +38,7 @@ from ..data.cache import CachePool
 from ..methods import MethodContext
 from ..quant.prepare import quant_state
 from .recon_cache import _Stop, collect, n_samples, run_items, unit_map
+from ..errors import SharedLayerError
 from .units import Unit, chained, layer_order, partition
 
 
@@ -60,7 +62,7 @@ def make_units(model: nn.Module, example: Any) -> tuple[list[Unit], list[bool]]:
     one per layer, each fed by a run of the whole model."""
     try:
         found = partition(model, example, blocks=True, max_group=3)
-    except ValueError:
+    except SharedLayerError:
         return [Unit(f, [f], "layer") for f in layer_order(model, example)[1]], []
     return found, chained(model, found, example)
 
@@ -117,6 +119,16 @@ def _solvers(model: nn.Module, unit: Unit, make_solver: SolverFactory, skipped: 
     return out
 
 
+def _feed_steps(model: nn.Module, solvers: dict[str, LayerSolver], batches: list,
+                sequential: str, per_layer: dict) -> None:
+    """A unit whose inputs are not cached: its layers fed by runs of the model prefix."""
+    steps = [[f] for f in solvers] if sequential == "layer" else [list(solvers)]
+    for step in steps if solvers else []:
+        part = {f: solvers[f] for f in step}
+        feed(model, part, batches)
+        _solve(part, per_layer)
+
+
 def _solve(solvers: dict[str, LayerSolver], per_layer: dict) -> None:
     for f, solver in solvers.items():
         per_layer[f] = solver.solve()
@@ -152,6 +164,11 @@ def solve_layers(model: nn.Module, mctx: MethodContext, make_solver: SolverFacto
             for k, unit in enumerate(tqdm(units, desc=desc, disable=not mctx.progress,
                                           leave=False)):
                 mod = model.get_submodule(unit.name)
+                if not unit.per_sample:  # nothing to cache: fed from runs of the model
+                    _feed_steps(model, _solvers(model, unit, make_solver, skipped), batches,
+                                sequential, per_layer)
+                    reruns += 1
+                    continue
                 if xs is None:
                     xs, _ = collect(model, mod, batches, pool, want_output=False)
                     reruns += 1

@@ -186,6 +186,13 @@ def reconstruct(ctx: Context, units: list[Unit], stage: Stage, stage_idx: int = 
     stats, carry = [], None
     for k, unit in enumerate(units):
         want_next = bool(chain) and k + 1 < len(units) and chain[k + 1]
+        if not unit.per_sample:  # see units: no per-sample targets, nearest rounding stays
+            stats.append({"unit": unit.name, "kind": unit.kind, "layers": len(unit.layers),
+                          "stage": stage.name, "skipped": "input or output rows are not "
+                          "calibration samples (dim 0 folds other data)"})
+            _release(ctx.pool, carry)
+            carry = None
+            continue
         saved = ctx.work.load(stage.name, k)
         if saved is not None:
             _restore(ctx.model, unit, stage, saved[0])

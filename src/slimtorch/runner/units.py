@@ -4,6 +4,13 @@ The layers of a residual block form one unit (run as the smallest module holding
 layers and its add); stem and classifier are their own units; the remaining layers are grouped
 by their module (at most ``max_group`` layers). A unit module must run once per forward on one
 tensor, else it is split into its layers.
+
+A unit's inputs and outputs are cached one row per calibration sample, so its input and output
+must have the samples on dim 0. A block or group that folds something else into dim 0
+(MobileViT's unfold of patches into the batch, a position index with no batch dim) is split
+into its layers; such a layer is kept with ``per_sample=False``: the runners do not cache or
+carry its inputs (the layer-wise runner feeds it from runs of the whole model; reconstruction,
+whose targets are per-sample, leaves it at nearest rounding and says so).
 """
 from __future__ import annotations
 
@@ -13,7 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import SharedLayerError
 from ..graph.capture import call_model, capture, common_prefix
+from .recon_cache import n_samples
 from ..quant.prepare import quant_layers, quant_state
 
 
@@ -22,6 +31,7 @@ class Unit:
     name: str                    # module fqn run as the unit
     layers: list[str]            # quantized layers inside, graph order
     kind: str                    # "block" | "layer" | "group"
+    per_sample: bool = True      # input and output have one row per calibration sample
 
 
 def _inside(fqn: str, mod: str) -> bool:
@@ -91,21 +101,38 @@ def probe(model: nn.Module, example: Any, hooks: list) -> None:
 
 
 def _checked(model: nn.Module, units: list[Unit], example: Any) -> list[Unit]:
-    """Keep a unit module only if it runs once per forward on one tensor; else split it."""
+    """Keep a unit module only if it runs once per forward on one tensor with the samples on
+    dim 0 in and out; else split it into its layers (module docstring)."""
     calls: dict[str, list] = {u.name: [] for u in units}
-    probe(model, example, [model.get_submodule(u.name).register_forward_pre_hook(
-        lambda m, a, kw, n=u.name: calls[n].append((a, kw)), with_kwargs=True) for u in units])
+    outs: dict[str, list] = {u.name: [] for u in units}
+    hooks = []
+    for u in units:
+        mod = model.get_submodule(u.name)
+        hooks.append(mod.register_forward_pre_hook(
+            lambda m, a, kw, n=u.name: calls[n].append((a, kw)), with_kwargs=True))
+        hooks.append(mod.register_forward_hook(lambda m, a, o, n=u.name: outs[n].append(o)))
+    probe(model, example, hooks)
+    n = n_samples([example])
     out = []
     for u in units:
         c = calls[u.name]
-        if len(c) == 1 and len(c[0][0]) == 1 and not c[0][1] and isinstance(c[0][0][0], Tensor):
+        once = len(c) == 1 and len(c[0][0]) == 1 and not c[0][1] and isinstance(c[0][0][0], Tensor)
+        if once and _rows(c[0][0][0], n) and _rows(outs[u.name][0], n):
             out.append(u)
         elif u.kind != "layer":
-            out += [Unit(f, [f], "layer") for f in u.layers]
+            out += _checked(model, [Unit(f, [f], "layer") for f in u.layers], example)
+        elif once:
+            out.append(Unit(u.name, u.layers, u.kind, per_sample=False))
         else:
-            raise ValueError(f"layer {u.name!r} runs {len(c)} times per forward; "
-                             "reconstruction needs each layer to run once")
+            raise SharedLayerError(
+                f"layer {u.name!r} runs {len(c)} times per forward (a shared or tied layer); "
+                "block reconstruction needs each layer to run once: untie the layer (one module "
+                "per use) or use a layer-wise method such as gptq, which feeds every call")
     return out
+
+
+def _rows(t: Any, n: int) -> bool:
+    return isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n
 
 
 def chained(model: nn.Module, units: list[Unit], example: Any) -> list[bool]:
@@ -122,5 +149,5 @@ def chained(model: nn.Module, units: list[Unit], example: Any) -> list[bool]:
         hooks.append(mod.register_forward_hook(
             lambda m, a, o, n=u.name: outs.setdefault(n, o)))
     probe(model, example, hooks)
-    return [k > 0 and ins.get(u.name) is not None and ins.get(u.name) is outs.get(units[k - 1].name)
-            for k, u in enumerate(units)]
+    return [k > 0 and u.per_sample and units[k - 1].per_sample and ins.get(u.name) is not None
+            and ins.get(u.name) is outs.get(units[k - 1].name) for k, u in enumerate(units)]

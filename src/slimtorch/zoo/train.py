@@ -28,6 +28,8 @@ from torch import nn
 from tqdm import tqdm
 
 from slimtorch.data.fashion_mnist import MEAN, STD, load_fashion_mnist, test_set, to_input
+from slimtorch.errors import SlimtorchError
+from slimtorch.eval.machine import torch_threads
 from slimtorch.export.artifact import atomic_path
 from slimtorch.zoo.registry import WEIGHTS_DIR, count_params, get_entry
 
@@ -143,9 +145,26 @@ def train_zoo_model(name: str, *, epochs: int | None = None, seed: int = 0,
     entry, cfg = get_entry(name), RECIPES[name]
     epochs = cfg.epochs if epochs is None else epochs
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}.")
-    torch.set_num_threads(2)
-    torch.manual_seed(seed)
+        raise SlimtorchError(f"epochs must be >= 1, got {epochs}; pass --epochs 1 or more")
+    # 2 threads and the seeded global RNG (initialisation, dropout) only while training: the
+    # caller's thread count and RNG state are restored
+    with torch_threads(2), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, minutes = _train(entry, cfg, name, epochs, seed, data_dir, progress)
+    top1 = evaluate(model, *test_set(data_dir))
+    card = {
+        "name": name, "test_top1": round(top1, 2), "target_top1": entry.target_top1,
+        "seed": seed, "epochs": epochs,
+        "command": f"slimtorch zoo train {name} --epochs {epochs} --seed {seed}",
+        "minutes": round(minutes, 2), "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(), "params": count_params(model),
+        "recipe": {k: v for k, v in vars(cfg).items() if k != "epochs"},
+    }
+    save_weights(model, card, Path(out_dir) if out_dir else WEIGHTS_DIR)
+    return card
+
+
+def _train(entry, cfg, name: str, epochs: int, seed: int, data_dir, progress: bool):
     gen = torch.Generator().manual_seed(seed)
     images, labels = load_fashion_mnist("train", data_dir)
     x, y = to_input(images), labels  # [60000, 1, 28, 28], [60000]
@@ -162,18 +181,7 @@ def train_zoo_model(name: str, *, epochs: int | None = None, seed: int = 0,
             bar.write(f"epoch {epoch}/{epochs}: loss {loss:.4f}, train top-1 {acc:.2f}%, "
                       f"{(time.time() - start) / 60:.1f} min", file=sys.stderr)
     minutes = (time.time() - start) / 60
-    model = _fresh_copy(name, model)
-    top1 = evaluate(model, *test_set(data_dir))
-    card = {
-        "name": name, "test_top1": round(top1, 2), "target_top1": entry.target_top1,
-        "seed": seed, "epochs": epochs,
-        "command": f"slimtorch zoo train {name} --epochs {epochs} --seed {seed}",
-        "minutes": round(minutes, 2), "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(), "params": count_params(model),
-        "recipe": {k: v for k, v in vars(cfg).items() if k != "epochs"},
-    }
-    save_weights(model, card, Path(out_dir) if out_dir else WEIGHTS_DIR)
-    return card
+    return _fresh_copy(name, model), minutes
 
 
 if __name__ == "__main__":
