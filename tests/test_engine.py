@@ -191,6 +191,18 @@ def test_first_last_layer_policy_and_overrides(cnn, images):
     assert q.fc.weight_quantizer.spec.bits == 6 and q.fc.input_quantizer.spec.bits == 8
 
 
+
+def test_depthwise_override_selects_convs_with_one_group_per_channel():
+    """``overrides: {depthwise: ...}`` hits every depthwise conv and nothing else (MobileNet's
+    3×3 depthwise filters have 9 weights per channel: the layers 4-bit weights hurt most)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, groups=4), nn.Conv2d(16, 4, 1)).eval()
+    r = Recipe.from_dict({**load_builtin("w4a8").to_dict(), "first_layer": None,
+                          "last_layer": None, "overrides": {"depthwise": {"weights": 8}}})
+    q = slimtorch.quantize(model, r, torch.randn(8, 3, 16, 16), self_check=False)
+    assert [q[i].weight_quantizer.spec.bits for i in (0, 1, 3, 4)] == [4, 8, 4, 4]
+
 def test_fewer_bits_more_error(cnn, images):
     ref = cnn(images)
     snr = [sqnr_db(ref, slimtorch.quantize(cnn, r, images)(images))

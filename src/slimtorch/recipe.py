@@ -252,13 +252,15 @@ def resolve_recipe(recipe: "Recipe | str | Path | dict") -> Recipe:
     return load_builtin(str(recipe))
 
 
-def match_override(overrides: dict[str, Any], fqn: str, module_type: str) -> tuple[bool, Any]:
-    """First entry of ``overrides`` matching a layer: exact fqn, ``re:REGEX`` or type name."""
+def match_override(overrides: dict[str, Any], fqn: str, module_type: str,
+                   depthwise: bool = False) -> tuple[bool, Any]:
+    """First entry of ``overrides`` matching a layer: exact fqn, ``re:REGEX``, type name, or
+    ``depthwise`` (a convolution with one group per input channel)."""
     for key, value in overrides.items():
         if key.startswith("re:"):
             if re.fullmatch(key[3:], fqn):
                 return True, value
-        elif key == fqn or key == module_type:
+        elif key == fqn or key == module_type or (depthwise and key == "depthwise"):
             return True, value
     return False, None
 

@@ -177,7 +177,9 @@ def analyse(model: nn.Module, nodes: list[Node], outputs: list[int]) -> QuantGra
                     and weight_node.op == (f"{n.module}.weight" if n.module else "weight"))
             if owns and n.inputs and nodes[n.inputs[0]].dynamic:
                 layers.append({"fqn": n.module, "type": type(mod).__name__, "node": n.idx,
-                               "source": _source_kind(nodes, n.inputs[0])})
+                               "source": _source_kind(nodes, n.inputs[0]),
+                               "depthwise": 1 < getattr(mod, "groups", 1) == getattr(
+                                   mod, "in_channels", 0)})
             else:
                 unsupported.append({"what": n.op, "where": n.module or "(root)",
                                     "why": "functional call with a weight not owned by a "

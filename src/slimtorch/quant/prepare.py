@@ -59,7 +59,8 @@ def make_plan(graph: QuantGraph, recipe: Recipe) -> dict[str, Any]:
                             (layer["fqn"] == last, recipe.last_layer)):
             if is_edge and ov is not None:
                 w, a = _with_bits(w, ov, "weights"), _with_bits(a, ov, "activations")
-        hit, ov = match_override(recipe.overrides, layer["fqn"], layer["type"])
+        hit, ov = match_override(recipe.overrides, layer["fqn"], layer["type"],
+                                 layer.get("depthwise", False))
         if hit:
             w, a = _with_bits(w, ov, "weights"), _with_bits(a, ov, "activations")
         if w is not None or a is not None:
