@@ -11,7 +11,8 @@ from slimtorch.runner.units import partition
 from slimtorch.data.cache import CachePool
 from slimtorch.algorithms.pd import PDSettings, bn_stat_loss, correct, dc_objective, pd_loss
 from slimtorch.errors import RecipeError
-from slimtorch.quant.quantizer import Quantizer, rectified_sigmoid, rectified_sigmoid_inverse
+from slimtorch.quant.quantizer import Quantizer
+from slimtorch.runner.learned import LSQ, AdaRound, rectified_sigmoid, rectified_sigmoid_inverse
 from slimtorch.recipe import QuantSpec, load_builtin
 
 
@@ -69,13 +70,13 @@ def test_rectified_sigmoid_and_init_give_fractional_part():
     assert torch.equal(rectified_sigmoid(v), expect)
     frac = torch.rand(1000) * 0.999
     assert torch.allclose(rectified_sigmoid(rectified_sigmoid_inverse(frac)), frac, atol=1e-5)
-    # a quantizer with AdaRound state starts exactly at the float weight inside the range
+    # a quantizer with AdaRound attached starts exactly at the float weight inside the range
     w = torch.randn(6, 3, 3, 3) * 0.1
     q = Quantizer(QuantSpec(bits=4, granularity="per_channel"))
     q.calibrate(w)
-    q.init_rounding(w)
+    r = AdaRound(q, w)
     x = w / q.scale
-    assert torch.allclose(q.soft_rounding(), x - torch.floor(x), atol=1e-5)
+    assert q.learner is r and torch.allclose(r.h(), x - torch.floor(x), atol=1e-5)
     inside = ((torch.floor(x) + q.zero_point >= 0) & (torch.floor(x) + 1 + q.zero_point <= 15))
     assert torch.allclose(q.fake_quant(w)[inside], w[inside], atol=1e-6)
 
@@ -84,26 +85,46 @@ def test_hard_rounding_commits_exact_codes():
     w = torch.randn(4, 8)
     q = Quantizer(QuantSpec(bits=2, granularity="per_channel"))
     q.calibrate(w)
-    q.init_rounding(w)
+    r = AdaRound(q, w)
     with torch.no_grad():
-        q.rounding.copy_(torch.randn_like(w))
-    q.hard_rounding = True
-    soft_codes = torch.floor(w / q.scale) + (q.rounding >= 0).float() + q.zero_point
+        r.v.copy_(torch.randn_like(w))
+    r.hard = True
+    soft_codes = torch.floor(w / q.scale) + (r.v >= 0).float() + q.zero_point
     expect = (soft_codes.clamp(0, 3) - q.zero_point) * q.scale
     assert torch.equal(q.fake_quant(w), expect)
-    w_new = q.commit_rounding(w)
-    assert q.rounding is None
+    w_new = r.commit(w)
+    assert q.learner is None and dict(q.named_parameters()) == {}  # nothing left in the core
     assert torch.equal(q.quantize_int(w_new).float(), soft_codes.clamp(0, 3))
+
+
+def test_lsq_step_gets_the_scaled_gradient_and_is_written_back():
+    """LSQ: ∂x̂/∂s = ⌊x/s⌉ − x/s inside the grid, the clipped code outside, times 1/√(N·q_max).
+    (Values that round onto q_min or q_max themselves get 0 for the inside part: the clamp after
+    the rounding, which the LSQ code puts before it; the test keeps clear of those codes.)"""
+    q = Quantizer(QuantSpec(bits=4))
+    q.scale = torch.tensor(0.5)
+    g = torch.Generator().manual_seed(0)
+    v = torch.cat([torch.randint(1, 15, (48,), generator=g) + torch.rand(48, generator=g) * 0.8
+                   - 0.4, torch.tensor([-9.0, -3.0, 20.0, 31.0])])  # x/s: inside, then outside
+    s = LSQ(q)
+    q.fake_quant(v * 0.5).sum().backward()
+    r = v.round()
+    expect = torch.where((r >= 0) & (r <= 15), r - v, r.clamp(0, 15)).sum() / (52 * 15) ** 0.5
+    assert torch.allclose(s.scale.grad, expect, atol=1e-5)
+    with torch.no_grad():
+        s.scale.fill_(-0.25)
+    s.finish()
+    assert q.learner is None and q.scale.item() == 0.25
 
 
 def test_round_regulariser_and_beta_schedule():
     q = Quantizer(QuantSpec(bits=4))
     q.scale = torch.tensor(1.0)
-    q.init_rounding(torch.tensor([0.0, 0.25, 0.5, 0.999]))
-    h = rectified_sigmoid(q.rounding)
+    r = AdaRound(q, torch.tensor([0.0, 0.25, 0.5, 0.999]))
+    h = rectified_sigmoid(r.v)
     for beta in (20.0, 2.0):
-        assert torch.allclose(q.round_regularizer(beta), (1 - (2 * h - 1).abs() ** beta).sum())
-    assert q.round_regularizer(2.0).item() == pytest.approx(0 + 0.75 + 1 + 0.004, abs=1e-2)
+        assert torch.allclose(r.regularizer(beta), (1 - (2 * h - 1).abs() ** beta).sum())
+    assert r.regularizer(2.0).item() == pytest.approx(0 + 0.75 + 1 + 0.004, abs=1e-2)
     it = 1000
     assert recon.beta_at(0, it, 0.2, (20, 2)) is None
     assert recon.beta_at(199, it, 0.2, (20, 2)) is None

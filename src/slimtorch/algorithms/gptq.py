@@ -225,7 +225,7 @@ class GPTQSolver:
             return {"kept_rtn": f"{self.count} input columns for {n} inputs: H is singular",
                     "columns": self.count}
         h = self.h * (2.0 / max(1, self.count))
-        grid = [t.expand_as(wq._layout(w)).reshape(g, shape[0] // g, -1) for t in
+        grid = [t.expand_as(wq.layout(w)).reshape(g, shape[0] // g, -1) for t in
                 (wq.scale, wq.zero_point)]
         q, st = gptq(w.reshape(g, shape[0] // g, -1), h, *grid, wq.qmin, wq.qmax,
                      block_size=self.cfg.block_size, damp=self.cfg.damp,

@@ -53,9 +53,6 @@ class SampledQuantizer(Quantizer):
         self._stats = {}
         return sample
 
-    def current_scale(self, x: Tensor) -> Tensor:
-        return self.scale
-
 
 def log2sqrt2_codes(x: Tensor, delta: Tensor, bits: int) -> Tensor:
     """Unclipped codes ⌊−2·log2(x/Δ)⌉ as float (+inf for x ≤ 0)."""

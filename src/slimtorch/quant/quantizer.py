@@ -12,8 +12,8 @@ percentile of |x| or of each tail); ``mse`` (search of the clipping range α·[l
 """
 from __future__ import annotations
 
-import math
 from enum import Enum
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,6 @@ from .granularity import PerChannel, PerGroup, PerTensor
 from .spec import QuantSpec
 
 MSE_CANDIDATES = 100
-ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch (Nagel et al. 2020)
 
 
 class Mode(str, Enum):
@@ -34,16 +33,6 @@ class Mode(str, Enum):
 def round_ste(x: Tensor) -> Tensor:
     """Round to nearest with a straight-through gradient."""
     return (x.round() - x).detach() + x
-
-
-def rectified_sigmoid(v: Tensor) -> Tensor:
-    """AdaRound's h(V) = clip(σ(V)(ζ−γ)+γ, 0, 1)."""
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
-
-
-def rectified_sigmoid_inverse(frac: Tensor) -> Tensor:
-    """V with h(V) = frac for frac in [0, 1): V = −log((ζ−γ)/(frac−γ) − 1)."""
-    return -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
 
 
 def grad_scale(x: Tensor, g: float) -> Tensor:
@@ -160,10 +149,9 @@ class Quantizer(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
         self._stats: dict[str, list[Tensor] | Tensor] = {}
-        # reconstruction state (None/0 outside an algorithm; never part of a frozen artifact)
-        self.rounding: nn.Parameter | None = None   # AdaRound V, shaped like the weight layout
-        self.hard_rounding = False                   # h = 1[V >= 0] instead of h(V)
-        self.learned_scale: nn.Parameter | None = None  # LSQ step size
+        # a method's learned reparametrisation of this grid while it runs (AdaRound's V, LSQ's
+        # step: ``runner.learned``); called as learner(self, x in ``layout``). Never saved.
+        self.learner: Callable[["Quantizer", Tensor], Tensor] | None = None
 
     # ------------------------------------------------------------------ layout
     def _rows(self, x: Tensor) -> Tensor:
@@ -239,62 +227,16 @@ class Quantizer(nn.Module):
             self._observe(x)
         return x
 
-    def _layout(self, x: Tensor) -> Tensor:
+    def layout(self, x: Tensor) -> Tensor:
+        """The shape the scale broadcasts over: [O, G, size] per group, else ``x`` itself."""
         return x.reshape(x.shape[0], self.scale.shape[1], -1) if isinstance(
-            self.spec.gran, PerGroup) else x  # [O, G, size] for per-group
-
-    def current_scale(self, x: Tensor) -> Tensor:
-        if self.learned_scale is None:
-            return self.scale
-        return grad_scale(self.learned_scale, 1.0 / math.sqrt(x.numel() * self.qmax))
+            self.spec.gran, PerGroup) else x
 
     def fake_quant(self, x: Tensor) -> Tensor:
-        g = self._layout(x)
-        if self.rounding is not None:
-            return self._adaround(g).reshape(x.shape)
-        return fake_quant(g, self.current_scale(g), self.zero_point, self.qmin,
-                          self.qmax).reshape(x.shape)
-
-    # ------------------------------------------------------------------ AdaRound
-    def soft_rounding(self) -> Tensor:
-        return (self.rounding >= 0).float() if self.hard_rounding else rectified_sigmoid(
-            self.rounding)
-
-    def _adaround(self, g: Tensor) -> Tensor:
-        """W̃ = s·(clip(⌊W/s⌋ + h(V) + z, q_min, q_max) − z)."""
-        q = torch.clamp(torch.floor(g / self.scale) + self.soft_rounding() + self.zero_point,
-                        self.qmin, self.qmax)
-        return (q - self.zero_point) * self.scale
-
-    def init_rounding(self, w: Tensor) -> None:
-        """Start AdaRound with h(V) = frac(W/s), i.e. the float weight inside the grid."""
-        x = self._layout(w.detach()) / self.scale
-        self.rounding = nn.Parameter(rectified_sigmoid_inverse(x - torch.floor(x)))
-        self.hard_rounding = False
-
-    def round_regularizer(self, beta: float) -> Tensor:
-        """Σ (1 − |2h(V) − 1|^β): pushes every h(V) to 0 or 1."""
-        return (1 - (2 * rectified_sigmoid(self.rounding) - 1).abs().pow(beta)).sum()
-
-    @torch.no_grad()
-    def commit_rounding(self, w: Tensor) -> Tensor:
-        """Hard-round, return the dequantized weight (round-to-nearest of it gives exactly the
-        AdaRound codes, so ``freeze`` and the artifact format stay unchanged); drop V."""
-        self.hard_rounding = True
-        out = self._adaround(self._layout(w)).reshape(w.shape)
-        self.rounding, self.hard_rounding = None, False
-        return out
-
-    # ------------------------------------------------------------------ LSQ
-    def enable_lsq(self) -> nn.Parameter:
-        self.learned_scale = nn.Parameter(self.scale.detach().clone())
-        return self.learned_scale
-
-    @torch.no_grad()
-    def disable_lsq(self) -> None:
-        if self.learned_scale is not None:
-            self.scale = self.learned_scale.detach().abs().clamp(min=1e-8).clone()
-            self.learned_scale = None
+        g = self.layout(x)
+        if self.learner is not None:
+            return self.learner(self, g).reshape(x.shape)
+        return fake_quant(g, self.scale, self.zero_point, self.qmin, self.qmax).reshape(x.shape)
 
     def quantize_int(self, x: Tensor) -> Tensor:
         """Integer codes (as int16 so every grid fits) for x."""

@@ -11,7 +11,7 @@ For each unit, in graph order (``reconstruct``):
    else collected by runs of the model prefix;
 2. let the stage's terms adjust the float input and target (PD-Quant: distribution
    correction, ``pd.py``);
-3. optimise AdaRound V (``Quantizer.rounding``) and/or LSQ activation step sizes of the unit
+3. optimise AdaRound V (``learned.AdaRound``) and/or LSQ activation step sizes of the unit
    on ‖unit(x) − target‖² (+ λ·round regulariser, + the terms' losses), x = x_q or the QDrop
    mix;
 4. harden the rounding, record the loss before/after on the whole cache, persist the state.
@@ -39,6 +39,7 @@ from ..data.cache import CachePool
 from ..methods import MethodContext
 from ..quant.prepare import distinct, quant_layers, quant_state
 from ..quant.quantizer import Mode, Quantizer
+from .learned import LSQ, AdaRound, adaround_of
 from .recon_cache import WorkDir, collect, fingerprint, n_samples, unit_map
 from .units import Unit, chained
 
@@ -256,13 +257,9 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
         st.update(extra_st)
     st["loss_before"] = eval_loss(mod, x_q, y_fp, stage.rec_p)
     ws, acts = unit_quantizers(model, unit)
-    params_w, params_a = [], []
-    if stage.learn_weights:
-        for f, m in ws:
-            m.weight_quantizer.init_rounding(m.weight)
-            params_w.append(m.weight_quantizer.rounding)
-    if stage.learn_acts and stage.acts_on:
-        params_a = [q.enable_lsq() for q in acts]
+    rounds = [AdaRound(m.weight_quantizer, m.weight) for _, m in ws] if stage.learn_weights else []
+    steps = [LSQ(q) for q in acts] if stage.learn_acts and stage.acts_on else []
+    params_w, params_a = [r.v for r in rounds], [s.scale for s in steps]
     boundary = _boundary(mod, acts, x_q[:2]) if stage.acts_on else []
     drop = QDrop(acts if stage.acts_on else [], boundary, stage.drop_prob, gens[1])
     extra = []
@@ -272,15 +269,14 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
         extra += [fn] if fn is not None else []
     t_opt = time.perf_counter()
     try:
-        st["loss_train_last"] = _optimise(ctx, mod, ws, drop, params_w, params_a,
+        st["loss_train_last"] = _optimise(ctx, mod, rounds, drop, params_w, params_a,
                                           x_q, x_fp, y_fp, stage, gens[0], desc, extra)
     finally:
         drop.remove()
-        for q in acts:
-            q.disable_lsq()
-        for _, m in ws:
-            if m.weight_quantizer.rounding is not None:
-                m.weight_quantizer.hard_rounding = True
+        for s in steps:
+            s.finish()
+        for r in rounds:
+            r.hard = True
     st["optimise_seconds"] = round(time.perf_counter() - t_opt, 2)
     st["loss_after"] = eval_loss(mod, x_q, y_fp, stage.rec_p)
     nxt = None
@@ -292,7 +288,8 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
     return st, nxt
 
 
-def _optimise(ctx, mod, ws, drop: "QDrop", params_w, params_a, x_q, x_fp, y_fp,
+def _optimise(ctx, mod, rounds: list[AdaRound], drop: "QDrop", params_w, params_a, x_q, x_fp,
+              y_fp,
               stage: Stage, gen, desc, extra=()) -> float | None:
     if not params_w and not params_a:
         return None
@@ -318,8 +315,7 @@ def _optimise(ctx, mod, ws, drop: "QDrop", params_w, params_a, x_q, x_fp, y_fp,
             loss = loss + fn(out[len(idx):], idx)
         beta = beta_at(t, stage.iters, stage.warmup, stage.b_range)
         if params_w and beta is not None:
-            loss = loss + stage.round_weight * sum(
-                m.weight_quantizer.round_regularizer(beta) for _, m in ws)
+            loss = loss + stage.round_weight * sum(r.regularizer(beta) for r in rounds)
         for o in (opt_w, opt_a):
             if o is not None:
                 o.zero_grad(set_to_none=True)
@@ -336,8 +332,9 @@ def _state(model: nn.Module, unit: Unit, stage: Stage) -> dict[str, Tensor]:
     out = {}
     for f in unit.layers:
         m = model.get_submodule(f)
-        if m.weight_quantizer is not None and m.weight_quantizer.rounding is not None:
-            out[f + ".rounding"] = m.weight_quantizer.rounding.detach()
+        r = adaround_of(m.weight_quantizer)
+        if r is not None:
+            out[f + ".rounding"] = r.v.detach()
         if m.input_quantizer is not None:
             out[f + ".scale"] = m.input_quantizer.scale.detach().clone()  # may be shared
     return out
@@ -347,8 +344,7 @@ def _restore(model: nn.Module, unit: Unit, stage: Stage, tensors: dict[str, Tens
     for f in unit.layers:
         m = model.get_submodule(f)
         if f + ".rounding" in tensors:
-            m.weight_quantizer.rounding = nn.Parameter(tensors[f + ".rounding"])
-            m.weight_quantizer.hard_rounding = True
+            AdaRound(m.weight_quantizer, m.weight, v=tensors[f + ".rounding"], hard=True)
         if f + ".scale" in tensors:
             m.input_quantizer.scale = tensors[f + ".scale"].clone()
 
@@ -356,9 +352,9 @@ def _restore(model: nn.Module, unit: Unit, stage: Stage, tensors: dict[str, Tens
 def commit(model: nn.Module) -> None:
     """Write hard-rounded weights back so ``freeze`` reproduces the AdaRound codes."""
     for _, m in quant_layers(model):
-        wq = m.weight_quantizer
-        if wq is not None and wq.rounding is not None:
-            m.weight.data = wq.commit_rounding(m.weight)
+        r = adaround_of(m.weight_quantizer)
+        if r is not None:
+            m.weight.data = r.commit(m.weight)
 
 
 def run_stages(model: nn.Module, mctx: MethodContext, stages: list[Stage], *, units_fn,
