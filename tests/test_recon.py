@@ -425,7 +425,8 @@ def test_recipes_give_the_stage_their_activation_bits(method, monkeypatch):
 
 def test_auto_round_lr_is_published_rate_floored_at_two_over_iters():
     """lr auto: the published Adam lr of V (1e-3; PD-Quant 3e-3) unless iters is too short for V
-    to travel 2 (lr × iters), e.g. 1e-2 at the 200-iteration CPU default."""
+    to travel 2 (lr × iters), e.g. 1e-2 at the 200-iteration CPU default, and never above that
+    for shorter runs."""
     from slimtorch.algorithms.adaround import AdaRoundConfig
     from slimtorch.algorithms.brecq import BRECQConfig
     from slimtorch.algorithms.pdquant import PDQuantConfig
@@ -440,6 +441,7 @@ def test_auto_round_lr_is_published_rate_floored_at_two_over_iters():
             assert cls.parse({"iters": it}, "x").round_lr() == pytest.approx(paper)
         assert cls.parse({"iters": 1000}, "x").round_lr() == pytest.approx(max(paper, 2e-3))
         assert cls.parse({"lr": 5e-4}, "x").round_lr() == 5e-4
+        assert cls.parse({"iters": 20}, "x").round_lr() == pytest.approx(1e-2)  # capped
 
 
 

@@ -250,7 +250,7 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
                           "stage": stage.name, "inputs": "carried" if carried else "collected"}
     y_next = None
     if want_next:  # the float output, before any term corrects the target
-        y_next = pool.empty(tuple(y_fp.shape))
+        y_next = pool.empty(tuple(y_fp.shape), y_fp.dtype)
         y_next.copy_(y_fp)
     for term in stage.terms:
         x_fp, y_fp, extra_st = term.correct(ctx, unit, x_fp, y_fp)

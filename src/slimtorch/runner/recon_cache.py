@@ -70,8 +70,9 @@ def collect(model: nn.Module, module: nn.Module, batches: list, pool: CachePool,
         for _ in run_items(model, batches):
             x = got["x"]
             if xs is None:
-                xs = pool.empty((n, *x.shape[1:]))
-                ys = pool.empty((n, *got["y"].shape[1:])) if want_output else None
+                xs = pool.empty((n, *x.shape[1:]), x.dtype)  # indices stay integers
+                ys = (pool.empty((n, *got["y"].shape[1:]), got["y"].dtype) if want_output
+                      else None)
             xs[row:row + len(x)] = x
             if want_output:
                 ys[row:row + len(x)] = got["y"]
@@ -86,7 +87,7 @@ def collect(model: nn.Module, module: nn.Module, batches: list, pool: CachePool,
 def unit_map(fn: Callable[[Tensor], Tensor], xs: Tensor, pool: CachePool, chunk: int = 256
              ) -> Tensor:
     first = fn(xs[:chunk])
-    out = pool.empty((len(xs), *first.shape[1:]))
+    out = pool.empty((len(xs), *first.shape[1:]), first.dtype)
     out[:len(first)] = first
     for i in range(chunk, len(xs), chunk):
         out[i:i + chunk] = fn(xs[i:i + chunk])
