@@ -137,13 +137,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "coverage"))
     p.add_argument("--from-json", nargs="+", metavar="FILE",
-                   help="re-render the table from rows saved by earlier runs")
+                   help="re-render the table from rows saved by earlier runs (rows of "
+                   "one architecture merged: e.g. a --tools slimtorch rerun over saved NNCF rows)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.from_json:
         saved = [json.loads(Path(f).read_text()) for f in args.from_json]
         header = [h for s in saved for h in s["header"]]
-        rows = [r for s in saved for r in s["rows"]]
+        merged: dict[str, dict] = {}  # one row per architecture; a later file's tools win
+        for r in (r for s in saved for r in s["rows"]):
+            merged.setdefault(r["arch"], {}).update(r)
+        rows = list(merged.values())
     else:
         header, rows = provenance(args), []
         for name in args.archs:

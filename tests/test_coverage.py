@@ -14,7 +14,7 @@ BatchNorm statistics from train-mode passes on a batch of 16, see ``zoo/coverage
   cosine >= ``COS_FLOOR`` — or, for the few listed in ``BELOW_FLOOR`` with the measured number
   and the reason, at least that number minus a margin.
 
-Recipe: the built-in ``w8a8`` unchanged (MSE-p ranges for weights and activations). The file
+Recipe: the built-in ``w8a8`` unchanged (min/max weight ranges, MSE-p activation ranges). The file
 runs torch with one intra-op thread (see ``_one_thread``).
 """
 from __future__ import annotations
@@ -81,9 +81,10 @@ RESNET18_BLOCKS = {
 }
 
 # Floors sit below what this setup measures (seed 0, one thread, 16 eval images, 32 sentences):
-# cosine resnet18 0.9964, mobilenet_v2 0.888, convnext_tiny 0.9995, vit_b_16 0.9992, deit_tiny
+# cosine resnet18 0.9963, mobilenet_v2 0.891, convnext_tiny 0.9995, vit_b_16 0.9992, deit_tiny
 # 0.9993, swin_tiny 0.9994, MiniLM embeddings 0.9925 (worst sentence 0.987); top-1 agreement
-# 0.94, 0.38, 1.0, 0.94, 1.0, 0.88. Random-init MobileNetV2 with BatchNorm statistics from random
+# 0.94, 0.19 (3 of 16; 0.38 with MSE weight ranges at cosine 0.888), 1.0, 0.94, 1.0,
+# 0.88. Random-init MobileNetV2 with BatchNorm statistics from random
 # images amplifies any perturbation (NNCF's W8A8 on the same model and data: cosine 0.827), hence
 # its lower floors. Random-init logits have near-ties, so top-1 agreement is loose; the
 # quantized top-1 must be in the float top-5 (MobileNetV2: 75 % of the time).
@@ -92,7 +93,7 @@ CASES = {
                      block_members=RESNET18_BLOCKS),
     # inverted residuals with a skip: expand 1x1, depthwise 3x3, project 1x1
     "mobilenet_v2": Case(_arch("tv/mobilenet_v2"), [3] * 10, cos_floor=0.86,
-                         agree_floor=0.3, top5_floor=0.7),
+                         agree_floor=0.15, top5_floor=0.7),
     # depthwise 7x7, fc1, fc2 per block; depths 3-3-9-3
     "convnext_tiny": Case(_arch("timm/convnext_tiny"), [3] * 18),
     # nn.MultiheadAttention rewritten into q/k/v/out Linears: attention blocks hold 4 layers
@@ -262,17 +263,19 @@ BELOW_MARGIN = 0.02
 # random images amplify any perturbation (Yang et al. 2019: BN at init explodes gradients with
 # depth); NNCF's W8A8 on the same model and data is lower still, so these are the setup's
 # ceiling, not a bug. Their floor is the measured number minus BELOW_MARGIN.
+# (the "alone" figures were measured with MSE-p weight ranges, before w8a8 moved to min/max)
 _DEEP = "deep random-init BN net: 8-bit noise amplified"
 BELOW_FLOOR: dict[str, tuple[float, float, str]] = {
-    "tv/resnet50": (0.8725, 0.8609, _DEEP + " (weights alone 0.896, activations alone 0.896)"),
-    "tv/googlenet": (0.8944, 0.8825, _DEEP),
-    "tv/mnasnet0_5": (0.8989, 0.8474, _DEEP),
-    "timm/efficientnet_b2": (0.8182, 0.4568, _DEEP + " (weights alone 0.944, activations "
+    "tv/resnet50": (0.8704, 0.8609, _DEEP + " (weights alone 0.896, activations alone 0.896)"),
+    "tv/googlenet": (0.8956, 0.8825, _DEEP),
+    "tv/mnasnet0_5": (0.8937, 0.8474, _DEEP),
+    "timm/efficientnet_b2": (0.8333, 0.4568, _DEEP + " (weights alone 0.944, activations "
                              "alone 0.851; each single activation quantizer costs <= 0.03)"),
-    "timm/mobilenetv3_small_100": (0.6059, 0.3333, _DEEP + " (weights alone 0.995; each of "
+    "timm/mobilenetv3_small_100": (0.6044, 0.3333, _DEEP + " (weights alone 0.995; each of "
                                    "the 8-bit activation quantizers of blocks.4 alone costs "
                                    "0.03-0.05)"),
-    "timm/repvgg_a0": (0.4350, 0.2334, _DEEP + " (22 plain 3-branch blocks)"),
+    "timm/repvgg_a0": (0.4257, 0.2334, _DEEP + " (22 plain 3-branch blocks)"),
+    "timm/lcnet_050": (0.8860, 0.3783, _DEEP + " (MSE-p weight ranges: 0.9029)"),
 }
 DETAILED = {"tv/resnet18", "tv/mobilenet_v2", "timm/convnext_tiny", "tv/vit_b_16",
             "timm/deit_tiny_patch16_224", "timm/swin_tiny_patch4_window7_224"}
