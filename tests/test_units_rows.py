@@ -110,3 +110,26 @@ def test_reconstruction_skips_folded_layers_and_says_so(model_and_calib):
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(got(x).flatten(), model(x).flatten(), dim=0)
     assert cos > 0.9
+
+
+def test_the_graph_is_captured_once(model_and_calib, monkeypatch):
+    """prepare captures the graph; GPTQ and QDrop query it (``graph_of``) instead of capturing
+    again, and a changed module structure is captured afresh."""
+    import slimtorch.graph.capture as cap
+    import slimtorch.quant.prepare as prep
+
+    model, calib = model_and_calib
+    calls = []
+    real = cap.capture
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(cap, "capture", counting)
+    monkeypatch.setattr(prep, "capture", counting)
+    q = _quantize(model, calib, [{"name": "gptq"}, {"name": "qdrop", "iters": 2}], bits=4)
+    assert len(calls) == 1
+    q.head[0] = nn.Conv2d(8, 8, 1)  # a rewrite: the remembered graph no longer applies
+    cap.graph_of(q, calib[:8])
+    assert len(calls) == 2

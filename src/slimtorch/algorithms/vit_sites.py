@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..graph.capture import (PASSTHROUGH, QuantGraph, call_model, capture, users_of,
+from ..graph.capture import (PASSTHROUGH, QuantGraph, call_model, graph_of, users_of,
                              walk_forward)
 from ..quant.functional import SITE_ROLES, FunctionalSites
 from ..quant.kinds import make_quantizer
@@ -38,7 +38,7 @@ SAFE_BETWEEN = PASSTHROUGH - {"cat", "mean", "adaptive_avg_pool2d", "avg_pool2d"
 def recapture(model: nn.Module, example: Any) -> QuantGraph:
     """The QuantGraph of a prepared model (quantizers off, so they record nothing)."""
     with quantizers_off(model):
-        return capture(model, example)
+        return graph_of(model, example)
 
 
 def sites_of(model: nn.Module) -> FunctionalSites | None:

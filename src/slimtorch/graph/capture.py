@@ -143,6 +143,33 @@ def call_model(model: nn.Module, item: Any) -> Any:
     return model(item)
 
 
+GRAPH_ATTR = "_slimtorch_graph"
+
+
+def _signature(model: nn.Module) -> tuple:
+    """Module names, types and parameter shapes: what a graph depends on (pruning changes
+    shapes, a rewrite changes modules)."""
+    return (tuple((n, type(m).__name__) for n, m in model.named_modules()),
+            tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
+
+
+def remember(model: nn.Module, graph: "QuantGraph") -> None:
+    """Keep ``graph`` with the model for the methods that query it (``graph_of``), tagged with
+    the model's module structure as it is now."""
+    model.__dict__[GRAPH_ATTR] = (graph, _signature(model))
+
+
+def graph_of(model: nn.Module, example: Any) -> "QuantGraph":
+    """The model's graph: the one ``prepare`` captured, while the module structure is unchanged
+    (capture once); else a fresh capture (a method that rewrote modules), remembered."""
+    got = model.__dict__.get(GRAPH_ATTR)
+    if got is not None and got[1] == _signature(model):
+        return got[0]
+    graph = capture(model, example)
+    remember(model, graph)
+    return graph
+
+
 def capture(model: nn.Module, example: Any) -> QuantGraph:
     """Record one forward pass of ``model`` on ``example`` and analyse it."""
     params = {id(p): n for n, p in model.named_parameters()}

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..graph.capture import QuantGraph, call_model, capture, view_source
+from ..graph.capture import QuantGraph, call_model, capture, remember, view_source
 from ..graph.rewrite import decompose_attention, fold_batchnorm, set_submodule
 from ..recipe import Recipe, match_override
 from .functional import SITE_ROLES, FunctionalSites
@@ -249,6 +249,7 @@ def prepare(model: nn.Module, recipe: Recipe, example: Any, *, seed: int = 0
         graph = capture(model, example)
     plan = make_plan(graph, recipe)
     attach(model, plan, seed=seed, max_samples=recipe.calib.max_samples_per_quantizer)
+    remember(model, graph)  # the methods query this graph instead of capturing again
     meta = {"recipe": recipe.to_dict(), "graph": graph.describe(), "plan": plan,
             "bn_folds": [list(p) for p in folds], "decomposed": decomposed, "seed": seed}
     setattr(model, META_ATTR, meta)

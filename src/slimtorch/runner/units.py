@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SharedLayerError
-from ..graph.capture import call_model, capture, common_prefix
+from ..graph.capture import call_model, common_prefix, graph_of
 from .recon_cache import n_samples
 from ..quant.prepare import quant_layers, quant_state
 
@@ -39,10 +39,11 @@ def _inside(fqn: str, mod: str) -> bool:
 
 
 def layer_order(model: nn.Module, example: Any) -> tuple[Any, list[str]]:
-    """The captured graph of a prepared model (quantizers off) and its quantized layers in
-    graph order (each once, at its first call)."""
+    """The graph of a prepared model (``graph_of``: the one ``prepare`` captured; quantizers
+    off should it need a capture) and its quantized layers in graph order (each once, at its
+    first call)."""
     with quant_state(model, weights=False, acts=False):
-        graph = capture(model, example)
+        graph = graph_of(model, example)
     qnames = {n for n, _ in quant_layers(model)}
     order = list(dict.fromkeys(l["fqn"] for l in graph.layers if l["fqn"] in qnames))
     return graph, order
