@@ -110,3 +110,23 @@ def test_training_and_speed_runs_restore_the_callers_threads_and_rng(monkeypatch
     finally:
         torch.set_num_threads(2)
     assert seen[0] == seen[1] and seen[0][0] == 2 and seen[2] == (2,)  # seeded, 2 threads
+
+
+def test_max_samples_stops_reading_an_endless_stream():
+    """An endless generator (a stand-in for a DataLoader over a whole dataset) is read only
+    until max_samples samples are in; the result equals passing those items."""
+    pulled = []
+
+    def endless():
+        g = torch.Generator().manual_seed(2)
+        while True:
+            pulled.append(1)
+            yield torch.randn(16, 1, 12, 12, generator=g)
+
+    q = slimtorch.quantize(make_cnn(), "w4a4", endless(), max_samples=40)
+    assert len(pulled) == 3  # 16 + 16 + 16 >= 40: the fourth batch is never drawn
+    items = list(zip(range(3), endless()))
+    ref = slimtorch.quantize(make_cnn(), "w4a4", [x for _, x in items])
+    assert _same(q, ref)
+    with pytest.raises(SlimtorchError, match="max_samples"):
+        slimtorch.quantize(make_cnn(), "w4a4", X, max_samples=0)

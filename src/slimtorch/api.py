@@ -26,13 +26,15 @@ __all__ = ["quantize", "save", "load", "export_onnx", "inspect"]
 def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, seed: int = 0,
              progress: bool = False, work_dir: str | None = None, inplace: bool = False,
              transform: Callable[[Any], Any] | None = None, self_check: bool = True,
-             strict: bool = False, min_sqnr_db: float | None = None) -> nn.Module:
+             strict: bool = False, min_sqnr_db: float | None = None,
+             max_samples: int | None = None) -> nn.Module:
     """Return a quantized copy of ``model`` (same forward signature; the input is untouched).
 
     calib_data: a Tensor of samples, or any iterable of items (a list, a generator, a torch
     ``DataLoader``) — a Tensor (one positional argument), a tuple (positional arguments) or a
     dict (keyword arguments). ``transform`` maps each item to the model's input first, e.g.
-    ``lambda batch: batch[0]`` for a loader of (images, labels).
+    ``lambda batch: batch[0]`` for a loader of (images, labels). ``max_samples``: read the
+    iterable only until that many samples are in (NNCF's ``subset_size``).
     work_dir: where reconstruction methods keep per-unit state; a rerun with the same recipe,
     seed and data resumes after the last finished unit.
     self_check: compare quantized and float outputs (and every layer's SQNR) on the first
@@ -47,7 +49,7 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
     ``seed``.
     """
     recipe = resolve_recipe(recipe)
-    batches = calibration_batches(calib_data, recipe.calib.batch_size, transform)
+    batches = calibration_batches(calib_data, recipe.calib.batch_size, transform, max_samples)
     with torch.random.fork_rng(devices=[]):  # module constructors in rewrites draw from it
         qmodel = (model if inplace else copy.deepcopy(model)).eval()
         meta = prepare(qmodel, recipe, batches[0], seed=seed)

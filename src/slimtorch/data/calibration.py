@@ -5,8 +5,9 @@ Tensor holding a stack of samples (split into batches of the recipe's ``calib.ba
 An item is a Tensor (one positional argument), a tuple/list (positional arguments) or a dict
 (keyword arguments, e.g. a tokenizer's output); an optional ``transform`` maps each item to that
 form first (NNCF's ``Dataset(data_source, transform_func)``). The iterable is read once, item by
-item, each checked as it arrives; methods revisit the calibration set many times, so the
-(transformed) items are kept.
+item, each checked as it arrives, and with ``max_samples`` only until that many samples are in
+(the rest is never pulled: a DataLoader over a whole dataset, even an endless generator, is
+fine); methods revisit the calibration set many times, so the (transformed) items are kept.
 """
 from __future__ import annotations
 
@@ -20,8 +21,12 @@ from ..errors import CalibrationDataError
 
 
 def calibration_batches(calib_data: Any, batch_size: int,
-                        transform: Callable[[Any], Any] | None = None) -> list[Any]:
-    """Calibration items as a list, rejecting empty data and NaN/inf values."""
+                        transform: Callable[[Any], Any] | None = None,
+                        max_samples: int | None = None) -> list[Any]:
+    """Calibration items as a list, rejecting empty data and NaN/inf values; reading stops
+    once ``max_samples`` samples (dim 0 of each item's first tensor) are in."""
+    if max_samples is not None and max_samples < 1:
+        raise CalibrationDataError(f"max_samples must be >= 1, got {max_samples}")
     if calib_data is None:
         raise CalibrationDataError("no calibration data given; pass a Tensor of samples or "
                                    "an iterable of batches (Tensor, tuple or dict)")
@@ -36,14 +41,22 @@ def calibration_batches(calib_data: Any, batch_size: int,
             raise CalibrationDataError(
                 f"calibration data of type {type(calib_data).__name__} is not iterable; pass "
                 "a Tensor of samples or an iterable of batches") from None
-    out = []
+    out, n = [], 0
     for i, item in enumerate(items):
         item = item if transform is None else transform(item)
         check_item(item, i)
         out.append(item)
+        n += _samples(item)
+        if max_samples is not None and n >= max_samples:
+            break
     if not out:
         raise CalibrationDataError("calibration data is empty: give at least one batch")
     return out
+
+
+def _samples(item: Any) -> int:
+    t = next(t for t in tree_flatten(item)[0] if isinstance(t, Tensor))
+    return t.shape[0] if t.dim() else 1
 
 
 def check_item(item: Any, index: int) -> None:
