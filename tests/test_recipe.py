@@ -36,7 +36,8 @@ def test_builtin_round_trips_through_yaml_and_json(name):
     r = load_builtin(name)
     w, a = int(name[1]), int(name[3])
     assert (r.weights.bits, r.activations.bits) == (w, a)
-    assert r.weights.observer == r.activations.observer == "mse"
+    assert r.activations.observer == "mse"  # weights: min/max at 8 bits (w8a8), else MSE-p
+    assert r.weights.observer == ("minmax" if name == "w8a8" else "mse")
     assert r.first_layer.weights == 8 and r.last_layer.activations == 8
     assert load_recipe_text(r.to_yaml()) == r
     assert Recipe.from_dict(r.to_dict()) == r
