@@ -395,6 +395,7 @@ def test_auto_act_lr_keeps_the_published_lsq_step_budget():
         assert cls.parse({"iters": 20000}, "x").joint_stage(m).lr_act == pytest.approx(4e-5)
         assert cls.parse({}, "x").joint_stage(m).lr_act == pytest.approx(4e-3)  # 200 iters
         assert cls.parse({"iters": 800}, "x").joint_stage(m).lr_act == pytest.approx(1e-3)
+        assert cls.parse({"iters": 20}, "x").joint_stage(m).lr_act == pytest.approx(4e-3)  # cap
         assert cls.parse({"act_lr": 2e-5}, "x").joint_stage(m).lr_act == 2e-5
         # above 4-bit activations auto is the published rate (6/8-bit steps start right)
         for bits, lr in ((2, 4e-3), (4, 4e-3), (None, 4e-3), (6, 4e-5), (8, 4e-5)):

@@ -43,8 +43,9 @@ V_LR_CAP = V_TRAVEL / CPU_ITERS
 
 def budget_lr(paper_lr: float, iters: int) -> float:
     """The learning rate that gives ``iters`` steps the step budget (lr × steps) of the
-    published ``paper_lr`` × 20 000 steps."""
-    return paper_lr * PAPER_ITERS / max(1, iters)
+    published ``paper_lr`` × 20 000 steps — for runs shorter than the CPU default, the default's
+    rate (as for V: a larger one makes a few steps jump)."""
+    return paper_lr * PAPER_ITERS / max(CPU_ITERS, iters)
 
 
 class AdaRoundConfig(MethodConfig):

@@ -50,9 +50,9 @@ BUDGET_MAX_ACT_BITS = 4  # act_lr auto keeps the step budget up to this many act
 
 class QDropConfig(AdaRoundConfig):
     round_weight: float | Literal["auto"] = "auto"
-    act_lr: PositiveFloat | Literal["auto"] = Field("auto", description="LSQ Adam lr; auto: "
-                                            "4e-5 · 20000 / iters at ≤ 4-bit activations, "
-                                            "else 4e-5 (see module docstring)")
+    act_lr: PositiveFloat | Literal["auto"] = Field(
+        "auto", description="LSQ Adam lr; auto: 4e-5 · 20000 / max(iters, 200) at ≤ 4-bit "
+        "activations, else 4e-5 (see module docstring)")
     mix_prob: float = Field(0.5, ge=0, le=1)
     drop_prob: float = Field(0.5, ge=0, le=1)
 
