@@ -46,7 +46,7 @@ def calibration_batches(calib_data: Any, batch_size: int,
         item = item if transform is None else transform(item)
         check_item(item, i)
         out.append(item)
-        n += _samples(item)
+        n += item_samples(item)
         if max_samples is not None and n >= max_samples:
             break
     if not out:
@@ -54,7 +54,8 @@ def calibration_batches(calib_data: Any, batch_size: int,
     return out
 
 
-def _samples(item: Any) -> int:
+def item_samples(item: Any) -> int:
+    """Samples in one calibration item: dim 0 of its first tensor."""
     t = next(t for t in tree_flatten(item)[0] if isinstance(t, Tensor))
     return t.shape[0] if t.dim() else 1
 

@@ -119,13 +119,14 @@ def _solvers(model: nn.Module, unit: Unit, make_solver: SolverFactory, skipped: 
     return out
 
 
-def _feed_steps(model: nn.Module, solvers: dict[str, LayerSolver], batches: list,
-                sequential: str, per_layer: dict) -> None:
-    """A unit whose inputs are not cached: its layers fed by runs of the model prefix."""
+def _solve_steps(solvers: dict[str, LayerSolver], sequential: str,
+                 feed_part: Callable[[dict[str, LayerSolver]], None], per_layer: dict) -> None:
+    """Feed and solve a unit's layers: one at a time (``sequential="layer"``, each fed after
+    the ones before it are solved) or all from one feeding (``"unit"``)."""
     steps = [[f] for f in solvers] if sequential == "layer" else [list(solvers)]
     for step in steps if solvers else []:
         part = {f: solvers[f] for f in step}
-        feed(model, part, batches)
+        feed_part(part)
         _solve(part, per_layer)
 
 
@@ -164,20 +165,17 @@ def solve_layers(model: nn.Module, mctx: MethodContext, make_solver: SolverFacto
             for k, unit in enumerate(tqdm(units, desc=desc, disable=not mctx.progress,
                                           leave=False)):
                 mod = model.get_submodule(unit.name)
+                solvers = _solvers(model, unit, make_solver, skipped)
                 if not unit.per_sample:  # nothing to cache: fed from runs of the model
-                    _feed_steps(model, _solvers(model, unit, make_solver, skipped), batches,
-                                sequential, per_layer)
+                    _solve_steps(solvers, sequential,
+                                 lambda part: feed(model, part, batches), per_layer)
                     reruns += 1
                     continue
                 if xs is None:
                     xs, _ = collect(model, mod, batches, pool, want_output=False)
                     reruns += 1
-                solvers = _solvers(model, unit, make_solver, skipped)
-                steps = [[f] for f in solvers] if sequential == "layer" else [list(solvers)]
-                for step in steps if solvers else []:
-                    part = {f: solvers[f] for f in step}
-                    feed_unit(model, mod, part, xs, chunk)
-                    _solve(part, per_layer)
+                _solve_steps(solvers, sequential,
+                             lambda part: feed_unit(model, mod, part, xs, chunk), per_layer)
                 nxt = (unit_map(mod, xs, pool, chunk)
                        if k + 1 < len(units) and chain[k + 1] else None)
                 pool.release(xs)

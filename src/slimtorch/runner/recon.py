@@ -187,17 +187,9 @@ def reconstruct(ctx: Context, units: list[Unit], stage: Stage, stage_idx: int = 
     stats, carry = [], None
     for k, unit in enumerate(units):
         want_next = bool(chain) and k + 1 < len(units) and chain[k + 1]
-        if not unit.per_sample:  # see units: no per-sample targets, nearest rounding stays
-            stats.append({"unit": unit.name, "kind": unit.kind, "layers": len(unit.layers),
-                          "stage": stage.name, "skipped": "input or output rows are not "
-                          "calibration samples (dim 0 folds other data)"})
-            _release(ctx.pool, carry)
-            carry = None
-            continue
-        saved = ctx.work.load(stage.name, k)
-        if saved is not None:
-            _restore(ctx.model, unit, stage, saved[0])
-            stats.append({**saved[1], "resumed": True})
+        done = _skipped(unit, stage) if not unit.per_sample else _resumed(ctx, unit, stage, k)
+        if done is not None:  # nothing to optimise: the carried inputs are not needed
+            stats.append(done)
             _release(ctx.pool, carry)
             carry = None
             continue
@@ -210,6 +202,22 @@ def reconstruct(ctx: Context, units: list[Unit], stage: Stage, stage_idx: int = 
         stats.append(st)
     _release(ctx.pool, carry)
     return stats
+
+
+def _skipped(unit: Unit, stage: Stage) -> dict:
+    """See units: a unit without per-sample targets keeps nearest rounding."""
+    return {"unit": unit.name, "kind": unit.kind, "layers": len(unit.layers),
+            "stage": stage.name, "skipped": "input or output rows are not calibration samples "
+            "(dim 0 folds other data)"}
+
+
+def _resumed(ctx: Context, unit: Unit, stage: Stage, k: int) -> dict | None:
+    """The stats of unit k restored from the work dir, or None if it has no saved state."""
+    saved = ctx.work.load(stage.name, k)
+    if saved is None:
+        return None
+    _restore(ctx.model, unit, stage, saved[0])
+    return {**saved[1], "resumed": True}
 
 
 def _release(pool: CachePool, tensors) -> None:

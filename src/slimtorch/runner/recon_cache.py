@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..data.cache import CachePool
+from ..data.calibration import item_samples
 from ..errors import SlimtorchError
 from ..export.artifact import atomic_path, write_json_atomic
 from ..graph.capture import call_model
@@ -34,7 +35,7 @@ def take(items: Any, idx: Tensor) -> Any:
 
 
 def n_samples(batches: list) -> int:
-    return sum(tree_flatten(b)[0][0].shape[0] for b in batches)
+    return sum(item_samples(b) for b in batches)
 
 
 def run_items(model: nn.Module, batches: list):

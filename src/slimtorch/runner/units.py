@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from ..errors import SharedLayerError
 from ..graph.capture import call_model, common_prefix, graph_of
-from .recon_cache import n_samples
 from ..quant.prepare import quant_layers, quant_state
+from .recon_cache import n_samples
 
 
 @dataclass
