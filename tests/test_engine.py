@@ -243,3 +243,33 @@ def test_bad_calibration_data(cnn, images):
         slimtorch.quantize(cnn, "w8a8", [images[:4], images[:4] / 0])
     with pytest.raises(CalibrationDataError, match="not iterable"):
         slimtorch.quantize(cnn, "w8a8", 3)
+
+
+def test_capture_does_not_keep_the_forward_intermediates_alive():
+    """The recorder maps tensors to nodes by weak reference: a forward's intermediates are
+    freed during the recorded forward as they would be without capture (an LLM's
+    activations for a batch of sequences would not fit in memory otherwise)."""
+    import gc
+    import weakref
+
+    from slimtorch.graph.capture import capture
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.alive = []
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            ref = weakref.ref(h)
+            y = self.b(h * 2)
+            del h
+            gc.collect()
+            self.alive.append(ref() is not None)
+            return y
+
+    net = Net().eval()
+    graph = capture(net, torch.randn(4, 8))
+    assert net.alive == [False]
+    assert [l["fqn"] for l in graph.layers] == ["a", "b"]

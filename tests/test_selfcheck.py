@@ -106,3 +106,27 @@ def test_own_sqnr_survives_inplace_ops():
     assert q.bn.__class__ is nn.Identity  # folded: the ReLU now acts on the conv's own output
     for layer in report.layers:  # an 8-bit layer alone is far better than 0 dB
         assert layer.own_sqnr_db > 25, layer
+
+
+def test_check_holds_at_most_its_budget_of_samples(cnn, images):
+    """On a large model the check runs on the first samples only (``held_samples``): as many
+    as keep both models' layer inputs and outputs within the budget; the report says how many."""
+    from slimtorch.eval.selfcheck import held_samples
+    names = {"stem", "conv1", "conv2", "fc"}
+    assert held_samples(cnn, names, images[:8]) is not None
+    assert held_samples(cnn, names, images[:8]).shape[0] == 8           # fits: all of it
+    assert held_samples(cnn, names, images[:8], budget=1).shape[0] == 1  # nothing fits: one
+    one = held_samples(cnn, names, images[:1], budget=1)
+    assert one.shape[0] == 1
+    # the budget for exactly three samples' worth of records (float + quantized) keeps three
+    per_sample = []
+    hooks = [m.register_forward_hook(lambda m, a, o: per_sample.append(
+        a[0].numel() * 4 + o.numel() * 4)) for n, m in cnn.named_modules() if n in names]
+    with torch.no_grad():
+        cnn(images[:1])
+    for h in hooks:
+        h.remove()
+    budget = 3 * 2 * sum(per_sample)
+    assert held_samples(cnn, names, images[:8], budget=budget).shape[0] == 3
+    q = slimtorch.quantize(cnn, "w8a8", images[:8])
+    assert q._slimtorch_meta["self_check"]["samples"] == 8

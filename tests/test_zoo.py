@@ -19,9 +19,10 @@ def fmnist_test():
 
 def test_list_models_names():
     rows = list_models()
-    assert [r["name"] for r in rows] == NAMES + ["efficientnet_lite2"]
+    assert [r["name"] for r in rows] == NAMES + ["efficientnet_lite2", "smollm2-135m"]
     assert all(r["params"] > 10_000 and r["description"] for r in rows)
-    assert [r["task"] for r in rows] == ["fashion_mnist"] * 3 + ["imagenet_photos"]
+    assert [r["task"] for r in rows] == ["fashion_mnist"] * 3 + ["imagenet_photos", "causal_lm"]
+    assert rows[-1]["params"] == 134_515_008  # SmolLM2-135M, LM head tied
 
 
 def test_unknown_name_lists_known_models():

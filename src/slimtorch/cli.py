@@ -32,7 +32,8 @@ def cmd_zoo_list(args) -> None:
             top1, target = "-", "-"
         else:
             target = f"{row['target_top1']:.1f}"
-        t.add_row(row["name"], f"{row['params']:,}", row["task"], top1, target,
+        params = "-" if row["params"] is None else f"{row['params']:,}"
+        t.add_row(row["name"], params, row["task"], top1, target,
                   row["description"])
     try:
         from .zoo.minilm import minilm_param_count
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model, evaluate it, write an artifact")
     q.add_argument("--model", required=True, help="zoo:NAME or minilm (`slimtorch zoo list`)")
     q.add_argument("--recipe", required=True, help="built-in name or YAML file")
-    q.add_argument("--calib-size", type=int, default=1024)
+    q.add_argument("--calib-size", type=int, default=None,
+                   help="calibration samples (default: 1024 images/sentences, 128 LM segments)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="artifact directory")
     q.add_argument("--data-dir", help="Fashion-MNIST IDX directory")

@@ -20,12 +20,13 @@ from .recipe import resolve_recipe
 from .zoo.sources import load_model
 
 
-def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int = 0,
+def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, seed: int = 0,
                  out: str | Path | None = None, data_dir: str | None = None,
                  progress: bool = False, fp_cache: dict | None = None, resume: bool = False
                  ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Quantize ``source`` with ``recipe``; returns the metrics (written to ``out`` too, with
-    the artifact, when given) and the quantized model.
+    the artifact, when given) and the quantized model. ``calib_size`` samples of calibration
+    data (None: the task's default, 1024 images / sentences or 128 LM segments).
 
     Reconstruction methods keep per-unit state in ``OUT/recon-state`` until the artifact is
     written. ``resume=True`` continues an interrupted run from it; without it, finding that
@@ -36,6 +37,8 @@ def run_quantize(source: str, recipe: str, *, calib_size: int = 1024, seed: int 
                              "(resume=True) to continue it, or delete that directory")
     recipe_obj = resolve_recipe(recipe)
     task = task_for(source, data_dir)
+    if calib_size is None:
+        calib_size = getattr(task, "calib_size", 1024)
     calib = task.calibration(calib_size, seed, recipe_obj.calib.batch_size)
     model = load_model(source)
     t0 = time.perf_counter()

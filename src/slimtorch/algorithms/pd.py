@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from ..data.cache import CachePool
+from ..data.calibration import take
 from ..errors import CalibrationDataError, SlimtorchError
 from ..graph.capture import call_model
 from ..quant.prepare import quant_state
 from ..runner.recon import Context, UnitTerm, rec_loss
-from ..runner.recon_cache import cat_items, take, unit_map
+from ..runner.recon_cache import cat_items, unit_map
 from ..runner.units import Unit
 from .suffix import SuffixRunner
 

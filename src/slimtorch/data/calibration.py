@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import CalibrationDataError
 
@@ -58,6 +58,11 @@ def item_samples(item: Any) -> int:
     """Samples in one calibration item: dim 0 of its first tensor."""
     t = next(t for t in tree_flatten(item)[0] if isinstance(t, Tensor))
     return t.shape[0] if t.dim() else 1
+
+
+def take(item: Any, idx: Tensor) -> Any:
+    """The samples ``idx`` (dim 0) of every tensor of a calibration item."""
+    return tree_map(lambda x: x[idx] if isinstance(x, Tensor) else x, item)
 
 
 def check_item(item: Any, index: int) -> None:

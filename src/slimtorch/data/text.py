@@ -78,3 +78,40 @@ def text_batches(
         )
         batches.append({k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
     return batches
+
+
+LM_SPLITS = ("calib", "eval")
+
+
+@lru_cache(maxsize=2)
+def lm_text(split: str) -> str:
+    """Running text for language-model perplexity: ``calib`` (Mansfield Park, Emma) or
+    ``eval`` (Persuasion) -- disjoint novels (``scripts/extract_austen.py --lm``)."""
+    if split not in LM_SPLITS:
+        raise SlimtorchError(f"unknown text split {split!r}: use one of {', '.join(LM_SPLITS)}")
+    path = SENTENCES_PATH.parent / f"austen_lm_{split}.txt"
+    if not path.exists():
+        raise DatasetNotFoundError(f"{path} is missing: reinstall slimtorch or run "
+                                   "scripts/extract_austen.py --lm")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return "\n".join(line for line in lines if not line.startswith("# source:"))
+
+
+def token_segments(tokens: Any, seq_len: int, n: int, seed: int | None) -> Any:
+    """``n`` windows of ``seq_len`` tokens from the 1-D token tensor ``tokens``: consecutive
+    non-overlapping windows from the start (``seed=None``: evaluation), or seeded random
+    offsets (calibration, as GPTQ samples its segments). ``[n, seq_len]``."""
+    import torch
+    if seq_len < 2 or n < 1:
+        raise SlimtorchError(f"need seq_len >= 2 and at least one window (got {seq_len}, {n})")
+    if seed is None:
+        if n * seq_len > tokens.numel():
+            raise SlimtorchError(f"the text has {tokens.numel()} tokens, fewer than {n} windows "
+                                 f"of {seq_len}: ask for fewer or shorter windows")
+        return tokens[: n * seq_len].reshape(n, seq_len)  # [n, T]
+    if seq_len > tokens.numel():
+        raise SlimtorchError(f"the text has {tokens.numel()} tokens, fewer than seq_len "
+                             f"{seq_len}: use a shorter sequence length")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len + 1, (n,), generator=gen)
+    return torch.stack([tokens[s: s + seq_len] for s in starts.tolist()])  # [n, T]

@@ -14,6 +14,10 @@ went through (attention decomposition, BatchNorm folding), so every quantized la
 twin with the same name computing the same float function. A cumulative SQNR that collapses at
 one layer while the layers before it are fine names the place to look.
 
+The check holds every quantized layer's input and output of both models at once, so on a large
+model (an LLM's logits are sequence x vocabulary) it runs on the first samples of the batch
+only: as many as keep that under ``CHECK_BUDGET_BYTES``, counted on one sample first.
+
 ``check`` compares the model outputs (flattened, all tensor outputs) by SQNR and cosine and passes
 when the output SQNR is at least ``min_sqnr_db`` (``default_floor``: by bit width); ``quantize`` runs it and warns (or, with
 ``strict=True``, raises ``QuantizationCheckError``) with the table of the worst layers.
@@ -30,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..data.calibration import item_samples, take
 from ..errors import SlimtorchError
 from ..graph.capture import call_model
 from ..graph.rewrite import decompose_attention, fold_batchnorm
@@ -43,6 +48,7 @@ from ..quant.modules import QuantLayerMixin
 # BatchNorm-folding bug on timm EfficientNets (cosine ≈ 0). At 8 bits any output below
 # 6 dB (cosine ≈ 0.87) is a bug; random-init deep nets reach ≈ 8 dB (cosine 0.93).
 FLOOR_8BIT_DB, FLOOR_LOW_BIT_DB = 6.0, 0.0
+CHECK_BUDGET_BYTES = 1 << 30  # layer inputs + outputs the check may hold, both models
 
 
 def default_floor(recipe) -> float:
@@ -103,6 +109,7 @@ class CheckReport:
     min_sqnr_db: float
     passed: bool
     layers: list[LayerCheck] = field(default_factory=list)
+    samples: int = 0            # samples of the batch the check ran on
 
     def worst(self, n: int = 8) -> list[LayerCheck]:
         """The ``n`` layers with the lowest own SQNR (their own error is the largest)."""
@@ -128,7 +135,7 @@ class CheckReport:
     def summary(self) -> str:
         verdict = "ok" if self.passed else f"BELOW the {self.min_sqnr_db:g} dB floor"
         return (f"self-check: output SQNR {self.output_sqnr_db:.1f} dB, cosine "
-                f"{self.output_cosine:.4f} to float ({verdict})")
+                f"{self.output_cosine:.4f} to float on {self.samples} samples ({verdict})")
 
 
 def _finite(d: Any) -> Any:
@@ -188,6 +195,7 @@ def check(qmodel: nn.Module, float_model: nn.Module, item: Any, *,
     meta = meta if meta is not None else getattr(qmodel, "_slimtorch_meta", {})
     qlayers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayerMixin)}
     twin = float_twin(float_model, meta)
+    item = held_samples(twin, set(qlayers), item)
     f_out, f_in, f_acts = _record(twin, set(qlayers), item)
     q_out, _, q_acts = _record(qmodel, set(qlayers), item)
     layers = []
@@ -201,7 +209,33 @@ def check(qmodel: nn.Module, float_model: nn.Module, item: Any, *,
                                  sqnr_db(_flat_outputs(f_acts[name]), _flat_outputs(own))))
     ref, test = _flat_outputs(f_out), _flat_outputs(q_out)
     out_db = sqnr_db(ref, test)
-    return CheckReport(out_db, _cosine(ref, test), min_sqnr_db, out_db >= min_sqnr_db, layers)
+    return CheckReport(out_db, _cosine(ref, test), min_sqnr_db, out_db >= min_sqnr_db, layers,
+                       item_samples(item))
+
+
+@torch.no_grad()
+def held_samples(model: nn.Module, names: set[str], item: Any,
+                 budget: int = CHECK_BUDGET_BYTES) -> Any:
+    """The first samples of ``item``: as many as keep the named layers' recorded inputs and
+    outputs, for the float and the quantized model, within ``budget`` bytes (the bytes of one
+    sample are counted by hooks on a forward of one sample)."""
+    n = item_samples(item)
+    if n == 1:
+        return item
+    nbytes = [0]
+
+    def count(m, args, out) -> None:
+        nbytes[0] += sum(t.numel() * t.element_size() for t in tree_flatten((args, out))[0]
+                         if isinstance(t, Tensor))
+    handles = [m.register_forward_hook(count) for name, m in model.named_modules()
+               if name in names]
+    try:
+        call_model(model, take(item, torch.arange(1)))
+    finally:
+        for h in handles:
+            h.remove()
+    k = max(1, min(n, budget // max(1, 2 * nbytes[0])))
+    return item if k == n else take(item, torch.arange(k))
 
 
 def enforce(report: CheckReport, *, strict: bool) -> None:

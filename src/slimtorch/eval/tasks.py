@@ -11,6 +11,11 @@
   is fidelity to the float model on seeded random crops of real photos (``data.photos``):
   top-1 agreement (%) and mean KL(float || quantized) of the 1000-class softmax. Calibration
   crops come from photos disjoint from the evaluation photos.
+- ``CausalLM``: language models (SmolLM2). Calibration = segments of ``seq_len`` tokens at
+  seeded random offsets of the calibration novels; evaluation = the first ``n_eval``
+  consecutive windows of another novel (``data.text.lm_text``), the same for every method.
+  Score = perplexity exp(mean next-token NLL); against float also the per-window paired NLL
+  difference (mean and standard error) and the next-token top-1 agreement.
 """
 from __future__ import annotations
 
@@ -148,7 +153,71 @@ class ImageNetPhotos:
                 "kl": round(m["kl"], 5)}
 
 
-TASKS = {"fashion_mnist": FashionMNIST, "imagenet_photos": ImageNetPhotos}
+@dataclass
+class CausalLM:
+    tokenizer: Any = None         # () -> tokenizer of the model
+    seq_len: int = 512
+    n_eval: int = 32              # ~16k evaluation tokens: about a minute for 135M params
+    batch_size: int = 2           # windows per forward; logits are 512 x vocab floats each
+    max_calib_batch: int = 8      # cap on segments per calibration forward, for the same reason
+    calib_size: int = 128         # default number of calibration segments
+    kind: str = "causal_lm"
+
+    @classmethod
+    def for_entry(cls, entry, data_dir: str | None = None) -> "CausalLM":
+        return cls(tokenizer=entry.tokenizer, seq_len=entry.input_shape[-1])
+
+    def tokens(self, split: str) -> torch.Tensor:
+        """The whole text of ``split`` as one 1-D token tensor (tokenised once)."""
+        cache = self.__dict__.setdefault("_tokens", {})
+        if split not in cache:
+            from ..data.text import lm_text
+            ids = self.tokenizer()(lm_text(split), return_tensors="pt").input_ids
+            cache[split] = ids[0]  # [N]
+        return cache[split]
+
+    def _batches(self, segments: torch.Tensor, size: int) -> list[dict]:
+        return [{"input_ids": x} for x in segments.split(size)]
+
+    def calibration(self, n: int, seed: int, batch_size: int) -> list[dict]:
+        from ..data.text import token_segments
+        segs = token_segments(self.tokens("calib"), self.seq_len, n, seed)
+        return self._batches(segs, min(batch_size, self.max_calib_batch))
+
+    def inputs(self, n: int | None = None) -> list[dict]:
+        from ..data.text import token_segments
+        segs = token_segments(self.tokens("eval"), self.seq_len, n or self.n_eval, None)
+        return self._batches(segs, self.batch_size)
+
+    @torch.inference_mode()
+    def outputs(self, model: nn.Module, progress: bool = False) -> dict[str, torch.Tensor]:
+        """Per-token next-token NLL and argmax prediction, ``[W, T-1]`` each."""
+        nll, pred = [], []
+        for b in tqdm(self.inputs(), desc="eval", disable=not progress, leave=False):
+            out = call_model(model, b)
+            logits = (out.logits if hasattr(out, "logits") else out)[:, :-1]  # [b, T-1, V]
+            target = b["input_ids"][:, 1:]
+            nll.append(torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2).float(), target, reduction="none"))
+            pred.append(logits.argmax(-1))
+        return {"nll": torch.cat(nll), "pred": torch.cat(pred)}
+
+    def score(self, out: dict, fp_out: dict | None = None) -> dict:
+        res = {"ppl": round(out["nll"].mean().exp().item(), 4)}
+        if fp_out is None:
+            return res
+        diff = out["nll"].mean(1) - fp_out["nll"].mean(1)  # [W] paired per window
+        fp_ppl = fp_out["nll"].mean().exp().item()
+        res.update({"ppl_delta_pct": round(100.0 * (res["ppl"] / fp_ppl - 1.0), 3),
+                    "nll_diff": round(diff.mean().item(), 5),
+                    "nll_diff_se": round((diff.std() / diff.numel() ** 0.5).item(), 5),
+                    "token_agreement": round(
+                        100.0 * (out["pred"] == fp_out["pred"]).float().mean().item(), 2)})
+        return res
+
+
+TASKS = {"fashion_mnist": FashionMNIST, "imagenet_photos": ImageNetPhotos,
+         "causal_lm": CausalLM}
 
 
 def task_for(source: str, data_dir: str | None = None):

@@ -10,6 +10,7 @@ which is exactly what calibration needs.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -96,8 +97,10 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.tracker, self.params = tracker, params
         self.nodes: list[Node] = []
-        self.producer: dict[int, int] = {}
-        self.keep: list[Tensor] = []  # keeps recorded tensors alive so ids stay unique
+        # id(tensor) -> (weak reference, node): the recorded tensors are not kept alive (a
+        # forward's intermediates would all stay in memory); a reused id is told apart by its
+        # dead reference
+        self.producer: dict[int, tuple[weakref.ref, int]] = {}
 
     def add(self, kind: str, op: str, inputs: list[int], out: Tensor, dynamic: bool,
             key: str | None = None) -> int:
@@ -106,15 +109,20 @@ class _Recorder(TorchFunctionMode):
         for i in inputs:
             self.nodes[i].users += 1
         self.nodes.append(node)
-        self.producer[id(out)] = node.idx
-        self.keep.append(out)
+        self.producer[id(out)] = (weakref.ref(out), node.idx)
         return node.idx
 
+    def recorded(self, t: Tensor) -> int | None:
+        """The node that produced ``t``, None if it was not recorded."""
+        got = self.producer.get(id(t))
+        return got[1] if got is not None and got[0]() is t else None
+
     def node_of(self, t: Tensor) -> int:
-        if id(t) not in self.producer:
+        idx = self.recorded(t)
+        if idx is None:
             name = self.params.get(id(t), "constant")
-            self.add("param", name, [], t, dynamic=False)
-        return self.producer[id(t)]
+            idx = self.add("param", name, [], t, dynamic=False)
+        return idx
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -129,8 +137,7 @@ class _Recorder(TorchFunctionMode):
         key = self.tracker.next_key(kind) if kind in SITE_KINDS else None
         first = self.add(kind, op, ins, outs[0], dynamic, key)
         for t in outs[1:]:
-            self.producer[id(t)] = first
-            self.keep.append(t)
+            self.producer[id(t)] = (weakref.ref(t), first)
         return out
 
 
@@ -184,8 +191,8 @@ def capture(model: nn.Module, example: Any) -> QuantGraph:
             out = call_model(model, example)
     finally:
         tracker.close()
-    outputs = [rec.producer[id(t)] for t in tree_flatten(out)[0]
-               if isinstance(t, Tensor) and id(t) in rec.producer]
+    outputs = [i for i in (rec.recorded(t) for t in tree_flatten(out)[0]
+                           if isinstance(t, Tensor)) if i is not None]
     graph = analyse(model, rec.nodes, outputs)
     graph.outputs = outputs
     return graph

@@ -30,10 +30,6 @@ def cat_items(batches: list) -> Any:
                     batches[0], *batches[1:])
 
 
-def take(items: Any, idx: Tensor) -> Any:
-    return tree_map(lambda x: x[idx] if isinstance(x, Tensor) else x, items)
-
-
 def n_samples(batches: list) -> int:
     return sum(item_samples(b) for b in batches)
 

