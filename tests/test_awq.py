@@ -43,6 +43,7 @@ def test_scaling_alone_keeps_the_float_function(kv_heads, monkeypatch):
     q, rec = smoothed(m, [{"name": "awq", "clip": False}])
     ref = out(m, HELD)
     assert (out(q, HELD) - ref).abs().max() <= 1e-5 * ref.abs().max() * 10
+    assert rec[0]["stats"]["float_output_rel_change"] < 1e-4
     groups = rec[0]["stats"]["groups"]
     assert {g["fold"] for g in groups.values()} == (
         {"norm", "linear"} if kv_heads == 4 else {"norm", "linear", "explicit"})

@@ -112,6 +112,7 @@ def test_smoothing_every_group_keeps_the_float_function(kv_heads):
     q, rec = smoothed(m, [{"name": "smoothquant", "targets": "all"}])
     ref = out(m, HELD)
     assert (out(q, HELD) - ref).abs().max() <= 1e-5 * ref.abs().max() * 10
+    assert rec[0]["stats"]["float_output_rel_change"] < 1e-4  # the method's own check
     groups = rec[0]["stats"]["groups"]
     o = groups["model.layers.1.self_attn.o_proj"]
     if kv_heads == 4:   # v_proj → o_proj through attention: folded into v_proj's rows

@@ -44,8 +44,9 @@ from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.granularity import PerChannel, PerGroup
 from ..quant.prepare import calibrate, quant_layers
 from ..runner.layerwise import solve_layers
-from .channel_scales import (ChannelStats, ScaleGroup, apply_scales, fake_weight, group_error,
-                             group_solvers, scale_groups, search)
+from .channel_scales import (ChannelStats, ScaleGroup, apply_scales, count_folds,
+                             fake_weight, float_output, group_error, group_solvers,
+                             relative_change, scale_groups, search)
 
 
 class AWQConfig(MethodConfig):
@@ -156,12 +157,14 @@ def apply(model, cfg: AWQConfig, ctx: MethodContext) -> dict[str, Any]:
     groups = scale_groups(model, ctx.batches, quantized)
     seeds = iter(range(ctx.seed * 1_000_003, ctx.seed * 1_000_003 + len(groups)))
     factory = group_solvers(model, groups, lambda g: AWQSolver(model, g, cfg, seed=next(seeds)))
+    before = None if cfg.clip else float_output(model, ctx.batches[0])
     run = solve_layers(model, ctx, factory, sequential="unit", acts_on=False,
                        weights_on=False, desc="awq")
+    out = {}
+    if before is not None:  # scaling alone keeps the float function
+        out["float_output_rel_change"] = relative_change(
+            before, float_output(model, ctx.batches[0]))
     calibrate(model, ctx.batches, progress=ctx.progress)  # grids of the scaled, clipped weights
     groups_out = {f: st for f, st in run["layers"].items() if "scaled_with" not in st}
-    folds: dict[str, int] = {}
-    for g in groups_out.values():
-        folds[g["fold"]] = folds.get(g["fold"], 0) + 1
-    return {"groups": groups_out, "folds": folds, "skipped": run["skipped"],
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {"groups": groups_out, "folds": count_folds(groups_out), "skipped": run["skipped"],
+            **out, "seconds": round(time.perf_counter() - t0, 2)}

@@ -37,7 +37,7 @@ from ..quant.prepare import META_ATTR, quantizers_off
 from ..quant.quantizer import Quantizer
 from ..quant.spec import QuantSpec
 from ..runner.recon_cache import _Stop
-from .vit_sites import SAFE_BETWEEN, recapture
+from .vit_sites import SAFE_BETWEEN, first_float, recapture
 
 NORM_KINDS = {"layer_norm", "rms_norm"}
 MUL_OPS = {"mul", "__mul__", "__rmul__", "mul_"}
@@ -64,9 +64,11 @@ class ScaleGroup:
 
 # ------------------------------------------------------------------ finding groups
 def _safe(graph: QuantGraph, n) -> bool:
-    """A reshape-like op keeping the channel (last) dim."""
-    return (n.kind == "other" and n.op in SAFE_BETWEEN and bool(n.inputs) and bool(n.shape)
-            and n.shape[-1:] == graph.nodes[n.inputs[0]].shape[-1:])
+    """A reshape-like op keeping the channel (last) dim (a pad only when it adds nothing)."""
+    if not (n.kind == "other" and n.op in SAFE_BETWEEN and n.inputs and n.shape):
+        return False
+    src = graph.nodes[n.inputs[0]]
+    return n.shape[-1:] == src.shape[-1:] and (n.op != "pad" or n.shape == src.shape)
 
 
 def _back(graph: QuantGraph, idx: int) -> int:
@@ -280,6 +282,26 @@ def apply_scales(model: nn.Module, group: ScaleGroup, s: Tensor) -> None:
         p.weight.div_(s[:, None])                                       # rows of P
         if p.bias is not None:
             p.bias.div_(s)
+
+
+@torch.no_grad()
+def float_output(model: nn.Module, item: Any) -> Tensor:
+    """The model's first float output on ``item`` with every quantizer off."""
+    with quantizers_off(model):
+        return first_float(call_model(model, item)).detach().clone()
+
+
+def relative_change(before: Tensor, after: Tensor) -> float:
+    """max |after − before| / max |before|: 0 when a transform kept the float function."""
+    return float((after - before).abs().max() / before.abs().max().clamp(min=1e-12))
+
+
+def count_folds(groups: dict[str, dict]) -> dict[str, int]:
+    """How many groups took each fold."""
+    out: dict[str, int] = {}
+    for g in groups.values():
+        out[g["fold"]] = out.get(g["fold"], 0) + 1
+    return out
 
 
 def set_input_scale(model: nn.Module, fqn: str, s: Tensor) -> None:

@@ -32,8 +32,9 @@ from pydantic import Field, field_validator
 from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.prepare import calibrate, quant_layers
 from ..runner.layerwise import solve_layers
-from .channel_scales import (ChannelStats, ScaleGroup, apply_scales, group_error,
-                             group_solvers, scale_groups, search)
+from .channel_scales import (ChannelStats, ScaleGroup, apply_scales, count_folds,
+                             float_output, group_error, group_solvers, relative_change,
+                             scale_groups, search)
 
 AUTO_GRID = [round(0.3 + 0.05 * k, 2) for k in range(11)]
 CLAMP = 1e-5
@@ -114,16 +115,11 @@ def apply(model, cfg: SmoothQuantConfig, ctx: MethodContext) -> dict[str, Any]:
     seeds = iter(range(ctx.seed * 1_000_003, ctx.seed * 1_000_003 + len(groups)))
     factory = group_solvers(model, groups,
                             lambda g: SmoothSolver(model, g, cfg, seed=next(seeds)))
+    before = float_output(model, ctx.batches[0])
     run = solve_layers(model, ctx, factory, sequential="unit", acts_on=False,
                        weights_on=False, desc="smoothquant")
+    change = relative_change(before, float_output(model, ctx.batches[0]))
     calibrate(model, ctx.batches, progress=ctx.progress)  # ranges of the smoothed tensors
     groups_out = {f: st for f, st in run["layers"].items() if "scaled_with" not in st}
-    return {"groups": groups_out, "folds": _count(groups_out), "skipped": run["skipped"],
-            "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def _count(groups: dict) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for g in groups.values():
-        out[g["fold"]] = out.get(g["fold"], 0) + 1
-    return out
+    return {"groups": groups_out, "folds": count_folds(groups_out), "skipped": run["skipped"],
+            "float_output_rel_change": change, "seconds": round(time.perf_counter() - t0, 2)}
