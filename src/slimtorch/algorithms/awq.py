@@ -2,9 +2,11 @@
 Acceleration", MLSys 2024): protect the weights of salient input channels by scaling them up
 before weight-only quantization, and clip weight ranges.
 
-Per scale group (Linear layers reading one tensor X, ``channel_scales``), on the layer-wise
-runner, block by block in graph order, with X from the float model whose earlier blocks are
-already scaled and clipped:
+Per scale group (Linear layers reading one tensor X, ``channel_scales``), residual block by
+residual block of the graph (attention, MLP) in graph order: one run of the calibration set
+through the float model, whose earlier blocks are already scaled and clipped, feeds the
+block's groups (the runner's hooks), then each group in order (as llm-awq does per decoder
+layer: its inputs collected in one run before it is scaled and clipped):
 
 1. scale search (the public code, mit-han-lab/llm-awq ``auto_scale.py``): with a = mean|X_j|
    over all calibration tokens, for α = k/n, k = 0 … n−1 (n = ``grid``, 20):
@@ -43,10 +45,9 @@ from torch import Tensor
 from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.granularity import PerChannel, PerGroup
 from ..quant.prepare import calibrate, quant_layers
-from ..runner.layerwise import solve_layers
-from .channel_scales import (ChannelStats, ScaleGroup, apply_scales, count_folds,
-                             fake_weight, float_output, group_error, group_solvers,
-                             relative_change, scale_groups, search)
+from .channel_scales import (ChannelStats, ScaleGroup, apply_scales, block_steps,
+                             count_folds, fake_weight, float_output, group_error, left_out,
+                             relative_change, run_groups, scale_groups, search)
 
 
 class AWQConfig(MethodConfig):
@@ -156,15 +157,15 @@ def apply(model, cfg: AWQConfig, ctx: MethodContext) -> dict[str, Any]:
                  if m.weight_quantizer is not None and not m.frozen}
     groups = scale_groups(model, ctx.batches, quantized)
     seeds = iter(range(ctx.seed * 1_000_003, ctx.seed * 1_000_003 + len(groups)))
-    factory = group_solvers(model, groups, lambda g: AWQSolver(model, g, cfg, seed=next(seeds)))
     before = None if cfg.clip else float_output(model, ctx.batches[0])
-    run = solve_layers(model, ctx, factory, sequential="unit", acts_on=False,
-                       weights_on=False, desc="awq")
+    steps = block_steps(model, ctx.batches, groups)
+    done = run_groups(model, steps, lambda g: AWQSolver(model, g, cfg, seed=next(seeds)),
+                      ctx.batches, progress=ctx.progress, desc="awq")
     out = {}
     if before is not None:  # scaling alone keeps the float function
         out["float_output_rel_change"] = relative_change(
             before, float_output(model, ctx.batches[0]))
     calibrate(model, ctx.batches, progress=ctx.progress)  # grids of the scaled, clipped weights
-    groups_out = {f: st for f, st in run["layers"].items() if "scaled_with" not in st}
-    return {"groups": groups_out, "folds": count_folds(groups_out), "skipped": run["skipped"],
-            **out, "seconds": round(time.perf_counter() - t0, 2)}
+    return {"groups": done, "folds": count_folds(done), "blocks": len(steps),
+            "skipped": left_out(model, groups, quantized), **out,
+            "seconds": round(time.perf_counter() - t0, 2)}

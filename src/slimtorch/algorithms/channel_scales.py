@@ -21,8 +21,10 @@ goes is found from the QuantGraph, never from module names or classes (``fold``)
   (``QuantLayerMixin.set_input_scale``, recorded in the plan), exact in float; a method may
   instead skip such a group.
 
-Statistics are streamed (``ChannelStats``: per-channel max|x|, mean|x| and a seeded uniform
-subsample of token rows for the searches), never the whole calibration set.
+Statistics are streamed by the layer-wise runner's hooks (``runner.layerwise.feed``) into
+``ChannelStats`` (per-channel max|x|, mean|x| and a seeded uniform subsample of token rows for
+the searches), never the whole calibration set; ``run_groups`` feeds a list of steps (all
+groups at once, or one residual block at a time) and solves each group in graph order.
 """
 from __future__ import annotations
 
@@ -31,11 +33,13 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..graph.capture import QuantGraph, VIEWS, call_model, users_of, walk_forward
 from ..quant.prepare import META_ATTR, quantizers_off
 from ..quant.quantizer import Quantizer
 from ..quant.spec import QuantSpec
+from ..runner.layerwise import feed
 from ..runner.recon_cache import _Stop
 from .vit_sites import SAFE_BETWEEN, first_float, recapture
 
@@ -232,35 +236,43 @@ def _tied_params(model: nn.Module) -> set[int]:
     return {k for k, v in seen.items() if v > 1}
 
 
-class _Member:
-    """A group layer after the first: the group's solver handles it."""
+def block_steps(model: nn.Module, batches: list, groups: list[ScaleGroup]
+                ) -> list[list[ScaleGroup]]:
+    """The groups by residual block of the graph (the smallest block holding a group's first
+    layer: attention, MLP), in graph order; a group outside every block is a step alone."""
+    graph = recapture(model, batches[0])
+    node = {l["fqn"]: l["node"] for l in graph.layers}
+    blocks = sorted(graph.blocks, key=lambda b: len(b["layers"]))
+    steps: dict[tuple, list[ScaleGroup]] = {}
+    for g in groups:
+        b = next((b for b in blocks if g.layers[0] in b["layers"]), None)
+        key = ("block", b["add_node"]) if b is not None else ("layer", node[g.layers[0]])
+        steps.setdefault(key, []).append(g)
+    return sorted(steps.values(), key=lambda gs: node[gs[0].layers[0]])
 
-    def __init__(self, first: str):
-        self.first = first
 
-    def add_batch(self, x) -> None:
-        pass
+def run_groups(model: nn.Module, steps: list[list[ScaleGroup]], make: Callable, batches: list,
+               *, progress: bool = False, desc: str = "scales") -> dict[str, dict]:
+    """Per step: one run of the calibration batches through the float model feeds the step's
+    group solvers (``runner.layerwise.feed``: each forward stops after the step's last layer);
+    then each solver searches and applies its scales, in graph order, and is freed. Later
+    steps see the model as the earlier ones left it. Returns {first layer: statistics}."""
+    out = {}
+    with quantizers_off(model):
+        for step in tqdm(steps, desc=desc, disable=not progress, leave=False):
+            solvers = {g.layers[0]: make(g) for g in step}
+            feed(model, solvers, batches)
+            for f, solver in solvers.items():
+                out[f] = solver.solve()
+                solver.free()
+    return out
 
-    def solve(self) -> dict[str, Any]:
-        return {"scaled_with": self.first}
 
-    def free(self) -> None:
-        pass
-
-
-def group_solvers(model, groups: list[ScaleGroup], make) -> Any:
-    """A solver factory for ``solve_layers``: ``make(group)`` for each group's first layer, a
-    member stub for its other layers, a reason for every other layer."""
-    first = {g.layers[0]: g for g in groups}
-    member = {f: g.layers[0] for g in groups for f in g.layers[1:]}
-
-    def factory(name: str, layer):
-        if name in first:
-            return make(first[name])
-        if name in member:
-            return _Member(member[name])
-        return "not in a scale group (not a Linear, or left out by the method's targets)"
-    return factory
+def left_out(model: nn.Module, groups: list[ScaleGroup], layers: set[str]) -> dict[str, str]:
+    """The quantized layers no group holds, with the reason."""
+    held = {f for g in groups for f in g.layers}
+    return {f: "not in a scale group (not a Linear, a tied weight, or outside the targets)"
+            for f in sorted(layers - held)}
 
 
 # ------------------------------------------------------------------ applying scales

@@ -5,7 +5,9 @@ For a group of Linear layers reading one activation X (``channel_scales``), per 
 
     s_j = max|X_j|^α / max|W_:,j|^(1−α),   X ← X/s,  W ← W·diag(s)
 
-with max|X_j| over all calibration tokens (streamed on the layer-wise runner, float model) and
+with max|X_j| over all calibration tokens (streamed by the runner's hooks from one pass of the
+float model over the calibration set — smoothing is exact, so no group changes another's
+statistics — as the public code's ``get_act_scales``) and
 max|W_:,j| over every layer of the group (q/k/v together, gate/up together), both clamped at
 1e-5 as the public code (mit-han-lab/smoothquant ``smooth.py``) does. 1/s is folded into the
 op that produces X where that is exact (a norm's elementwise affine; with ``targets: all`` also
@@ -31,9 +33,8 @@ from pydantic import Field, field_validator
 
 from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.prepare import calibrate, quant_layers
-from ..runner.layerwise import solve_layers
 from .channel_scales import (ChannelStats, ScaleGroup, apply_scales, count_folds,
-                             float_output, group_error, group_solvers, relative_change,
+                             float_output, group_error, left_out, relative_change, run_groups,
                              scale_groups, search)
 
 AUTO_GRID = [round(0.3 + 0.05 * k, 2) for k in range(11)]
@@ -45,7 +46,8 @@ class SmoothQuantConfig(MethodConfig):
                                            "or auto: searched per group")
     targets: Literal["norm", "all"] = Field("norm", description="norm: inputs produced by a "
                                             "normalisation (the paper); all: every group")
-    max_tokens: int = Field(4096, ge=16, description="token rows sampled for alpha: auto")
+    max_tokens: int = Field(2048, ge=16, description="token rows sampled per group for "
+                            "alpha: auto")
 
     @field_validator("alpha")
     @classmethod
@@ -113,13 +115,11 @@ def apply(model, cfg: SmoothQuantConfig, ctx: MethodContext) -> dict[str, Any]:
     groups = [g for g in scale_groups(model, ctx.batches, quantized)
               if cfg.targets == "all" or g.source == "norm"]
     seeds = iter(range(ctx.seed * 1_000_003, ctx.seed * 1_000_003 + len(groups)))
-    factory = group_solvers(model, groups,
-                            lambda g: SmoothSolver(model, g, cfg, seed=next(seeds)))
     before = float_output(model, ctx.batches[0])
-    run = solve_layers(model, ctx, factory, sequential="unit", acts_on=False,
-                       weights_on=False, desc="smoothquant")
+    done = run_groups(model, [groups], lambda g: SmoothSolver(model, g, cfg, seed=next(seeds)),
+                      ctx.batches, progress=ctx.progress, desc="smoothquant")
     change = relative_change(before, float_output(model, ctx.batches[0]))
     calibrate(model, ctx.batches, progress=ctx.progress)  # ranges of the smoothed tensors
-    groups_out = {f: st for f, st in run["layers"].items() if "scaled_with" not in st}
-    return {"groups": groups_out, "folds": count_folds(groups_out), "skipped": run["skipped"],
+    return {"groups": done, "folds": count_folds(done),
+            "skipped": left_out(model, groups, quantized),
             "float_output_rel_change": change, "seconds": round(time.perf_counter() - t0, 2)}

@@ -137,13 +137,11 @@ def _solve(solvers: dict[str, LayerSolver], per_layer: dict) -> None:
 
 
 def solve_layers(model: nn.Module, mctx: MethodContext, make_solver: SolverFactory, *,
-                 sequential: str = "layer", acts_on: bool = True, weights_on: bool = True,
-                 desc: str = "solve", cache_mb: int = 2048) -> dict[str, Any]:
+                 sequential: str = "layer", acts_on: bool = True, desc: str = "solve",
+                 cache_mb: int = 2048) -> dict[str, Any]:
     """Run ``make_solver``'s solvers over the units of ``model`` (module docstring). A unit's
     inputs over the calibration set are cached (bounded pool, spill to ``work_dir``): the
     previous unit's outputs when it is chained to it, else a run of the model's prefix.
-    ``weights_on=False``: inputs from the float weights (AWQ and SmoothQuant collect their
-    statistics on the float model, as their public code does).
     Returns per-layer statistics, the layers skipped (with the reason) and the seconds."""
     t0 = time.perf_counter()
     batches = mctx.batches
@@ -154,7 +152,7 @@ def solve_layers(model: nn.Module, mctx: MethodContext, make_solver: SolverFacto
     pool = CachePool(cache_mb << 20, spill)
     reruns = 0
     try:
-        with quant_state(model, weights=weights_on, acts=acts_on):
+        with quant_state(model, weights=True, acts=acts_on):
             units, chain = make_units(model, batches[0])
             if not chain:  # no units: each layer from a run of the whole model
                 for unit in tqdm(units, desc=desc, disable=not mctx.progress, leave=False):
