@@ -40,7 +40,7 @@ from ..quant.prepare import META_ATTR, quantizers_off
 from ..quant.quantizer import Quantizer
 from ..quant.spec import QuantSpec
 from ..runner.layerwise import feed
-from ..runner.recon_cache import _Stop
+from ..runner.recon_cache import _Stop, take
 from .vit_sites import SAFE_BETWEEN, first_float, recapture
 
 NORM_KINDS = {"layer_norm", "rms_norm"}
@@ -298,9 +298,9 @@ def apply_scales(model: nn.Module, group: ScaleGroup, s: Tensor) -> None:
 
 @torch.no_grad()
 def float_output(model: nn.Module, item: Any) -> Tensor:
-    """The model's first float output on ``item`` with every quantizer off."""
+    """The model's first float output on the first sample of ``item``, quantizers off."""
     with quantizers_off(model):
-        return first_float(call_model(model, item)).detach().clone()
+        return first_float(call_model(model, take(item, torch.arange(1)))).detach().clone()
 
 
 def relative_change(before: Tensor, after: Tensor) -> float:
