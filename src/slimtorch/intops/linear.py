@@ -38,6 +38,8 @@ def int8_eligible(layer: nn.Module) -> str | None:
     wq, xq = layer.weight_quantizer, layer.input_quantizer
     if wq is None or not getattr(layer, "frozen", False):
         return "weights not quantized and frozen"
+    if getattr(layer, "input_scale", None) is not None:
+        return "explicit per-channel input scale (not part of the int8 kernel)"
     if xq is None or not isinstance(xq.spec.gran, PerTensor):
         return "input not quantized per tensor"
     if xq.spec.kind != "uniform" or wq.spec.kind != "uniform":

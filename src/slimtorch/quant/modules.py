@@ -9,6 +9,9 @@ forward, X's forward runs on the quantized input with the quantized weight in pl
 input (that is where an int8 kernel reads them), weights per the recipe. ``freeze()`` stores the
 integer weight codes (``weight_int``) and replaces ``weight`` by their exact dequantisation, so
 a frozen layer costs the same as a float one in fake-quant evaluation and reloads bit-exactly.
+A Linear twin may carry an explicit per-channel input scale (``input_scale`` s, set by the
+channel-scaling methods SmoothQuant/AWQ where no earlier op can absorb 1/s): the layer reads
+x/s (last dim) before its input quantizer; the plan records it (``"input_scale": true``).
 """
 from __future__ import annotations
 
@@ -96,6 +99,11 @@ class QuantLayerMixin:
         self.input_quantizer = (make_quantizer(a_spec, seed=seed + 1, max_samples=max_samples)
                                 if a_spec else None)
         self.frozen = False
+        self.register_buffer("input_scale", None)  # explicit per-channel input scale, or None
+
+    def set_input_scale(self, s: Tensor) -> None:
+        """Divide the input's channels (last dim) by ``s`` before quantizing it."""
+        self.input_scale = s.detach().reshape(-1).clone()  # [in_features]
 
     def calibrate_weight(self) -> None:
         if self.weight_quantizer is not None:
@@ -107,6 +115,8 @@ class QuantLayerMixin:
         return self.weight_quantizer(self.weight)
 
     def quantized_input(self, x: Tensor) -> Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale
         return self.input_quantizer(x) if self.input_quantizer is not None else x
 
     @torch.no_grad()

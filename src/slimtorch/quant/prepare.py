@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from ..graph.capture import QuantGraph, call_model, capture, remember, view_source
 from ..graph.rewrite import decompose_attention, fold_batchnorm, set_submodule
+from ..errors import RecipeError
 from ..recipe import Recipe, match_override
 from .functional import SITE_ROLES, FunctionalSites
-from .granularity import PerChannel, PerTensor
+from .granularity import PerChannel, PerGroup, PerTensor
 from .modules import QuantLayerMixin, qmodule_class
 from .quantizer import Mode, Quantizer
 from .spec import LayerOverride, QuantSpec
@@ -171,8 +172,12 @@ def attach(model: nn.Module, plan: dict[str, Any], *, seed: int = 0,
         qcls = qmodule_class(mod)
         if qcls is None:
             raise TypeError(f"layer {fqn!r} of type {type(mod).__name__} has no quantized twin")
-        qmod = qcls.from_module(mod, _load(specs["weights"]), _load(specs["activations"]),
+        w_spec = _load(specs["weights"])
+        _check_groups(fqn, mod, w_spec)
+        qmod = qcls.from_module(mod, w_spec, _load(specs["activations"]),
                                 seed=seed * 1_000_003 + 10 * i, max_samples=max_samples)
+        if specs.get("input_scale"):  # a channel-scaling method's explicit x/s (load fills it)
+            qmod.set_input_scale(torch.ones(mod.weight.shape[1]))
         set_submodule(model, fqn, qmod)
     sites = FunctionalSites()
     for j, (key, site) in enumerate(plan["functional"].items()):
@@ -185,6 +190,20 @@ def attach(model: nn.Module, plan: dict[str, Any], *, seed: int = 0,
     share_quantizers(model, plan)
     if len(sites.sites):
         sites.install(model)
+
+
+def _check_groups(fqn: str, mod: nn.Module, spec: QuantSpec | None) -> None:
+    """A per-group weight spec must divide every row of the layer's weight."""
+    if spec is None or not isinstance(spec.gran, PerGroup):
+        return
+    n = mod.weight[0].numel()
+    if n % spec.gran.size:
+        divisors = [d for d in (128, 64, 32, 16, 8) if n % d == 0]
+        raise RecipeError(
+            f"weights granularity per_group({spec.gran.size}) does not divide the {n} input "
+            f"features of layer {fqn!r}: use a group size that divides {n}"
+            + (f" (e.g. per_group({divisors[0]}))" if divisors else "")
+            + ", per_channel, or an override that keeps this layer at another setting")
 
 
 def quant_layers(model: nn.Module) -> Iterable[tuple[str, QuantLayerMixin]]:
