@@ -35,12 +35,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..data.calibration import take
 from ..graph.capture import QuantGraph, VIEWS, call_model, users_of, walk_forward
 from ..quant.prepare import META_ATTR, quantizers_off
 from ..quant.quantizer import Quantizer
 from ..quant.spec import QuantSpec
 from ..runner.layerwise import feed
-from ..runner.recon_cache import _Stop, take
+from ..runner.recon_cache import _Stop
 from .vit_sites import SAFE_BETWEEN, first_float, recapture
 
 NORM_KINDS = {"layer_norm", "rms_norm"}

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import RecipeError
 from ..graph.capture import QuantGraph, call_model, capture, remember, view_source
 from ..graph.rewrite import decompose_attention, fold_batchnorm, set_submodule
-from ..errors import RecipeError
 from ..recipe import Recipe, match_override
 from .functional import SITE_ROLES, FunctionalSites
 from .granularity import PerChannel, PerGroup, PerTensor
