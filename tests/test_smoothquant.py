@@ -19,12 +19,12 @@ W8 = {"bits": 8, "symmetric": True, "granularity": "per_channel", "observer": "m
 A8 = {"bits": 8, "symmetric": False, "granularity": "per_tensor", "observer": "minmax"}
 
 
-def tiny_llama(kv_heads=2, outliers=True, seed=0):
-    """hidden 64, 2 layers, 4 heads, vocabulary 128; a few norm channels ×20 (salient)."""
+def tiny_llama(kv_heads=2, outliers=True, seed=0, layers=2):
+    """hidden 64, 2 layers (default), 4 heads, vocabulary 128; a few norm channels ×20."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+            vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=layers,
             num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64))
     if outliers:
         with torch.no_grad():

@@ -133,3 +133,39 @@ def test_the_graph_is_captured_once(model_and_calib, monkeypatch):
     q.head[0] = nn.Conv2d(8, 8, 1)  # a rewrite: the remembered graph no longer applies
     cap.graph_of(q, calib[:8])
     assert len(calls) == 2
+
+
+def _llama_gptq(use_cache: bool, monkeypatch=None):
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_smoothquant import CALIB, HELD, tiny_llama
+    m = tiny_llama(2, layers=4)
+    m.config.use_cache = use_cache
+    r = {"name": "t", "methods": ["gptq"], "quantize_embeddings": False,
+         "last_layer": {"weights": None},
+         "weights": {"bits": 4, "symmetric": True, "granularity": "per_group(64)",
+                     "observer": "minmax"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = slimtorch.quantize(m, r, CALIB, self_check=False)
+    with torch.no_grad():
+        logits = q(**HELD).logits
+    return q._slimtorch_meta["methods"][0]["stats"], logits
+
+
+def test_decoder_layers_with_shared_keyword_arguments_are_units(monkeypatch):
+    """A Hugging Face decoder layer is called with the hidden states plus rotary tables and
+    flags shared by all samples: it is one cached unit that carries them (``Unit.extras``),
+    so GPTQ runs the model prefix once instead of once per layer, with the same result. With
+    a KV cache (a stateful argument) the layers are split and fed from model runs."""
+    import slimtorch.runner.units as units
+    st, logits = _llama_gptq(use_cache=False)
+    assert (st["units"], st["prefix_runs"]) == (4, 1)
+    monkeypatch.setattr(units, "_shared", lambda extras, n: not (extras[0] or extras[1]))
+    st_split, logits_split = _llama_gptq(use_cache=False)
+    assert st_split["units"] > 20 and st_split["prefix_runs"] > 20
+    assert torch.allclose(logits, logits_split, atol=1e-5)
+    monkeypatch.undo()
+    st_cache, logits_cache = _llama_gptq(use_cache=True)
+    assert st_cache["units"] > 20
+    assert torch.allclose(logits, logits_cache, atol=1e-5)

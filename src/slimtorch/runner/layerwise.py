@@ -39,7 +39,7 @@ from ..methods import MethodContext
 from ..quant.prepare import quant_state
 from .recon_cache import _Stop, collect, n_samples, run_items, unit_map
 from ..errors import SharedLayerError
-from .units import Unit, chained, layer_order, partition
+from .units import Unit, chained, layer_order, partition, unit_fn
 
 
 class LayerSolver(Protocol):
@@ -61,7 +61,7 @@ def make_units(model: nn.Module, example: Any) -> tuple[list[Unit], list[bool]]:
     (``units.chained``). A model whose layers run more than once per forward has no units:
     one per layer, each fed by a run of the whole model."""
     try:
-        found = partition(model, example, blocks=True, max_group=3)
+        found = partition(model, example, blocks=True, max_group=3, edges_alone=False)
     except SharedLayerError:
         return [Unit(f, [f], "layer") for f in layer_order(model, example)[1]], []
     return found, chained(model, found, example)
@@ -95,8 +95,8 @@ def _feeding(model: nn.Module, solvers: dict[str, LayerSolver]) -> list:
 
 
 @torch.no_grad()
-def feed_unit(model: nn.Module, unit_mod: nn.Module, solvers: dict[str, LayerSolver],
-              xs: Tensor, chunk: int) -> None:
+def feed_unit(model: nn.Module, unit_mod: Callable[[Tensor], Any],
+              solvers: dict[str, LayerSolver], xs: Tensor, chunk: int) -> None:
     """Run the unit on its cached inputs ``xs``, feeding its layers' solvers."""
     hooks = _feeding(model, solvers)
     try:
@@ -164,7 +164,7 @@ def solve_layers(model: nn.Module, mctx: MethodContext, make_solver: SolverFacto
             xs = None
             for k, unit in enumerate(tqdm(units, desc=desc, disable=not mctx.progress,
                                           leave=False)):
-                mod = model.get_submodule(unit.name)
+                mod, fn = model.get_submodule(unit.name), unit_fn(model, unit)
                 solvers = _solvers(model, unit, make_solver, skipped)
                 if not unit.per_sample:  # nothing to cache: fed from runs of the model
                     _solve_steps(solvers, sequential,
@@ -175,8 +175,8 @@ def solve_layers(model: nn.Module, mctx: MethodContext, make_solver: SolverFacto
                     xs, _ = collect(model, mod, batches, pool, want_output=False)
                     reruns += 1
                 _solve_steps(solvers, sequential,
-                             lambda part: feed_unit(model, mod, part, xs, chunk), per_layer)
-                nxt = (unit_map(mod, xs, pool, chunk)
+                             lambda part: feed_unit(model, fn, part, xs, chunk), per_layer)
+                nxt = (unit_map(fn, xs, pool, chunk)
                        if k + 1 < len(units) and chain[k + 1] else None)
                 pool.release(xs)
                 xs = nxt

@@ -41,7 +41,7 @@ from ..quant.prepare import distinct, quant_layers, quant_state
 from ..quant.quantizer import Mode, Quantizer
 from .learned import LSQ, AdaRound, adaround_of
 from .recon_cache import WorkDir, collect, fingerprint, n_samples, unit_map
-from .units import Unit, chained
+from .units import Unit, chained, unit_fn
 
 
 # ============================================================== config
@@ -225,13 +225,14 @@ def _release(pool: CachePool, tensors) -> None:
         pool.release(t)
 
 
-def _inputs(ctx: Context, mod: nn.Module, carry) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """x_fp, y_fp, x_q of a unit: from the carried inputs, or from runs of the model prefix."""
+def _inputs(ctx: Context, mod: nn.Module, run, carry) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """x_fp, y_fp, x_q of a unit (module ``mod``, run as ``run``: ``units.unit_fn``): from
+    the carried inputs, or from runs of the model prefix."""
     model, pool = ctx.model, ctx.pool
     if carry is not None:
         x_fp, x_q = carry
         with quant_state(model, weights=False, acts=False):
-            y_fp = unit_map(mod, x_fp, pool, _chunk(ctx))
+            y_fp = unit_map(run, x_fp, pool, _chunk(ctx))
         return x_fp, y_fp, x_q, True
     with quant_state(model, weights=False, acts=False):
         x_fp, y_fp = collect(model, mod, ctx.batches, pool, want_output=True)
@@ -252,8 +253,8 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
     unit's carried inputs (this unit's float output, its quantized output on x_q)."""
     t0 = time.perf_counter()
     model, pool = ctx.model, ctx.pool
-    mod = model.get_submodule(unit.name)
-    x_fp, y_fp, x_q, carried = _inputs(ctx, mod, carry)
+    mod, run = model.get_submodule(unit.name), unit_fn(model, unit)
+    x_fp, y_fp, x_q, carried = _inputs(ctx, mod, run, carry)
     st: dict[str, Any] = {"unit": unit.name, "kind": unit.kind, "layers": len(unit.layers),
                           "stage": stage.name, "inputs": "carried" if carried else "collected"}
     y_next = None
@@ -263,12 +264,12 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
     for term in stage.terms:
         x_fp, y_fp, extra_st = term.correct(ctx, unit, x_fp, y_fp)
         st.update(extra_st)
-    st["loss_before"] = eval_loss(mod, x_q, y_fp, stage.rec_p)
+    st["loss_before"] = eval_loss(run, x_q, y_fp, stage.rec_p)
     ws, acts = unit_quantizers(model, unit)
     rounds = [AdaRound(m.weight_quantizer, m.weight) for _, m in ws] if stage.learn_weights else []
     steps = [LSQ(q) for q in acts] if stage.learn_acts and stage.acts_on else []
     params_w, params_a = [r.v for r in rounds], [s.scale for s in steps]
-    boundary = _boundary(mod, acts, x_q[:2]) if stage.acts_on else []
+    boundary = _boundary(run, acts, x_q[:2]) if stage.acts_on else []
     drop = QDrop(acts if stage.acts_on else [], boundary, stage.drop_prob, gens[1])
     extra = []
     for term in stage.terms:
@@ -277,7 +278,7 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
         extra += [fn] if fn is not None else []
     t_opt = time.perf_counter()
     try:
-        st["loss_train_last"] = _optimise(ctx, mod, rounds, drop, params_w, params_a,
+        st["loss_train_last"] = _optimise(ctx, run, rounds, drop, params_w, params_a,
                                           x_q, x_fp, y_fp, stage, gens[0], desc, extra)
     finally:
         drop.remove()
@@ -286,10 +287,10 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
         for r in rounds:
             r.hard = True
     st["optimise_seconds"] = round(time.perf_counter() - t_opt, 2)
-    st["loss_after"] = eval_loss(mod, x_q, y_fp, stage.rec_p)
+    st["loss_after"] = eval_loss(run, x_q, y_fp, stage.rec_p)
     nxt = None
     if want_next:
-        nxt = (y_next, unit_map(mod, x_q, pool, _chunk(ctx)))
+        nxt = (y_next, unit_map(run, x_q, pool, _chunk(ctx)))
     st["seconds"] = round(time.perf_counter() - t0, 2)
     for t in (x_fp, y_fp, x_q):
         pool.release(t)

@@ -6,7 +6,12 @@ by their module (at most ``max_group`` layers). A unit module must run once per 
 tensor, else it is split into its layers.
 
 A unit's inputs and outputs are cached one row per calibration sample, so its input and output
-must have the samples on dim 0. A block or group that folds something else into dim 0
+must have the samples on dim 0. A unit module may take more arguments than that input when they
+are the same for every sample: a Hugging Face decoder layer's rotary tables, causal mask and
+flags (``Unit.extras``, recorded on the probe and passed again on every run of the unit:
+``unit_fn``). They may hold tensors without a sample dim and plain values, nothing stateful (a
+KV cache object) -- else the unit is split as below. Assumption: such shared arguments depend
+on the input's shape only (positions, causal masks), as they do in transformers' models. A block or group that folds something else into dim 0
 (MobileViT's unfold of patches into the batch, a position index with no batch dim) is split
 into its layers; such a layer is kept with ``per_sample=False``: the runners do not cache or
 carry its inputs (the layer-wise runner feeds it from runs of the whole model; reconstruction,
@@ -15,10 +20,11 @@ whose targets are per-sample, leaves it at nearest rounding and says so).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from ..errors import SharedLayerError
 from ..graph.capture import call_model, common_prefix, graph_of
@@ -32,6 +38,17 @@ class Unit:
     layers: list[str]            # quantized layers inside, graph order
     kind: str                    # "block" | "layer" | "group"
     per_sample: bool = True      # input and output have one row per calibration sample
+    extras: tuple | None = None  # (args after the input, kwargs) shared by all samples
+
+
+def unit_fn(model: nn.Module, unit: Unit) -> Callable[[Tensor], Any]:
+    """The unit as a function of its (cached) input: its module, with its shared extra
+    arguments."""
+    mod = model.get_submodule(unit.name)
+    if not unit.extras:
+        return mod
+    args, kwargs = unit.extras
+    return lambda x: mod(x, *args, **kwargs)
 
 
 def _inside(fqn: str, mod: str) -> bool:
@@ -49,13 +66,16 @@ def layer_order(model: nn.Module, example: Any) -> tuple[Any, list[str]]:
     return graph, order
 
 
-def partition(model: nn.Module, example: Any, *, blocks: bool = True, max_group: int = 3
-              ) -> list[Unit]:
-    """Reconstruction units of a prepared model, from its graph (see module docstring)."""
+def partition(model: nn.Module, example: Any, *, blocks: bool = True, max_group: int = 3,
+              edges_alone: bool = True) -> list[Unit]:
+    """Reconstruction units of a prepared model, from its graph (see module docstring).
+    ``edges_alone``: the first and last quantized layers are units of their own (the
+    reconstruction protocol); the layer-wise runner, which solves layer by layer anyway,
+    lets them be part of a block (one cached input instead of a model run per layer)."""
     graph, order = layer_order(model, example)
     qnames = set(order)
     pos = {f: i for i, f in enumerate(order)}
-    edge = {order[0], order[-1]} if order else set()
+    edge = {order[0], order[-1]} if order and edges_alone else set()
     taken: dict[str, Unit] = {}
     units: list[Unit] = []
 
@@ -117,9 +137,12 @@ def _checked(model: nn.Module, units: list[Unit], example: Any) -> list[Unit]:
     out = []
     for u in units:
         c = calls[u.name]
-        once = len(c) == 1 and len(c[0][0]) == 1 and not c[0][1] and isinstance(c[0][0][0], Tensor)
-        if once and _rows(c[0][0][0], n) and _rows(outs[u.name][0], n):
-            out.append(u)
+        once = len(c) == 1 and len(c[0][0]) >= 1 and isinstance(c[0][0][0], Tensor)
+        extras = (tuple(c[0][0][1:]), dict(c[0][1])) if once else None
+        if (once and _rows(c[0][0][0], n) and _rows(outs[u.name][0], n)
+                and _shared(extras, n)):
+            out.append(Unit(u.name, u.layers, u.kind,
+                            extras=extras if extras[0] or extras[1] else None))
         elif u.kind != "layer":
             out += _checked(model, [Unit(f, [f], "layer") for f in u.layers], example)
         elif once:
@@ -136,6 +159,21 @@ def _rows(t: Any, n: int) -> bool:
     return isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n
 
 
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _shared(extras: tuple, n: int) -> bool:
+    """Extra arguments a unit can be re-run with on any samples: tensors without a sample dim
+    (with one sample: tensors without any dim) and plain values; no stateful object."""
+    for x in tree_flatten(extras)[0]:
+        if isinstance(x, Tensor):
+            if (x.dim() > 0 and n == 1) or _rows(x, n) or x.requires_grad:
+                return False
+        elif not isinstance(x, _PLAIN):
+            return False
+    return True
+
+
 def chained(model: nn.Module, units: list[Unit], example: Any) -> list[bool]:
     """``chained[k]``: unit k is called on unit k−1's output tensor itself (nothing runs in
     between), so its inputs over the calibration set are unit k−1 applied to its cached inputs
@@ -143,12 +181,14 @@ def chained(model: nn.Module, units: list[Unit], example: Any) -> list[bool]:
     ins: dict[str, Any] = {}
     outs: dict[str, Any] = {}
     hooks = []
+    def keep(store: dict, name: str, value: Any) -> None:  # a hook returning a value
+        store.setdefault(name, value)                       # would replace args / output
     for u in units:
         mod = model.get_submodule(u.name)
         hooks.append(mod.register_forward_pre_hook(
-            lambda m, a, n=u.name: ins.setdefault(n, a[0] if a else None)))
+            lambda m, a, n=u.name: keep(ins, n, a[0] if a else None)))
         hooks.append(mod.register_forward_hook(
-            lambda m, a, o, n=u.name: outs.setdefault(n, o)))
+            lambda m, a, o, n=u.name: keep(outs, n, o)))
     probe(model, example, hooks)
     return [k > 0 and u.per_sample and units[k - 1].per_sample and ins.get(u.name) is not None
             and ins.get(u.name) is outs.get(units[k - 1].name) for k, u in enumerate(units)]
