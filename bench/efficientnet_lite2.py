@@ -17,16 +17,13 @@ table. Prints a markdown table and writes bench/results/efficientnet_lite2.md (+
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from slimtorch.eval.machine import machine_markdown
-from slimtorch.export.artifact import write_json_atomic, write_text_atomic
 from slimtorch.pipeline import run_quantize
+
+from report import add_saved_rows, saved_rows, write  # bench/ is on sys.path when a bench script runs
 
 MODEL = "zoo:efficientnet_lite2"
 RECIPES = ["w8a8", "w4a8", "w4a4"]
@@ -59,15 +56,11 @@ def main() -> None:
     p.add_argument("--calib-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--from-metrics", nargs="*", default=[], metavar="DIR",
-                   help="artifact directories of CLI runs whose metrics.json become rows")
-    p.add_argument("--from-json", nargs="*", default=[], metavar="FILE",
-                   help="rows saved by earlier runs of this script (re-rendered, not re-run)")
+    add_saved_rows(p)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "efficientnet_lite2"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [json.loads((Path(d) / "metrics.json").read_text()) for d in args.from_metrics]
-    rows += [r for f in args.from_json for r in json.loads(Path(f).read_text())]
+    rows = saved_rows(args)
     fp_cache: dict = {}
     for recipe in args.recipes:
         m, _ = run_quantize(MODEL, recipe, calib_size=args.calib_size, seed=args.seed,
@@ -76,7 +69,7 @@ def main() -> None:
         print(f"{recipe:12s} agreement {m['q_top1_agreement']:6.2f}  KL {m['q_kl']:.4f}  "
               f"calib {m['calib_seconds']:7.1f}s", flush=True)
     rows += [peer_row(flow, bits, args) for flow, bits in peer_runs(args.peers)]
-    write(rows, args)
+    write(rows, args.out, to_markdown)
 
 
 def peer_row(tool: str, bits: str, args) -> dict:
@@ -88,20 +81,6 @@ def peer_row(tool: str, bits: str, args) -> dict:
     print(f"{tool} {bits}: " + (m.get("error") or f"agreement {m['q_top1_agreement']:6.2f}  "
           f"KL {m['q_kl']:.4f}  calib {m['calib_seconds']:7.1f}s"), flush=True)
     return m
-
-
-def provenance() -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    return f"Command: `python {' '.join(sys.argv)}` at commit {commit}."
-
-
-def write(rows: list[dict], args) -> None:
-    md = "\n".join([provenance(), machine_markdown(), "", to_markdown(rows)])
-    print("\n" + md)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(Path(args.out + ".md"), md + "\n")
-    write_json_atomic(Path(args.out + ".json"), rows)
 
 
 def _row(m: dict) -> str:
