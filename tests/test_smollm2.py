@@ -82,3 +82,23 @@ def test_perplexity_task_scores_float_and_a_perturbed_model(model):
     d = task.score(worse, fp)
     assert d["nll_diff"] == pytest.approx(0.1, abs=1e-5) and d["token_agreement"] == 100.0
     assert d["ppl_delta_pct"] == pytest.approx(100 * (torch.tensor(0.1).exp().item() - 1), 0.01)
+
+
+def test_generate_from_a_saved_w4_artifact(model, tmp_path):
+    """``slimtorch generate DIR``: the artifact reloads (rebuilt from its zoo source) and
+    continues a prompt; an artifact of a classifier is refused with the reason."""
+    import slimtorch
+    from slimtorch.eval.tasks import task_for
+    from slimtorch.pipeline import run_generate
+    calib = task_for("zoo:smollm2-135m").calibration(1, 0, 1)
+    q = slimtorch.quantize(model, "w4-rtn-g64", calib, self_check=False)
+    slimtorch.save(q, tmp_path / "lm")
+    text = run_generate(tmp_path / "lm", "The capital of France is", max_new_tokens=4)
+    assert len(text.split()) >= 2
+    with pytest.raises(SlimtorchError, match="at least 1"):
+        run_generate(tmp_path / "lm", "x", max_new_tokens=0)
+    r20 = slimtorch.quantize(load_model("zoo:resnet20"), "w8a8", torch.randn(8, 1, 28, 28),
+                             self_check=False)
+    slimtorch.save(r20, tmp_path / "r20")
+    with pytest.raises(SlimtorchError, match="not a language model"):
+        run_generate(tmp_path / "r20", "x")

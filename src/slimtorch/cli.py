@@ -111,6 +111,12 @@ def cmd_inspect(args) -> None:
     console.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
 
 
+def cmd_generate(args) -> None:
+    from .pipeline import run_generate
+    text = run_generate(args.dir, args.prompt, max_new_tokens=args.max_new_tokens)
+    console.print(args.prompt + text, markup=False, highlight=False, soft_wrap=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimtorch", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="greedy text from a quantized LLM artifact")
+    g.add_argument("dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.set_defaults(fn=cmd_generate)
 
     ins = sub.add_parser("inspect", help="per-layer SQNR of an artifact against its float "
                          "model: where quantization error comes from")

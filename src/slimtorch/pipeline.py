@@ -115,3 +115,23 @@ def run_inspect(directory: str | Path, *, samples: int = 32, seed: int = 0,
     item = task.calibration(samples, seed, samples)[0]
     qmodel = load(directory)
     return check(qmodel, load_model(source), item, meta=cfg["meta"])
+
+
+def run_generate(directory: str | Path, prompt: str, *, max_new_tokens: int = 32) -> str:
+    """Greedy continuation of ``prompt`` by a saved causal-LM artifact (a zoo LLM)."""
+    from .export.artifact import load
+    from .zoo.registry import get_entry
+    cfg, source = _artifact_source(directory, "generate from Python: qmodel.generate(...)")
+    scheme, _, name = source.partition(":")
+    entry = get_entry(name) if scheme == "zoo" else None
+    if entry is None or entry.task != "causal_lm":
+        raise SlimtorchError(f"{directory} holds {source}, not a language model: `generate` "
+                             "needs an artifact of a causal LM such as zoo:smollm2-135m")
+    if max_new_tokens < 1:
+        raise SlimtorchError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    tok, qmodel = entry.tokenizer(), load(directory)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = qmodel.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                              use_cache=True, pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
