@@ -11,11 +11,13 @@ are the same for every sample: a Hugging Face decoder layer's rotary tables, cau
 flags (``Unit.extras``, recorded on the probe and passed again on every run of the unit:
 ``unit_fn``). They may hold tensors without a sample dim and plain values, nothing stateful (a
 KV cache object) -- else the unit is split as below. Assumption: such shared arguments depend
-on the input's shape only (positions, causal masks), as they do in transformers' models. A block or group that folds something else into dim 0
-(MobileViT's unfold of patches into the batch, a position index with no batch dim) is split
-into its layers; such a layer is kept with ``per_sample=False``: the runners do not cache or
-carry its inputs (the layer-wise runner feeds it from runs of the whole model; reconstruction,
-whose targets are per-sample, leaves it at nearest rounding and says so).
+on the input's shape only (positions, causal masks), as they do in transformers' models.
+
+A block or group that folds something else into dim 0 (MobileViT's unfold of patches into the
+batch, a position index with no batch dim) is split into its layers; such a layer is kept with
+``per_sample=False``: the runners do not cache or carry its inputs (the layer-wise runner feeds
+it from runs of the whole model; reconstruction, whose targets are per-sample, leaves it at
+nearest rounding and says so).
 """
 from __future__ import annotations
 
