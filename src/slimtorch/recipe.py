@@ -81,6 +81,14 @@ class Recipe(_Strict):
     fold_bn: bool = True
     calib: CalibConfig = Field(default_factory=CalibConfig)
 
+    @field_validator("weights")
+    @classmethod
+    def _static_weights(cls, v: QuantSpec) -> QuantSpec:
+        if v.dynamic:
+            raise ValueError("weights are quantized once, not at run time: `dynamic` and "
+                             "per_token apply to activations only")
+        return v
+
     @field_validator("version")
     @classmethod
     def _version(cls, v: int) -> int:

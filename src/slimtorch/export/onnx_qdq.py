@@ -119,9 +119,9 @@ class ExportState:
 
 
 def _qdq_supported(q: Quantizer) -> bool:
-    """Uniform grids only: per-tensor at any width; per-channel at 8 bits (a per-channel Clip
-    is not exact)."""
-    if q.spec.kind != "uniform" or isinstance(q.spec.gran, PerGroup):
+    """Uniform calibrated grids only: per-tensor at any width; per-channel at 8 bits (a
+    per-channel Clip is not exact). A dynamic (run-time) range has no constant scale."""
+    if q.spec.kind != "uniform" or q.spec.dynamic or isinstance(q.spec.gran, PerGroup):
         return False
     return q.spec.bits == 8 or isinstance(q.spec.gran, PerTensor)
 

@@ -14,6 +14,10 @@ b_int = round(b / (s_x·s_w)) and
     q_y = clip(round(acc · m·2^−k) + z_y),   m·2^−k ≈ s_x·s_w,o / s_y
 
 which differs from fake quantization of the float output by at most one output step.
+A *dynamic* symmetric input (``per_token`` or dynamic ``per_tensor``, SmoothQuant's W8A8 for
+LLMs) takes s_x from each row (or the whole input) at run time, exactly as the fake quantizer
+does (``Quantizer.dynamic_params``), and y = acc · s_x,row · s_w,o + b. An explicit
+per-channel input scale (SmoothQuant/AWQ where nothing could absorb 1/s) divides x first.
 Rows are processed in chunks of ~2 MB so the int32/float intermediates stay in cache (and below
 the allocator's mmap threshold: fresh page-faulting buffers cost more than the product itself).
 """
@@ -38,9 +42,12 @@ def int8_eligible(layer: nn.Module) -> str | None:
     wq, xq = layer.weight_quantizer, layer.input_quantizer
     if wq is None or not getattr(layer, "frozen", False):
         return "weights not quantized and frozen"
-    if getattr(layer, "input_scale", None) is not None:
-        return "explicit per-channel input scale (not part of the int8 kernel)"
-    if xq is None or not isinstance(xq.spec.gran, PerTensor):
+    if xq is None:
+        return "input not quantized"
+    if xq.spec.dynamic:
+        if not xq.spec.symmetric:
+            return "dynamic asymmetric input (only symmetric dynamic inputs are lowered)"
+    elif not isinstance(xq.spec.gran, PerTensor):
         return "input not quantized per tensor"
     if xq.spec.kind != "uniform" or wq.spec.kind != "uniform":
         return f"{xq.spec.kind}/{wq.spec.kind} grid is not uniform"
@@ -64,7 +71,13 @@ class IntLinear(nn.Module):
             raise ValueError(f"cannot lower this layer to int8: {reason}")
         xq, wq = layer.input_quantizer, layer.weight_quantizer
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.x_scale, self.x_zp = float(xq.scale), float(xq.zero_point)
+        in_scale = layer.input_scale
+        self.register_buffer("in_scale", None if in_scale is None else in_scale.detach().clone())
+        self.dynamic = xq if xq.spec.dynamic else None  # computes each input's own scale
+        if self.dynamic is not None and out_quantizer is not None:
+            raise ValueError("a dynamic input has no fixed scale to requantise the output by")
+        self.x_scale, self.x_zp = ((1.0, 0.0) if self.dynamic is not None
+                                   else (float(xq.scale), float(xq.zero_point)))
         self.x_qmin, self.x_qmax = xq.qmin, xq.qmax
         self.shift = 128 if xq.qmin >= 0 else 0  # unsigned codes -> int8
         w = layer.weight_int.to(torch.int8)  # [O, I]
@@ -91,18 +104,24 @@ class IntLinear(nn.Module):
         self.register_buffer("bias_int", b_int)
         self.out = (s_y, int(q.zero_point), q.qmin, q.qmax)
 
-    def quantize_input(self, x: Tensor) -> Tensor:
-        """int8 codes (shifted by −128 when the grid is unsigned) of x: [..., I] -> [M, I]."""
-        q = torch.div(x.reshape(-1, self.in_features), self.x_scale)  # as Quantizer: x / s
+    def quantize_input(self, x: Tensor, scale: Tensor | float | None = None) -> Tensor:
+        """int8 codes (shifted by −128 when the grid is unsigned) of x: [..., I] -> [M, I]
+        (``scale``: a dynamic input's own scale, [M, 1] or scalar)."""
+        s = self.x_scale if scale is None else scale
+        q = torch.div(x.reshape(-1, self.in_features), s)  # as Quantizer: x / s
         q.round_().add_(self.x_zp).clamp_(self.x_qmin, self.x_qmax)
         return q.sub_(self.shift).to(torch.int8)
 
-    def accumulate(self, x: Tensor) -> Tensor:
+    def accumulate(self, x: Tensor, scale: Tensor | float | None = None) -> Tensor:
         """int32 Σ_i (q_x,i − z_x)·q_w,oi: [M, O]."""
-        return int8_matmul(self.quantize_input(x), self.w_t).add_(self.offset)
+        return int8_matmul(self.quantize_input(x, scale), self.w_t).add_(self.offset)
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, I]
+        if self.in_scale is not None:
+            x2 = x2 / self.in_scale
+        if self.dynamic is not None and isinstance(self.dynamic.spec.gran, PerTensor):
+            self._tensor_scale = self.dynamic.dynamic_params(x2)[0]
         out = x2.new_empty(x2.shape[0], self.out_features)  # [M, O]
         rows = max(64, CHUNK_ELEMENTS // max(self.in_features, self.out_features))
         for start in range(0, x2.shape[0], rows):  # row chunks stay in cache
@@ -111,6 +130,13 @@ class IntLinear(nn.Module):
 
     def _rows(self, x: Tensor, out: Tensor) -> None:
         """Integer product of a row chunk x [m, I], written to out [m, O]."""
+        if self.dynamic is not None:  # y = acc·s_x·s_w + b, s_x per row or per input
+            s_x = self._dynamic_scale(x)
+            torch.mul(self.accumulate(x, s_x), self.mult, out=out)
+            out.mul_(s_x)
+            if self.bias is not None:
+                out.add_(self.bias)
+            return
         acc = self.accumulate(x)  # [m, O] int32
         if self.out is None:  # y = acc·(s_x·s_w) + b
             torch.mul(acc, self.mult, out=out)
@@ -122,6 +148,16 @@ class IntLinear(nn.Module):
                            qmin, qmax)
         torch.mul(codes - z_y, s_y, out=out)
 
+    def _dynamic_scale(self, x: Tensor) -> Tensor:
+        """The dynamic quantizer's own scale for rows x [m, I]: [m, 1] per token, else a
+        scalar (a per-tensor range over the whole input, not one chunk of it)."""
+        if isinstance(self.dynamic.spec.gran, PerTensor):
+            return self._tensor_scale
+        return self.dynamic.dynamic_params(x)[0]
+
     def extra_repr(self) -> str:
+        if self.dynamic is not None:
+            return (f"{self.in_features} -> {self.out_features}, int8×int8→int32, dynamic "
+                    f"{self.dynamic.spec.granularity} input scale, float output")
         grid = "float output" if self.out is None else f"requantised to s={self.out[0]:.3g}"
         return f"{self.in_features} -> {self.out_features}, int8×int8→int32, {grid}"

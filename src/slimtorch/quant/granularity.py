@@ -1,7 +1,8 @@
 """Quantization granularity as frozen dataclasses (no -1 / 0 sentinels).
 
 In YAML a granularity is written ``per_tensor``, ``per_channel`` (output channels, axis 0) or
-``per_group(64)`` (groups of 64 consecutive input elements per output row).
+``per_group(64)`` (groups of 64 consecutive input elements per output row); activations also
+``per_token`` (one scale per row of the last dimension, computed at run time: ``dynamic``).
 """
 from __future__ import annotations
 
@@ -41,19 +42,34 @@ class PerGroup:
         return f"per_group({self.size})"
 
 
-Granularity = PerTensor | PerChannel | PerGroup
-_CALL = re.compile(r"^(per_tensor|per_channel|per_group)(?:\((\d+)\))?$")
+@dataclass(frozen=True)
+class PerToken:
+    """Activations only: one scale per token (each slice along the last dimension, i.e. each
+    row of ``x.reshape(-1, x.shape[-1])``), from that token's own range at run time."""
+
+    def __str__(self) -> str:
+        return "per_token"
+
+
+Granularity = PerTensor | PerChannel | PerGroup | PerToken
+_CALL = re.compile(r"^(per_tensor|per_channel|per_group|per_token)(?:\((\d+)\))?$")
 
 
 def parse_granularity(value: object) -> Granularity:
-    """Parse ``per_tensor`` / ``per_channel`` / ``per_channel(1)`` / ``per_group(64)``."""
-    if isinstance(value, (PerTensor, PerChannel, PerGroup)):
+    """Parse ``per_tensor`` / ``per_channel`` / ``per_channel(1)`` / ``per_group(64)`` /
+    ``per_token``."""
+    if isinstance(value, (PerTensor, PerChannel, PerGroup, PerToken)):
         return value
     m = _CALL.match(str(value).strip().replace(" ", "")) if isinstance(value, str) else None
     if m is None:
         raise ValueError(
-            f"granularity {value!r} is not one of per_tensor, per_channel, per_group(N)")
+            f"granularity {value!r} is not one of per_tensor, per_channel, per_group(N), "
+            "per_token")
     kind, arg = m.groups()
+    if kind == "per_token":
+        if arg is not None:
+            raise ValueError("per_token takes no argument")
+        return PerToken()
     if kind == "per_tensor":
         if arg is not None:
             raise ValueError("per_tensor takes no argument")

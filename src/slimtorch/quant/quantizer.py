@@ -6,6 +6,10 @@ Symmetric: signed grid [−2^(b−1), 2^(b−1)−1], z = 0, s = max|x| / (2^(b�
 Asymmetric: unsigned grid [0, 2^b−1], the range [lo, hi] is widened to include 0 so that zero is
 exact, s = (hi − lo)/(2^b − 1), z = round(−lo/s).
 
+Dynamic activations (``QuantSpec.dynamic``; ``per_token`` implies it): the range is the min/max
+of each token (or of the whole tensor) of the tensor being quantized, at run time; calibration
+records nothing and ``scale``/``zero_point`` stay unused placeholders.
+
 Range estimators (``QuantSpec.observer``): ``minmax``; ``percentile`` (clip at the given
 percentile of |x| or of each tail); ``mse`` (search of the clipping range α·[lo, hi] on the grid
 α = k/100, minimising mean |x − x̂|^p per channel — p = 2.4 as in BRECQ/QDrop).
@@ -18,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .granularity import PerChannel, PerGroup, PerTensor
+from .granularity import PerChannel, PerGroup, PerTensor, PerToken
 from .spec import QuantSpec
 
 MSE_CANDIDATES = 100
@@ -153,10 +157,16 @@ class Quantizer(nn.Module):
         # step: ``runner.learned``); called as learner(self, x in ``layout``). Never saved.
         self.learner: Callable[["Quantizer", Tensor], Tensor] | None = None
 
+    @property
+    def dynamic(self) -> bool:
+        return self.spec.dynamic
+
     # ------------------------------------------------------------------ layout
     def _rows(self, x: Tensor) -> Tensor:
         """View x as [C, N] rows that share one scale."""
         g = self.spec.gran
+        if isinstance(g, PerToken):
+            return x.reshape(-1, x.shape[-1])  # [tokens, features]
         if isinstance(g, PerTensor):
             return x.reshape(1, -1)  # [1, numel]
         if isinstance(g, PerChannel):
@@ -172,6 +182,8 @@ class Quantizer(nn.Module):
         g = self.spec.gran
         if isinstance(g, PerTensor):
             return p.reshape(())
+        if isinstance(g, PerToken):
+            return p.reshape(*x.shape[:-1], 1)
         if isinstance(g, PerChannel):
             shape = [1] * x.dim()
             shape[g.axis] = -1
@@ -186,11 +198,16 @@ class Quantizer(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def calibrate(self, w: Tensor) -> None:
+        if self.dynamic:
+            raise ValueError("a dynamic range is for activations; weights are calibrated once")
         rows = self._rows(w.detach())
         self.set_range(*search_range(rows, self.spec), like=w)
 
     # ------------------------------------------------------------------ activations
     def _observe(self, x: Tensor) -> None:
+        if self.dynamic:  # nothing to record: the range is taken at run time
+            self._stats["lo"] = self._stats["hi"] = self.scale
+            return
         rows = self._rows(x.detach().float())  # [C, N]
         lo, hi = rows.amin(dim=1), rows.amax(dim=1)
         if "lo" in self._stats:
@@ -206,6 +223,9 @@ class Quantizer(nn.Module):
     def finish_observe(self) -> None:
         if "lo" not in self._stats:
             raise RuntimeError("activation quantizer saw no data during calibration")
+        if self.dynamic:
+            self.mode, self._stats = Mode.QUANT, {}
+            return
         lo, hi = self._stats["lo"], self._stats["hi"]
         like = self._stats["like"]
         if self.spec.observer == "minmax":
@@ -232,7 +252,17 @@ class Quantizer(nn.Module):
         return x.reshape(x.shape[0], self.scale.shape[1], -1) if isinstance(
             self.spec.gran, PerGroup) else x
 
+    def dynamic_params(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale and zero point of ``x`` from its own min/max (per token or per tensor),
+        shaped to broadcast against ``x``; no gradient flows into them."""
+        rows = self._rows(x.detach())
+        s, z = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), self.spec.bits,
+                                  self.spec.symmetric)
+        return self._shape_params(s, x).to(x.dtype), self._shape_params(z, x).to(x.dtype)
+
     def fake_quant(self, x: Tensor) -> Tensor:
+        if self.dynamic:
+            return fake_quant(x, *self.dynamic_params(x), self.qmin, self.qmax)
         g = self.layout(x)
         if self.learner is not None:
             return self.learner(self, g).reshape(x.shape)

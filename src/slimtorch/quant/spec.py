@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
-                      field_validator)
+                      field_validator, model_validator)
 
-from .granularity import Granularity, parse_granularity
+from .granularity import Granularity, PerGroup, PerToken, parse_granularity
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -40,8 +40,36 @@ class QuantSpec(Strict):
     # quantizer family (quant/kinds.py): uniform grid, log√2 (RepQ-ViT), twin-uniform (PTQ4ViT),
     # uniform after a per-channel affine (RepQ-ViT on a post-LN input)
     kind: Literal["uniform", "log2sqrt2", "twin_uniform", "reparam_uniform"] = "uniform"
+    # activations only: the range is taken from the tensor itself at run time (min/max of each
+    # token for per_token, of the whole tensor for per_tensor), nothing is calibrated or stored
+    # — SmoothQuant's per-token dynamic activations. ``per_token`` implies it.
+    dynamic: bool = False
 
     _bits = field_validator("bits")(classmethod(lambda cls, v: _check_bits(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dynamic_defaults(cls, data: Any) -> Any:
+        """per_token means dynamic; a dynamic range is the run-time min/max (no observer)."""
+        if not isinstance(data, dict):
+            return data
+        gran = data.get("granularity")
+        per_token = isinstance(gran, PerToken) or str(gran).replace(" ", "") == "per_token"
+        if per_token:
+            if data.get("dynamic") is False:
+                raise ValueError("per_token activations are computed at run time: drop "
+                                 "`dynamic: false` (or use per_tensor for a calibrated range)")
+            data = {**data, "dynamic": True}
+        if data.get("dynamic"):
+            if data.get("observer", "minmax") != "minmax":
+                raise ValueError(f"a dynamic range is the tensor's own min/max at run time; "
+                                 f"observer {data['observer']!r} does not apply: drop it")
+            if data.get("kind", "uniform") != "uniform":
+                raise ValueError("dynamic ranges need kind: uniform")
+            if isinstance(parse_granularity(gran or "per_tensor"), PerGroup):
+                raise ValueError("dynamic ranges are per_token or per_tensor")
+            data = {**data, "observer": "minmax"}
+        return data
 
     @property
     def gran(self) -> Granularity:

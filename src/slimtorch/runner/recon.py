@@ -267,7 +267,8 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
     st["loss_before"] = eval_loss(run, x_q, y_fp, stage.rec_p)
     ws, acts = unit_quantizers(model, unit)
     rounds = [AdaRound(m.weight_quantizer, m.weight) for _, m in ws] if stage.learn_weights else []
-    steps = [LSQ(q) for q in acts] if stage.learn_acts and stage.acts_on else []
+    steps = ([LSQ(q) for q in acts if not q.dynamic]  # a run-time range has no step to learn
+             if stage.learn_acts and stage.acts_on else [])
     params_w, params_a = [r.v for r in rounds], [s.scale for s in steps]
     boundary = _boundary(run, acts, x_q[:2]) if stage.acts_on else []
     drop = QDrop(acts if stage.acts_on else [], boundary, stage.drop_prob, gens[1])
