@@ -203,3 +203,57 @@ def test_cached_propagation_equals_rerunning_the_prefix(monkeypatch):
     assert st_c["prefix_runs"] == 2  # the stem, and the Linear after Flatten
     for a, b in zip(cached.state_dict().values(), rerun.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def _group_fit(size):
+    """Symmetric 4-bit max|w| / 7 per row of each group, recording what it was given."""
+    seen = []
+
+    def fit(cols):
+        seen.append(cols.clone())
+        sc = cols.abs().amax(-1).clamp(min=1e-8) / 7
+        return sc, torch.zeros_like(sc)
+    return (size, fit), seen
+
+
+def test_group_grids_are_fitted_on_the_updated_columns():
+    """Without static groups, a group's grid comes from its columns as the error feedback of
+    the earlier columns left them (the public code's default), and the result is OBQ on
+    that grid."""
+    w, h, s, z = _problem(n=24)
+    refit, seen = _group_fit(8)
+    q, st = gptq(w, h[None], s, z, -8, 7, block_size=8, refit=refit)
+    assert len(seen) == 3
+    assert torch.equal(seen[0], w[..., :8])            # nothing updated the first group yet
+    assert not torch.allclose(seen[1], w[..., 8:16])   # correlated inputs: feedback moved it
+    grid = st["scale"]
+    for k in range(3):  # the grid used is the fit of the group's updated columns
+        torch.testing.assert_close(grid[..., 8 * k], seen[k].abs().amax(-1) / 7)
+    codes = q / grid
+    assert (codes - codes.round()).abs().max() < 1e-4 and codes.abs().max() <= 8
+    ref = _obq(w[0], h, grid[0, :, :1].expand(-1, 1), 0.01, range(8))  # first group: OBQ
+    assert (q[0, :, :8].double() - ref[:, :8]).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="in order"):
+        gptq(w, h[None], s, z, -8, 7, act_order=True, refit=refit)
+
+
+def test_gptq_refitted_groups_are_what_the_artifact_stores(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    calib = [torch.randn(64, 64) @ torch.randn(64, 64) * 0.2 for _ in range(2)]  # correlated
+    r = {"name": "t", "methods": ["gptq"], "quantize_embeddings": False,
+         "weights": {"bits": 4, "symmetric": True, "granularity": "per_group(16)",
+                     "observer": "minmax"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dyn = slimtorch.quantize(model, r, calib, self_check=False)
+        r2 = {**r, "methods": [{"name": "gptq", "static_groups": True}]}
+        static = slimtorch.quantize(model, r2, calib, self_check=False)
+    lin = dyn[0]
+    assert torch.equal(lin.weight, lin.weight_quantizer.dequantize_int(lin.weight_int))
+    assert not torch.equal(lin.weight_quantizer.scale, static[0].weight_quantizer.scale)
+    slimtorch.save(dyn, tmp_path / "a")
+    back = slimtorch.load(tmp_path / "a", model)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(dyn(x), back(x))

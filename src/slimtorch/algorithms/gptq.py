@@ -24,8 +24,11 @@ Per layer, on the layer-wise runner (``runner/layerwise.py``):
 - ``act_order``: columns in order of decreasing H_ii (the public code's ``--act-order``).
 
 Choices where the public code offers several: the grid is the recipe's (scale and zero point
-from its observer, computed before GPTQ on the original weight, as ``--static-groups`` does for
-per-group scales); the inputs are those of the partly quantized model — earlier layers done,
+from its observer). Per-group grids are fitted when GPTQ reaches a group's first column, on the
+group's columns as the error feedback has left them (the public code's default; it reads them
+before the current block's in-block updates, we read them after — the values that get rounded),
+unless ``static_groups`` (the code's ``--static-groups``: every group fitted before GPTQ on the
+original weight), which ``act_order`` needs so that groups stay contiguous columns. The inputs are those of the partly quantized model — earlier layers done,
 activation quantization on as the recipe has it — which is GPTQ's sequential mode; layers are
 solved one at a time in graph order (``sequential: layer``, the code's ``--true-sequential``)
 or all layers of a residual block from one collection (``sequential: unit``). Statistics per
@@ -35,15 +38,17 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..errors import RecipeError
 from ..methods import MethodConfig, MethodContext, register_method
-from ..quant.quantizer import Quantizer
+from ..quant.granularity import PerGroup
+from ..quant.quantizer import Quantizer, qparams_from_range, search_range
 from ..runner.layerwise import solve_layers
 
 UNFOLD_CHUNK = 1 << 25  # elements of input columns per step (128 MB of float32)
@@ -53,6 +58,10 @@ class GPTQConfig(MethodConfig):
     block_size: int = Field(128, ge=1, description="columns per lazy-batch block")
     damp: float = Field(0.01, gt=0, le=1, description="λ: damping as a fraction of mean diag H")
     act_order: bool = Field(False, description="quantize columns by decreasing H_ii")
+    static_groups: bool | None = Field(
+        None, description="per-group grids fitted before GPTQ on the original weight (True) or "
+        "at each group's first column on the updated weight (False); None: True with "
+        "act_order, else False")
     sequential: Literal["layer", "unit"] = Field(
         "layer", description="layer: re-collect inputs after each layer (true sequential); "
         "unit: one collection per residual block")
@@ -91,13 +100,19 @@ def inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor, float]:
 
 @torch.no_grad()
 def gptq(w: Tensor, h: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int, *,
-         block_size: int = 128, damp: float = 0.01, act_order: bool = False
+         block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+         refit: tuple[int, Callable[[Tensor], tuple[Tensor, Tensor]]] | None = None
          ) -> tuple[Tensor, dict[str, Any]]:
     """GPTQ of ``w`` [g, r, n] (g groups of r rows over n input columns) with Hessians
     ``h`` [g, n, n] on the grid ``s``, ``z`` (shaped like w). Returns the dequantized Q and
-    statistics (module docstring)."""
+    statistics (module docstring; ``stats["scale"], stats["zero_point"]`` the grid used).
+    ``refit = (size, fit)``: at every ``size``-th column, ``fit(columns [g, r, size])`` gives
+    that quantization group's scale and zero point [g, r] from the current columns."""
     w, h = w.clone().float(), h.clone().float()
-    s, z = s.expand_as(w).float(), z.expand_as(w).float()
+    s, z = s.expand_as(w).float().clone(), z.expand_as(w).float().clone()
+    if refit is not None and (act_order or block_size % refit[0]):
+        raise ValueError("per-group refitting needs columns in order and blocks made of "
+                         "whole groups")
     rtn_err = proxy_error(quantize_column(w, s, z, qmin, qmax) - w, h)
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     diag[diag == 0] = 1.0  # an input never seen: no coupling, so it is rounded to nearest
@@ -114,6 +129,10 @@ def gptq(w: Tensor, h: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int, *,
         w1, u1 = w[..., b0:b1].clone(), u[:, b0:b1, b0:b1]
         err = torch.zeros_like(w1)
         for i in range(b1 - b0):
+            if refit is not None and (b0 + i) % refit[0] == 0:  # a group starts: fit its grid
+                gs, gz = refit[1](w1[..., i: i + refit[0]])
+                s[..., b0 + i: b0 + i + refit[0]] = gs[..., None]
+                z[..., b0 + i: b0 + i + refit[0]] = gz[..., None]
             col = w1[..., i]                                              # [g, r]
             qc = quantize_column(col, s[..., b0 + i], z[..., b0 + i], qmin, qmax)
             q[..., b0 + i] = qc
@@ -123,7 +142,7 @@ def gptq(w: Tensor, h: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int, *,
         w[..., b1:] -= err @ u[:, b0:b1, b1:]
     if perm is not None:
         q = q.gather(-1, torch.argsort(perm, dim=-1)[:, None, :].expand_as(q))
-    return q, {"rtn_error": rtn_err, "damp": lam}
+    return q, {"rtn_error": rtn_err, "damp": lam, "scale": s, "zero_point": z}
 
 
 # ============================================================== the layer solver
@@ -227,14 +246,38 @@ class GPTQSolver:
         h = self.h * (2.0 / max(1, self.count))
         grid = [t.expand_as(wq.layout(w)).reshape(g, shape[0] // g, -1) for t in
                 (wq.scale, wq.zero_point)]
+        refit = self._refit(wq)
         q, st = gptq(w.reshape(g, shape[0] // g, -1), h, *grid, wq.qmin, wq.qmax,
                      block_size=self.cfg.block_size, damp=self.cfg.damp,
-                     act_order=self.cfg.act_order)
+                     act_order=self.cfg.act_order, refit=refit)
         err = proxy_error(q - w.reshape(q.shape).float(), h)
         layer.weight.data.copy_(q.reshape(shape).to(w.dtype))
+        if refit is not None:  # the quantizer holds the grid the codes were rounded on
+            size = refit[0]
+            wq.scale = st["scale"][..., ::size].reshape(wq.scale.shape).to(wq.scale.dtype)
+            wq.zero_point = st["zero_point"][..., ::size].reshape(wq.zero_point.shape).to(
+                wq.zero_point.dtype)
         gain = 10 * math.log10(st["rtn_error"] / err) if err > 0 and st["rtn_error"] > 0 else 0.0
         return {"rtn_error": st["rtn_error"], "gptq_error": err, "gain_db": round(gain, 2),
                 "damp": st["damp"], "columns": self.count}
+
+    def _refit(self, wq: Quantizer):
+        """(group size, fit) for per-group grids fitted during GPTQ, or None (static)."""
+        static = self.cfg.act_order if self.cfg.static_groups is None else self.cfg.static_groups
+        if static or not isinstance(wq.spec.gran, PerGroup):
+            return None
+        size = wq.spec.gran.size
+        if self.cfg.block_size % size:
+            raise RecipeError(f"GPTQ block_size {self.cfg.block_size} is not a multiple of the "
+                             f"weight group size {size}: set static_groups: true or a "
+                             "block_size made of whole groups")
+
+        def fit(cols: Tensor) -> tuple[Tensor, Tensor]:  # [g, r, size] -> [g, r] each
+            rows = cols.reshape(-1, size)
+            sc, zp = qparams_from_range(*search_range(rows, wq.spec), wq.spec.bits,
+                                        wq.spec.symmetric)
+            return sc.reshape(cols.shape[:-1]), zp.reshape(cols.shape[:-1])
+        return size, fit
 
     def free(self) -> None:
         self.h = None
