@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 import slimtorch
 from slimtorch.algorithms.gptq import gptq, input_rows, proxy_error, quantize_column
+from slimtorch.errors import CalibrationDataError, CalibrationWarning
 from slimtorch.quant.prepare import META_ATTR
 
 
@@ -135,7 +136,8 @@ def test_gptq_on_a_model_beats_rtn_and_records_its_decisions():
     stats = getattr(q, META_ATTR)["methods"][0]["stats"]
     assert set(stats["layers"]) == {"c1", "dw", "c2", "fc"} and not stats["skipped"]
     assert all(s["gain_db"] > 0 for s in stats["layers"].values())
-    few = slimtorch.quantize(model, _w4(["gptq"]), calib[:8], self_check=False)
+    with pytest.warns(CalibrationWarning, match=r"1 of 4 layers \(fc\).*at least 16"):
+        few = slimtorch.quantize(model, _w4(["gptq"]), calib[:8], self_check=False)
     fc = getattr(few, META_ATTR)["methods"][0]["stats"]["layers"]["fc"]
     assert "kept_rtn" in fc  # 8 samples for 16 inputs: H is singular, GPTQ would overfit
     assert torch.equal(few.fc.weight, rtn_small(model, calib[:8]).fc.weight)
@@ -257,3 +259,9 @@ def test_gptq_refitted_groups_are_what_the_artifact_stores(tmp_path):
     x = torch.randn(4, 64)
     with torch.no_grad():
         assert torch.equal(dyn(x), back(x))
+
+
+def test_gptq_with_too_few_rows_for_every_layer_names_the_fix():
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with pytest.raises(CalibrationDataError, match="at least 32 input rows"):
+        slimtorch.quantize(model, _w4(["gptq"]), torch.randn(8, 32), self_check=False)

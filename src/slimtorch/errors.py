@@ -34,3 +34,7 @@ class UnknownModelError(SlimtorchError, KeyError):
 
 class SharedLayerError(SlimtorchError):
     """A layer runs more than once per forward, which unit-wise reconstruction cannot fit."""
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration data was enough to run, but too little for part of a method (named)."""

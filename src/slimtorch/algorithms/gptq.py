@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Any, Callable, Literal
 
 import torch
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..errors import RecipeError
+from ..errors import CalibrationDataError, CalibrationWarning, RecipeError
 from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.granularity import PerGroup
 from ..quant.quantizer import Quantizer, qparams_from_range, search_range
@@ -242,7 +243,7 @@ class GPTQSolver:
         n = self.h.shape[-1]
         if self.count < n:
             return {"kept_rtn": f"{self.count} input columns for {n} inputs: H is singular",
-                    "columns": self.count}
+                    "columns": self.count, "inputs": n}
         h = self.h * (2.0 / max(1, self.count))
         grid = [t.expand_as(wq.layout(w)).reshape(g, shape[0] // g, -1) for t in
                 (wq.scale, wq.zero_point)]
@@ -290,5 +291,25 @@ def apply(model, cfg: GPTQConfig, ctx: MethodContext) -> dict[str, Any]:
     def make(name: str, layer: nn.Module):
         return unsupported(layer) or GPTQSolver(layer, cfg, seed=next(seeds))
     acts_on = ctx.recipe.activations is not None
-    return solve_layers(model, ctx, make, sequential=cfg.sequential, acts_on=acts_on,
-                        desc="gptq")
+    out = solve_layers(model, ctx, make, sequential=cfg.sequential, acts_on=acts_on,
+                       desc="gptq")
+    _check_columns(out["layers"])
+    return out
+
+
+def _check_columns(layers: dict[str, dict]) -> None:
+    """Too little calibration data for GPTQ: an error when no layer could be solved, a
+    warning naming the layers that kept round-to-nearest otherwise."""
+    kept = {f: st for f, st in layers.items() if "kept_rtn" in st}
+    if not kept:
+        return
+    need = max(st["inputs"] for st in kept.values())
+    fix = (f"feed at least {need} input rows per layer (for an LLM: calibration tokens, "
+           "`--calib-size` segments × their length; for a CNN classifier: images)")
+    if len(kept) == len(layers):
+        raise CalibrationDataError(f"GPTQ could solve no layer: each saw fewer calibration "
+                                   f"input rows than it has inputs (H is singular); {fix}")
+    names = ", ".join(list(kept)[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
+    warnings.warn(f"GPTQ kept round-to-nearest for {len(kept)} of {len(layers)} layers "
+                  f"({names}): fewer calibration input rows than inputs; {fix}",
+                  CalibrationWarning, stacklevel=3)
