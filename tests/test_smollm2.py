@@ -82,6 +82,8 @@ def test_perplexity_task_scores_float_and_a_perturbed_model(model):
     d = task.score(worse, fp)
     assert d["nll_diff"] == pytest.approx(0.1, abs=1e-5) and d["token_agreement"] == 100.0
     assert d["ppl_delta_pct"] == pytest.approx(100 * (torch.tensor(0.1).exp().item() - 1), 0.01)
+    with pytest.raises(SlimtorchError, match="LM head"):  # the decoder without its head
+        task.outputs(model.model)
 
 
 def test_generate_from_a_saved_w4_artifact(model, tmp_path):

@@ -194,8 +194,7 @@ class CausalLM:
         """Per-token next-token NLL and argmax prediction, ``[W, T-1]`` each."""
         nll, pred = [], []
         for b in tqdm(self.inputs(), desc="eval", disable=not progress, leave=False):
-            out = call_model(model, b)
-            logits = (out.logits if hasattr(out, "logits") else out)[:, :-1]  # [b, T-1, V]
+            logits = _next_token_logits(call_model(model, b), b["input_ids"])[:, :-1]
             target = b["input_ids"][:, 1:]
             nll.append(torch.nn.functional.cross_entropy(
                 logits.transpose(1, 2).float(), target, reduction="none"))
@@ -218,6 +217,20 @@ class CausalLM:
 
 TASKS = {"fashion_mnist": FashionMNIST, "imagenet_photos": ImageNetPhotos,
          "causal_lm": CausalLM}
+
+
+def _next_token_logits(out: Any, ids: torch.Tensor) -> torch.Tensor:
+    """``[b, T, V]`` next-token logits of a causal LM's output, or an error naming the fix."""
+    logits = getattr(out, "logits", out)
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 3
+            and logits.shape[:2] == ids.shape):
+        got = type(out).__name__ if not isinstance(out, torch.Tensor) else \
+            f"a tensor of shape {tuple(out.shape)}"
+        raise SlimtorchError(
+            f"the model returned {got}, not next-token logits [batch, tokens, vocabulary]: "
+            "perplexity needs a causal LM with its LM head (e.g. LlamaForCausalLM, not "
+            "LlamaModel)")
+    return logits
 
 
 def task_for(source: str, data_dir: str | None = None):
