@@ -198,6 +198,18 @@ def capture(model: nn.Module, example: Any) -> QuantGraph:
     return graph
 
 
+def _is_own_weight(model: nn.Module, mod: nn.Module | None, fqn: str, name: str) -> bool:
+    """The parameter the call read (recorded under ``name``) is the module's own ``weight``.
+    A tied parameter (an LM head sharing the embedding matrix) is recorded under its first
+    name, so identity decides, not the name."""
+    if name == (f"{fqn}.weight" if fqn else "weight"):
+        return True
+    try:
+        return model.get_parameter(name) is getattr(mod, "weight", None)
+    except AttributeError:
+        return False
+
+
 def analyse(model: nn.Module, nodes: list[Node], outputs: list[int]) -> QuantGraph:
     """Layers, functional sites and unsupported ops of a recorded graph; ``outputs``: the
     nodes the model returns."""
@@ -208,7 +220,7 @@ def analyse(model: nn.Module, nodes: list[Node], outputs: list[int]) -> QuantGra
         if n.kind in ("conv", "linear"):
             weight_node = nodes[n.inputs[1]] if len(n.inputs) > 1 else None
             owns = (isinstance(mod, SUPPORTED_LAYERS) and weight_node is not None
-                    and weight_node.op == (f"{n.module}.weight" if n.module else "weight"))
+                    and _is_own_weight(model, mod, n.module, weight_node.op))
             if owns and n.inputs and nodes[n.inputs[0]].dynamic:
                 layers.append({"fqn": n.module, "type": type(mod).__name__, "node": n.idx,
                                "source": _source_kind(nodes, n.inputs[0]),
@@ -221,7 +233,7 @@ def analyse(model: nn.Module, nodes: list[Node], outputs: list[int]) -> QuantGra
         elif n.kind == "embedding":
             weight_node = nodes[n.inputs[1]] if len(n.inputs) > 1 else None
             if isinstance(mod, nn.Embedding) and weight_node is not None and \
-                    weight_node.op == (f"{n.module}.weight" if n.module else "weight"):
+                    _is_own_weight(model, mod, n.module, weight_node.op):
                 layers.append({"fqn": n.module, "type": "Embedding", "node": n.idx,
                                "source": "input"})
         elif n.kind in ("matmul", "sdpa"):
