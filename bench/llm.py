@@ -12,7 +12,12 @@ Trap (``zoo/smollm2.py``): the stored projections are Q4_1 (asymmetric 4-bit, gr
 g32 asymmetric is never a row; the recipes here use symmetric g64 or per-channel grids.
 
     python bench/llm.py [--recipes w4-rtn-g64 w4-awq ...] [--seeds 0] [--calib-size 16]
+        [--peers torchao-w8a8-dynamic torchao-w4-g64 ...]
         [--from-metrics DIR ...] [--from-json FILE ...] [--out PREFIX]
+
+``--peers`` runs LLM toolkits that install here on the same model and windows (``PEERS``;
+torchao from the ``bench-llm`` extra, kept out of the main
+environment: ``transformers`` imports torchao whenever it is installed); a peer's failure is recorded verbatim as its row.
 
 ``--from-metrics`` adds rows from the ``metrics.json`` of artifacts written by
 ``slimtorch quantize --model zoo:smollm2-135m ... --out DIR`` instead of re-running them.
@@ -20,17 +25,79 @@ g32 asymmetric is never a row; the recipes here use symmetric g64 or per-channel
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
+import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
+from slimtorch.eval.tasks import task_for
 from slimtorch.pipeline import run_quantize
+from slimtorch.zoo.sources import load_model
 
 from report import add_saved_rows, saved_rows, write  # bench/ is on sys.path when a bench script runs
 
 MODEL = "zoo:smollm2-135m"
 RECIPES = ["w4-rtn-g64", "w4-gptq-g64", "w4-awq", "w4-awq-gptq"]
+
+
+def _torchao(config_name: str, float_head: bool, **kw):
+    """torchao's ``quantize_`` with one of its configs on every Linear (lm_head too unless
+    ``float_head``)."""
+    def apply(model):
+        import torchao.quantization as tq
+        head = model.lm_head if float_head else None
+        tq.quantize_(model, getattr(tq, config_name)(**kw),
+                     filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head)
+        return model
+    return apply
+
+
+def _torchao_w4_g64():
+    from torchao.quantization import PerGroup
+    return _torchao("IntxWeightOnlyConfig", True, weight_dtype=torch.int4,
+                    granularity=PerGroup(64))
+
+
+# peer name -> (package, what it does, factory of model -> quantized model); weight-only peers
+# keep lm_head float like our w4 recipes, W8A8 quantizes it like ours
+PEERS = {
+    "torchao-w8a8-dynamic": ("torchao", "Int8DynamicActivationInt8WeightConfig: 8-bit "
+                             "per-channel weights, 8-bit per-token dynamic activations, "
+                             "every Linear", lambda: _torchao(
+                                 "Int8DynamicActivationInt8WeightConfig", False)),
+    "torchao-w4-g64": ("torchao", "IntxWeightOnlyConfig(int4, PerGroup(64)): 4-bit weight-only "
+                       "RTN, groups of 64, lm_head float", _torchao_w4_g64),
+    "torchao-int4wo-g64": ("torchao", "Int4WeightOnlyConfig(group_size=64): 4-bit weight-only, "
+                           "asymmetric groups of 64 (tinygemm), lm_head float", lambda: _torchao(
+                               "Int4WeightOnlyConfig", True, group_size=64)),
+}
+
+
+def run_peer(name: str, fp_cache: dict) -> dict:
+    """One peer on the same model, windows and scoring as our rows; failures verbatim."""
+    pkg, what, factory = PEERS[name]
+    task = task_for(MODEL)
+    model = load_model(MODEL)
+    if MODEL not in fp_cache:
+        fp_cache[MODEL] = task.outputs(model)
+    fp = fp_cache[MODEL]
+    row = {"recipe": name, "method": f"peer: {pkg} {version(pkg)} {what}", "peer": True,
+           "fp_ppl": task.score(fp)["ppl"], "calib_size": 0, "seed": "-"}
+    try:
+        t0 = time.perf_counter()
+        q = factory()(copy.deepcopy(model))
+        row["calib_seconds"] = round(time.perf_counter() - t0, 3)
+        score = task.score(task.outputs(q), fp)
+    except Exception as e:  # a peer's failure is a result: recorded verbatim
+        row["error"] = f"{type(e).__name__}: {e}".strip()[:400]
+        print(f"{name:22s} FAILED {row['error']}", flush=True)
+        return row
+    row.update({f"q_{k}": v for k, v in score.items()})
+    print(f"{name:22s} ppl {row['q_ppl']:8.3f} ({row['q_ppl_delta_pct']:+.2f} %)", flush=True)
+    return row
 
 
 def main() -> None:
@@ -39,6 +106,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="*", type=int, default=[0])
     p.add_argument("--calib-size", type=int, default=16, help="512-token segments")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--peers", nargs="*", default=[], choices=sorted(PEERS))
     add_saved_rows(p)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "llm"))
     args = p.parse_args()
@@ -52,6 +120,7 @@ def main() -> None:
             rows.append(m)
             print(f"{recipe:22s} seed {seed}  ppl {m['q_ppl']:8.3f} ({m['q_ppl_delta_pct']:+.2f} %)"
                   f"  calib {m['calib_seconds']:7.1f}s", flush=True)
+    rows += [run_peer(name, fp_cache) for name in args.peers]
     write(rows, args.out, to_markdown)
 
 
@@ -63,7 +132,9 @@ def _spread(values: list[float], fmt: str) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    fp = rows[0] if rows else None
+    ours = [m for m in rows if not m.get("peer")]
+    peers = [m for m in rows if m.get("peer")]
+    fp = ours[0] if ours else None
     lines = ["SmolLM2-135M-Instruct (134.5 M parameters; LM head tied to the embedding), "
              "perplexity on 32 × 512-token windows of Persuasion; calibration: 512-token "
              "segments of Mansfield Park and Emma. Δ NLL = paired per-window mean difference "
@@ -75,7 +146,7 @@ def to_markdown(rows: list[dict]) -> str:
               "size | calib segments | seeds | calib s |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by_recipe: dict[str, list[dict]] = {}
-    for m in rows:
+    for m in ours:
         by_recipe.setdefault(m["recipe"], []).append(m)
     for recipe, ms in by_recipe.items():
         m = ms[0]
@@ -87,6 +158,19 @@ def to_markdown(rows: list[dict]) -> str:
             f"{m['q_size_bytes'] / 1e6:.1f} MB | {m['calib_size']} | "
             f"{','.join(str(x['seed']) for x in ms)} | "
             f"{statistics.median(x['calib_seconds'] for x in ms):.0f} |")
+    if peers:
+        lines += ["", "Peers, same model, windows and scoring (no calibration data; quantize "
+                  "seconds):", "", "| peer | what | perplexity | Δ ppl % | Δ NLL | "
+                  "next-token agreement % | quantize s |", "|---|---|---:|---:|---:|---:|---:|"]
+        for m in peers:
+            if "error" in m:
+                lines.append(f"| {m['recipe']} | {m['method']} | failed: `{m['error']}` "
+                             "| | | | |")
+                continue
+            lines.append(f"| {m['recipe']} | {m['method']} | {m['q_ppl']:.3f} | "
+                         f"{m['q_ppl_delta_pct']:+.2f} | {m['q_nll_diff']:.4f} ± "
+                         f"{m['q_nll_diff_se']:.4f} | {m['q_token_agreement']:.2f} | "
+                         f"{m['calib_seconds']:.0f} |")
     return "\n".join(lines)
 
 
