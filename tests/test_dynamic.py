@@ -111,3 +111,24 @@ def test_dynamic_model_round_trips_and_lowers_to_int8(tmp_path):
     assert (y_int - y).pow(2).mean() < 0.01 * e_q
     assert any(mod.in_scale is not None for mod in lowered.modules()
                if hasattr(mod, "in_scale"))  # o_proj's explicit SmoothQuant scale (GQA)
+
+
+def test_a_tied_lm_head_is_a_quantized_layer_and_round_trips(tmp_path):
+    """The LM head reads the embedding's matrix (tie_word_embeddings): it is still the model's
+    last layer — quantized in W8A8, kept float by the weight-only recipes' last_layer."""
+    import transformers
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    _, q = quantized("w8a8-dynamic", m)
+    assert q.lm_head.weight_int.shape == (128, 64)
+    slimtorch.save(q, tmp_path / "a")
+    back = slimtorch.load(tmp_path / "a", m)
+    with torch.no_grad():
+        assert torch.equal(q(**HELD).logits, back(**HELD).logits)
+    _, w4 = quantized("w4-rtn-g64", m)
+    assert not hasattr(w4.lm_head, "weight_int")  # last_layer: weights null is the head
+    assert hasattr(w4.model.layers[1].mlp.down_proj, "weight_int")
