@@ -52,6 +52,8 @@ def test_quantize_then_eval(tmp_path, capsys):
     (["--model", "zoo:resnet20", "--recipe", "w9a9"], "unknown recipe 'w9a9'"),
     (["--model", "zoo:resnet20", "--recipe", "w8a8", "--data-dir", "/nonexistent"],
      "apt-get install dataset-fashion-mnist"),
+    (["--model", "zoo:resnet20", "--recipe", "w8a8", "--eval-size", "10"], "drop --eval-size"),
+    (["--model", "minilm", "--recipe", "w8a8", "--eval-size", "0"], "between 1 and 1000"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, capsys, argv, msg):
     code, _, err = run(capsys, "quantize", *argv, "--out", str(tmp_path / "x"), "--quiet")

@@ -91,7 +91,7 @@ def cmd_quantize(args) -> None:
         torch.set_num_threads(args.threads)
     m, _ = run_quantize(args.model, args.recipe, calib_size=args.calib_size, seed=args.seed,
                         out=args.out, data_dir=args.data_dir, progress=not args.quiet,
-                        resume=args.resume)
+                        resume=args.resume, eval_size=args.eval_size)
     title = f"{m['model']} · {m['recipe']} · calib {m['calib_size']} · seed {m['seed']}"
     console.print(_metrics_table(m, title))
     console.print(f"artifact and metrics.json written to [bold]{args.out}[/bold]")
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-size", type=int, default=None,
                    help="calibration samples (default: 1024 images/sentences, 128 LM segments)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--eval-size", type=int, help="evaluate on the first N items only (LM "
+                   "windows, sentences, photos; default: the task's whole evaluation set)")
     q.add_argument("--out", required=True, help="artifact directory")
     q.add_argument("--data-dir", help="Fashion-MNIST IDX directory")
     q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

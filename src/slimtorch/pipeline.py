@@ -22,11 +22,13 @@ from .zoo.sources import load_model
 
 def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, seed: int = 0,
                  out: str | Path | None = None, data_dir: str | None = None,
-                 progress: bool = False, fp_cache: dict | None = None, resume: bool = False
-                 ) -> tuple[dict[str, Any], torch.nn.Module]:
+                 progress: bool = False, fp_cache: dict | None = None, resume: bool = False,
+                 eval_size: int | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
     """Quantize ``source`` with ``recipe``; returns the metrics (written to ``out`` too, with
     the artifact, when given) and the quantized model. ``calib_size`` samples of calibration
-    data (None: the task's default, 1024 images / sentences or 128 LM segments).
+    data (None: the task's default, 1024 images / sentences or 128 LM segments);
+    ``eval_size``: evaluate on the first N evaluation items only (a quick look; None: the
+    task's fixed set), recorded in the metrics and used again by ``run_eval``.
 
     Reconstruction methods keep per-unit state in ``OUT/recon-state`` until the artifact is
     written. ``resume=True`` continues an interrupted run from it; without it, finding that
@@ -36,7 +38,7 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
         raise SlimtorchError(f"{work} holds the state of an interrupted run; pass --resume "
                              "(resume=True) to continue it, or delete that directory")
     recipe_obj = resolve_recipe(recipe)
-    task = task_for(source, data_dir)
+    task = with_eval_size(task_for(source, data_dir), eval_size)
     if calib_size is None:
         calib_size = getattr(task, "calib_size", 1024)
     calib = task.calibration(calib_size, seed, recipe_obj.calib.batch_size)
@@ -56,6 +58,7 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
     metrics = {"model": source, "recipe": recipe_obj.name,
                "method": "+".join(recipe_obj.method_names),
                "task": task.kind, "calib_size": calib_size, "seed": seed,
+               **({"eval_size": eval_size} if eval_size is not None else {}),
                "fp_size_bytes": fp_size_bytes(model),
                "q_size_bytes": quantized_size_bytes(qmodel),
                "calib_seconds": round(calib_seconds, 3),
@@ -71,10 +74,27 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
     # each method's resolved config, what `auto` became, its stats (per-unit losses, seconds)
     metrics["methods"] = getattr(qmodel, META_ATTR, {}).get("methods", [])
     if out is not None:
-        save(qmodel, out, extra={"task": task.kind})
+        save(qmodel, out, extra={"task": task.kind, **(
+            {"eval_size": eval_size} if eval_size is not None else {})})
         shutil.rmtree(work, ignore_errors=True)
         write_json_atomic(Path(out) / "metrics.json", metrics)
     return metrics, qmodel
+
+
+def with_eval_size(task, eval_size: int | None):
+    """``task`` evaluating its first ``eval_size`` items (tasks with a fixed count ``n_eval``:
+    LM windows, sentences, photos); None leaves it as it is."""
+    if eval_size is None:
+        return task
+    if not hasattr(task, "n_eval"):
+        raise SlimtorchError(f"--eval-size applies to tasks with a fixed evaluation count "
+                             f"(causal LM windows, sentences, photos); {task.kind} scores its "
+                             "whole test set: drop --eval-size")
+    if not 1 <= eval_size <= task.n_eval:
+        raise SlimtorchError(f"--eval-size must be between 1 and {task.n_eval} (the task's "
+                             f"evaluation set), got {eval_size}")
+    task.n_eval = eval_size
+    return task
 
 
 def _artifact_source(directory: str | Path, from_python: str) -> tuple[dict, str]:
@@ -92,7 +112,7 @@ def run_eval(directory: str | Path, *, data_dir: str | None = None,
     """Reload an artifact and evaluate it against its float model again."""
     from .export.artifact import load
     cfg, source = _artifact_source(directory, "evaluate it from Python")
-    task = task_for(source, data_dir)
+    task = with_eval_size(task_for(source, data_dir), cfg.get("eval_size"))
     qmodel = load(directory)
     fp_out = task.outputs(load_model(source), progress)
     q_out = task.outputs(qmodel, progress)
