@@ -96,7 +96,7 @@ def test_generate_from_a_saved_w4_artifact(model, tmp_path):
     q = slimtorch.quantize(model, "w4-rtn-g64", calib, self_check=False)
     slimtorch.save(q, tmp_path / "lm")
     text = run_generate(tmp_path / "lm", "The capital of France is", max_new_tokens=4)
-    assert len(text.split()) >= 2
+    assert len(text.strip()) >= 2  # greedy text; it may end early (" Paris." then EOS)
     with pytest.raises(SlimtorchError, match="at least 1"):
         run_generate(tmp_path / "lm", "x", max_new_tokens=0)
     r20 = slimtorch.quantize(load_model("zoo:resnet20"), "w8a8", torch.randn(8, 1, 28, 28),
