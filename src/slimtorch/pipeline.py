@@ -39,6 +39,7 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
                              "(resume=True) to continue it, or delete that directory")
     recipe_obj = resolve_recipe(recipe)
     task = with_eval_size(task_for(source, data_dir), eval_size)
+    eval_note = {"eval_size": eval_size} if eval_size is not None else {}
     if calib_size is None:
         calib_size = getattr(task, "calib_size", 1024)
     calib = task.calibration(calib_size, seed, recipe_obj.calib.batch_size)
@@ -58,7 +59,7 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
     metrics = {"model": source, "recipe": recipe_obj.name,
                "method": "+".join(recipe_obj.method_names),
                "task": task.kind, "calib_size": calib_size, "seed": seed,
-               **({"eval_size": eval_size} if eval_size is not None else {}),
+               **eval_note,
                "fp_size_bytes": fp_size_bytes(model),
                "q_size_bytes": quantized_size_bytes(qmodel),
                "calib_seconds": round(calib_seconds, 3),
@@ -74,8 +75,7 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
     # each method's resolved config, what `auto` became, its stats (per-unit losses, seconds)
     metrics["methods"] = getattr(qmodel, META_ATTR, {}).get("methods", [])
     if out is not None:
-        save(qmodel, out, extra={"task": task.kind, **(
-            {"eval_size": eval_size} if eval_size is not None else {})})
+        save(qmodel, out, extra={"task": task.kind, **eval_note})
         shutil.rmtree(work, ignore_errors=True)
         write_json_atomic(Path(out) / "metrics.json", metrics)
     return metrics, qmodel

@@ -120,18 +120,21 @@ class IntLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, I]
         if self.in_scale is not None:
             x2 = x2 / self.in_scale
-        if self.dynamic is not None and isinstance(self.dynamic.spec.gran, PerTensor):
-            self._tensor_scale = self.dynamic.dynamic_params(x2)[0]
+        # a dynamic per-tensor range is over the whole input, not one chunk of it
+        whole = (self.dynamic.dynamic_params(x2)[0] if self.dynamic is not None
+                 and isinstance(self.dynamic.spec.gran, PerTensor) else None)
         out = x2.new_empty(x2.shape[0], self.out_features)  # [M, O]
         rows = max(64, CHUNK_ELEMENTS // max(self.in_features, self.out_features))
         for start in range(0, x2.shape[0], rows):  # row chunks stay in cache
-            self._rows(x2[start: start + rows], out[start: start + rows])
+            self._rows(x2[start: start + rows], out[start: start + rows], whole)
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _rows(self, x: Tensor, out: Tensor) -> None:
-        """Integer product of a row chunk x [m, I], written to out [m, O]."""
+    def _rows(self, x: Tensor, out: Tensor, s_x: Tensor | None = None) -> None:
+        """Integer product of a row chunk x [m, I], written to out [m, O] (``s_x``: a dynamic
+        per-tensor input's scale, taken over the whole input)."""
         if self.dynamic is not None:  # y = acc·s_x·s_w + b, s_x per row or per input
-            s_x = self._dynamic_scale(x)
+            if s_x is None:  # per token: each row's own scale [m, 1]
+                s_x = self.dynamic.dynamic_params(x)[0]
             torch.mul(self.accumulate(x, s_x), self.mult, out=out)
             out.mul_(s_x)
             if self.bias is not None:
@@ -147,13 +150,6 @@ class IntLinear(nn.Module):
         codes = requantize(acc.to(torch.int64) + self.bias_int, self.req_m, self.req_k, z_y,
                            qmin, qmax)
         torch.mul(codes - z_y, s_y, out=out)
-
-    def _dynamic_scale(self, x: Tensor) -> Tensor:
-        """The dynamic quantizer's own scale for rows x [m, I]: [m, 1] per token, else a
-        scalar (a per-tensor range over the whole input, not one chunk of it)."""
-        if isinstance(self.dynamic.spec.gran, PerTensor):
-            return self._tensor_scale
-        return self.dynamic.dynamic_params(x)[0]
 
     def extra_repr(self) -> str:
         if self.dynamic is not None:

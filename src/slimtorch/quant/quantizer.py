@@ -206,7 +206,7 @@ class Quantizer(nn.Module):
     # ------------------------------------------------------------------ activations
     def _observe(self, x: Tensor) -> None:
         if self.dynamic:  # nothing to record: the range is taken at run time
-            self._stats["lo"] = self._stats["hi"] = self.scale
+            self._stats["seen"] = True
             return
         rows = self._rows(x.detach().float())  # [C, N]
         lo, hi = rows.amin(dim=1), rows.amax(dim=1)
@@ -221,7 +221,7 @@ class Quantizer(nn.Module):
             self._stats.setdefault("samples", []).append(rows[:, idx].clone())
 
     def finish_observe(self) -> None:
-        if "lo" not in self._stats:
+        if not self._stats:
             raise RuntimeError("activation quantizer saw no data during calibration")
         if self.dynamic:
             self.mode, self._stats = Mode.QUANT, {}
