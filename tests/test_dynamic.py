@@ -132,3 +132,31 @@ def test_a_tied_lm_head_is_a_quantized_layer_and_round_trips(tmp_path):
     _, w4 = quantized("w4-rtn-g64", m)
     assert not hasattr(w4.lm_head, "weight_int")  # last_layer: weights null is the head
     assert hasattr(w4.model.layers[1].mlp.down_proj, "weight_int")
+
+
+@pytest.mark.parametrize("gran", ["per_tensor", "per_token"])
+def test_int_linear_dynamic_input_matches_fake_quant(gran):
+    """IntLinear with a dynamic symmetric input: the scale is taken over the whole input
+    (per_tensor, even when the rows are processed in chunks) or per row (per_token), as the
+    fake quantizer takes it."""
+    from slimtorch.intops import IntLinear
+    from slimtorch.intops import linear as linear_mod
+    from slimtorch.quant.modules import QuantLinear
+    torch.manual_seed(0)
+    layer = QuantLinear.from_module(
+        torch.nn.Linear(64, 32), QuantSpec(bits=8, symmetric=True, granularity="per_channel",
+                                           observer="minmax"),
+        QuantSpec(bits=8, symmetric=True, granularity=gran, dynamic=True))
+    layer.calibrate_weight()
+    layer.freeze()
+    layer.input_quantizer.mode = Mode.QUANT
+    x = torch.randn(300, 64)
+    x[7] *= 50  # one loud row: per tensor it sets everyone's scale, per token only its own
+    old = linear_mod.CHUNK_ELEMENTS
+    linear_mod.CHUNK_ELEMENTS = 64 * 64  # several row chunks
+    try:
+        with torch.no_grad():
+            y_fq, y_int = layer(x), IntLinear(layer)(x)
+    finally:
+        linear_mod.CHUNK_ELEMENTS = old
+    assert (y_int - y_fq).abs().max() <= 1e-4 * y_fq.abs().max()

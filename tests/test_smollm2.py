@@ -95,8 +95,12 @@ def test_generate_from_a_saved_w4_artifact(model, tmp_path):
     calib = task_for("zoo:smollm2-135m").calibration(1, 0, 1)
     q = slimtorch.quantize(model, "w4-rtn-g64", calib, self_check=False)
     slimtorch.save(q, tmp_path / "lm")
-    text = run_generate(tmp_path / "lm", "The capital of France is", max_new_tokens=4)
+    text, info = run_generate(tmp_path / "lm", "The capital of France is", max_new_tokens=4)
     assert len(text.strip()) >= 2  # greedy text; it may end early (" Paris." then EOS)
+    assert info["packed_layers"] == 210 and info["fake_quant_layers"] == 0  # 30 × 7 on int4
+    slow, slow_info = run_generate(tmp_path / "lm", "The capital of France is",
+                                   max_new_tokens=4, fake_quant=True)
+    assert slow_info["packed_layers"] == 0 and slow.split()[:1] == text.split()[:1]
     with pytest.raises(SlimtorchError, match="at least 1"):
         run_generate(tmp_path / "lm", "x", max_new_tokens=0)
     r20 = slimtorch.quantize(load_model("zoo:resnet20"), "w8a8", torch.randn(8, 1, 28, 28),

@@ -5,6 +5,7 @@
     slimtorch.save(qmodel, "out/")
     qmodel = slimtorch.load("out/")
     report = slimtorch.export_onnx(qmodel, "model.onnx", example_inputs)
+    fast = slimtorch.lower(qmodel)  # in place: int8 / packed low-bit kernels in PyTorch
     print(slimtorch.inspect(qmodel, model, calib_batch).table())  # worst layers by SQNR
 
 The names below are imported on first use (PEP 562), so ``import slimtorch.errors`` or
@@ -17,7 +18,7 @@ import importlib
 from ._version import __version__
 
 _PUBLIC = {"quantize": "api", "save": "api", "load": "api", "export_onnx": "api", "inspect": "api",
-           "Recipe": "recipe", "resolve_recipe": "recipe", "SlimtorchError": "errors"}
+           "lower": "intops.lower", "Recipe": "recipe", "resolve_recipe": "recipe", "SlimtorchError": "errors"}
 __all__ = [*_PUBLIC, "__version__"]
 
 

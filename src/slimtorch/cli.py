@@ -113,8 +113,14 @@ def cmd_inspect(args) -> None:
 
 def cmd_generate(args) -> None:
     from .pipeline import run_generate
-    text = run_generate(args.dir, args.prompt, max_new_tokens=args.max_new_tokens)
+    text, info = run_generate(args.dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                              fake_quant=args.fake_quant)
     console.print(args.prompt + text, markup=False, highlight=False, soft_wrap=True)
+    runs_as = ("fake quant (float kernels)" if args.fake_quant else
+               f"{info['packed_layers']} packed low-bit, {info['int8_layers']} int8, "
+               f"{info['fake_quant_layers']} fake-quant layers")
+    console.print(f"[dim]{info['new_tokens']} tokens in {info['seconds']:.2f} s "
+                  f"({info['tokens_per_s']:.1f} tokens/s, prompt included); {runs_as}[/dim]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("dir")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--fake-quant", action="store_true", help="run the fake-quant model (float "
+                   "kernels) instead of the int8 / packed low-bit kernels")
     g.set_defaults(fn=cmd_generate)
 
     ins = sub.add_parser("inspect", help="per-layer SQNR of an artifact against its float "

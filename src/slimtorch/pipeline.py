@@ -137,9 +137,13 @@ def run_inspect(directory: str | Path, *, samples: int = 32, seed: int = 0,
     return check(qmodel, load_model(source), item, meta=cfg["meta"])
 
 
-def run_generate(directory: str | Path, prompt: str, *, max_new_tokens: int = 32) -> str:
-    """Greedy continuation of ``prompt`` by a saved causal-LM artifact (a zoo LLM)."""
+def run_generate(directory: str | Path, prompt: str, *, max_new_tokens: int = 32,
+                 fake_quant: bool = False) -> tuple[str, dict[str, Any]]:
+    """Greedy continuation of ``prompt`` by a saved causal-LM artifact (a zoo LLM), run on the
+    int8 / packed low-bit kernels (``intops.lower``) unless ``fake_quant``. Returns the text and
+    {new_tokens, seconds, tokens_per_s, int8_layers, packed_layers, fake_quant_layers}."""
     from .export.artifact import load
+    from .intops import lower, lowering_summary
     from .zoo.registry import get_entry
     cfg, source = _artifact_source(directory, "generate from Python: qmodel.generate(...)")
     scheme, _, name = source.partition(":")
@@ -150,8 +154,18 @@ def run_generate(directory: str | Path, prompt: str, *, max_new_tokens: int = 32
     if max_new_tokens < 1:
         raise SlimtorchError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     tok, qmodel = entry.tokenizer(), load(directory)
+    if not fake_quant:
+        qmodel = lower(qmodel)
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
+        t0 = time.perf_counter()
         out = qmodel.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                               use_cache=True, pad_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        seconds = time.perf_counter() - t0
+    n = out.shape[1] - ids.shape[1]
+    summary = lowering_summary(qmodel)
+    info = {"new_tokens": n, "seconds": round(seconds, 3),
+            "tokens_per_s": round(n / max(seconds, 1e-9), 2),
+            "int8_layers": len(summary["int8"]), "packed_layers": len(summary["packed"]),
+            "fake_quant_layers": len(summary["fake_quant"])}
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), info
