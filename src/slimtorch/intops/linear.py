@@ -84,6 +84,7 @@ class IntLinear(nn.Module):
         self.register_buffer("w_t", w.t().contiguous())  # [I, O]
         w_sum = w.to(torch.int32).sum(1)  # [O]
         self.register_buffer("offset", ((self.shift - self.x_zp) * w_sum).to(torch.int32))
+        self.has_offset = bool(self.offset.any())  # zero for symmetric int8 inputs
         w_scale = wq.scale.reshape(-1).double().expand(self.out_features)  # [O]
         self.register_buffer("mult", (self.x_scale * w_scale).float())  # s_x·s_w,o
         bias = layer.bias.detach().float() if layer.bias is not None else None
@@ -108,13 +109,16 @@ class IntLinear(nn.Module):
         """int8 codes (shifted by −128 when the grid is unsigned) of x: [..., I] -> [M, I]
         (``scale``: a dynamic input's own scale, [M, 1] or scalar)."""
         s = self.x_scale if scale is None else scale
-        q = torch.div(x.reshape(-1, self.in_features), s)  # as Quantizer: x / s
-        q.round_().add_(self.x_zp).clamp_(self.x_qmin, self.x_qmax)
-        return q.sub_(self.shift).to(torch.int8)
+        q = torch.div(x.reshape(-1, self.in_features), s).round_()  # as Quantizer: x / s
+        if self.x_zp:
+            q.add_(self.x_zp)
+        q.clamp_(self.x_qmin, self.x_qmax)
+        return (q.sub_(self.shift) if self.shift else q).to(torch.int8)
 
     def accumulate(self, x: Tensor, scale: Tensor | float | None = None) -> Tensor:
         """int32 Σ_i (q_x,i − z_x)·q_w,oi: [M, O]."""
-        return int8_matmul(self.quantize_input(x, scale), self.w_t).add_(self.offset)
+        acc = int8_matmul(self.quantize_input(x, scale), self.w_t)
+        return acc.add_(self.offset) if self.has_offset else acc
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, I]

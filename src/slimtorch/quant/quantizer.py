@@ -256,6 +256,10 @@ class Quantizer(nn.Module):
         """Scale and zero point of ``x`` from its own min/max (per token or per tensor),
         shaped to broadcast against ``x``; no gradient flows into them."""
         rows = self._rows(x.detach())
+        if self.spec.symmetric:  # qparams_from_range's absmax/q_max, one pass over x
+            s = torch.div(rows.abs().amax(dim=1), self.qmax).clamp_(min=1e-8)
+            s = self._shape_params(s, x).to(x.dtype)
+            return s, torch.zeros((), dtype=x.dtype)
         s, z = qparams_from_range(rows.amin(dim=1), rows.amax(dim=1), self.spec.bits,
                                   self.spec.symmetric)
         return self._shape_params(s, x).to(x.dtype), self._shape_params(z, x).to(x.dtype)
