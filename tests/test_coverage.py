@@ -19,6 +19,7 @@ runs torch with one intra-op thread (see ``_one_thread``).
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -38,6 +39,7 @@ from slimtorch.zoo.coverage import ARCHS
 from slimtorch.zoo.coverage_base import calib_and_eval, cosine, output_of
 
 pytestmark = pytest.mark.slow
+LOWERED_COS = 0.999  # slimtorch.lower (int8 Linear layers) against the fake-quant output
 
 
 
@@ -314,3 +316,7 @@ def test_w8a8_architecture(name, _one_thread):
     floor = BELOW_FLOOR[name][0] - BELOW_MARGIN if name in BELOW_FLOOR else COS_FLOOR
     print(f"{name}: cosine {cos:.4f}")
     assert cos >= floor, f"{name}: cosine {cos:.4f} < {floor:.4f}"
+    # the integer form computes what the fake-quant model does (summation order aside)
+    lowered = slimtorch.lower(copy.deepcopy(qmodel))
+    low = output_of(ARCHS[name], lowered, eval_item)
+    assert cosine(out, low) >= LOWERED_COS, f"{name}: lowered vs fake quant {cosine(out, low)}"

@@ -129,6 +129,13 @@ def test_a_tied_lm_head_is_a_quantized_layer_and_round_trips(tmp_path):
     back = slimtorch.load(tmp_path / "a", m)
     with torch.no_grad():
         assert torch.equal(q(**HELD).logits, back(**HELD).logits)
+    # embedding and head quantize the one matrix on the same per-row grid: its codes are
+    # written once (the second name an alias)
+    assert torch.equal(q.lm_head.weight_int, q.model.embed_tokens.weight_int)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert len({"lm_head.weight_int.packed", "model.embed_tokens.weight_int.packed"} & keys) == 1
     _, w4 = quantized("w4-rtn-g64", m)
     assert not hasattr(w4.lm_head, "weight_int")  # last_layer: weights null is the head
     assert hasattr(w4.model.layers[1].mlp.down_proj, "weight_int")

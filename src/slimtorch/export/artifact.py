@@ -65,12 +65,19 @@ def artifact_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     compact layout of ``compact``) and the config entries that describe them."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     packed: dict[str, dict] = {}
+    written: list[torch.Tensor] = []
     for fqn, m in quant_layers(model):
         if not m.frozen:
             continue
         wq = m.weight_quantizer
         state.pop(f"{fqn}.weight")
-        state[f"{fqn}.weight_int.packed"] = pack_bits(m.weight_int, wq.spec.bits, wq.qmin)
+        codes = pack_bits(m.weight_int, wq.spec.bits, wq.qmin)
+        # equal codes (a tied embedding and LM head on one grid) share one tensor, which
+        # ``compact`` then writes once
+        codes = next((c for c in written if c.shape == codes.shape and c.dtype == codes.dtype
+                      and torch.equal(c, codes)), codes)
+        written.append(codes)
+        state[f"{fqn}.weight_int.packed"] = codes
         packed[fqn] = {"bits": wq.spec.bits, "qmin": wq.qmin, "shape": list(m.weight_int.shape)}
     tensors, layout = compact(state)
     return tensors, {"packed": packed, "layout": layout}
