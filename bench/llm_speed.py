@@ -48,12 +48,13 @@ MODEL = "zoo:smollm2-135m"
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the Linear weights as the model runs them (packed codes + scales, or float)."""
+    """Bytes of the Linear weights as the kernels read them (packed codes + scales, or float;
+    a lowered layer also keeps the dequantised float ``weight`` for model code that reads it)."""
     total = 0
     for mod in model.modules():
         if isinstance(mod, (PackedLinear, IntLinear)):
             total += sum(b.numel() * b.element_size() for n, b in mod.named_buffers()
-                         if n not in ("bias", "offset", "in_scale"))
+                         if n not in ("bias", "offset", "in_scale", "weight"))
         elif isinstance(mod, nn.Linear):
             total += mod.weight.numel() * mod.weight.element_size()
     return total

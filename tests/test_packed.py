@@ -55,6 +55,8 @@ def test_packed_output_matches_fake_quant(name):
     with torch.no_grad():
         y_fq, y_pk = layer(x), PackedLinear(layer)(x)
     assert y_pk.shape == y_fq.shape and y_pk.dtype == torch.float32
+    # model code that reads .weight (T5 casts by wo.weight.dtype) sees the fake-quant weight
+    assert torch.equal(PackedLinear(layer).weight, layer.weight)
     # bf16 inputs/outputs: ~2⁻⁹ relative, far below the weight quantization error
     assert (y_pk - y_fq).abs().max() <= 0.02 * y_fq.abs().max()
 

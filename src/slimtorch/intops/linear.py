@@ -35,6 +35,13 @@ from .matmul import int8_matmul
 CHUNK_ELEMENTS = 1 << 19  # ~2 MB of float32 per chunk of output rows
 
 
+def keep_weight(new: nn.Module, layer: nn.Module) -> None:
+    """``new.weight``: the frozen layer's (dequantised) weight, not saved with the state — model
+    code outside the layer reads it (T5 casts its input to ``wo.weight.dtype``; other code may
+    use the values), and it must stay exactly what the fake-quant model holds."""
+    new.register_buffer("weight", layer.weight.detach(), persistent=False)
+
+
 def int8_eligible(layer: nn.Module) -> str | None:
     """None if ``layer`` can run as an IntLinear, else the reason it cannot."""
     if not isinstance(layer, QuantLinear):
@@ -89,6 +96,7 @@ class IntLinear(nn.Module):
         self.register_buffer("mult", (self.x_scale * w_scale).float())  # s_x·s_w,o
         bias = layer.bias.detach().float() if layer.bias is not None else None
         self.register_buffer("bias", bias)
+        keep_weight(self, layer)
         self.out = None
         if out_quantizer is not None:
             self._set_output_grid(out_quantizer, self.x_scale * w_scale, bias)

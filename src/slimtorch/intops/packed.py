@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..quant.granularity import PerChannel, PerGroup
 from ..quant.modules import QuantLinear
+from .linear import keep_weight
 
 INT4_GROUPS = (256, 128, 64, 32)
 
@@ -86,6 +87,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("in_scale", None if in_scale is None else in_scale.detach().clone())
         bias = layer.bias.detach().float() if layer.bias is not None else None
         self.register_buffer("bias", bias)
+        keep_weight(self, layer)
         q = layer.weight_int.to(torch.int32)  # [O, I]
         o, k = q.shape
         if self.bits <= 4:
