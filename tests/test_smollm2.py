@@ -101,6 +101,18 @@ def test_generate_from_a_saved_w4_artifact(model, tmp_path):
     slow, slow_info = run_generate(tmp_path / "lm", "The capital of France is",
                                    max_new_tokens=4, fake_quant=True)
     assert slow_info["packed_layers"] == 0 and slow.split()[:1] == text.split()[:1]
+    # `slimtorch bench speed DIR` on an LLM artifact: prefill/decode of fp32 vs the lowered form
+    from slimtorch.cli import main
+    from slimtorch.eval.decode_speed import measure_decode
+    r = measure_decode(tmp_path / "lm", threads=1, prompt_tokens=8, new_tokens=3, rounds=1,
+                       repeats=1)
+    assert r["lowered"]["packed"] == 210 and r["prompt_tokens"] == 8
+    assert all(r["speed"][k]["decode_tok_s"] > 0 for k in ("fp32", "lowered"))
+    assert r["linear_weight_bytes"]["lowered"] < 0.4 * r["linear_weight_bytes"]["fp32"]
+    with pytest.raises(SlimtorchError, match="longer than"):
+        measure_decode(tmp_path / "lm", prompt_tokens=10_000)
+    assert main(["bench", "speed", str(tmp_path / "lm"), "--threads", "1", "--prompt-tokens",
+                 "4", "--new-tokens", "2", "--repeats", "1"]) in (0, None)
     with pytest.raises(SlimtorchError, match="at least 1"):
         run_generate(tmp_path / "lm", "x", max_new_tokens=0)
     r20 = slimtorch.quantize(load_model("zoo:resnet20"), "w8a8", torch.randn(8, 1, 28, 28),

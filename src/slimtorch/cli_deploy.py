@@ -7,7 +7,9 @@ Speed protocol (DESIGN.md): fp32 PyTorch, fp32 and int8 in each runtime (``--run
 onnxruntime,openvino``; ``export.runtime``) on the same two ONNX files, int8 PyTorch
 (``intops.lower_to_int8``), at batch 1 and 64, 2 threads, median of repeated runs after warm-up
 (the engines take turns over three rounds: ``interleaved_ms``), on real inputs of the
-artifact's task (Fashion-MNIST test images, Austen sentences).
+artifact's task (Fashion-MNIST test images, Austen sentences). On an LLM artifact ``bench speed``
+measures prefill and decode tokens/s of fp32 against ``slimtorch.lower``'s form instead
+(``eval.decode_speed``).
 """
 from __future__ import annotations
 
@@ -251,11 +253,45 @@ def _counts(d: dict[str, int]) -> str:
 
 def cmd_bench_speed(args) -> None:
     from .eval.machine import machine_markdown
+    if _is_causal_lm(args.dir):
+        from .eval.decode_speed import measure_decode
+        result = measure_decode(args.dir, threads=args.threads, prompt_tokens=args.prompt_tokens,
+                                new_tokens=args.new_tokens, rounds=3,
+                                repeats=max(1, args.repeats // 5))
+        console.print(decode_table(result))
+        console.print(machine_markdown(), highlight=False)
+        return
     result = measure_speed(args.dir, batches=tuple(args.batches), threads=args.threads,
                            repeats=args.repeats, data_dir=args.data_dir,
                            weight_form=args.weight_form, runtimes=args.runtime)
     console.print(speed_table(result))
     console.print(machine_markdown(), highlight=False)
+
+
+def _is_causal_lm(directory) -> bool:
+    """Whether the artifact holds a zoo language model (decode speed instead of latency)."""
+    from .export.artifact import read_config
+    from .zoo.registry import get_entry
+    scheme, _, name = (read_config(directory).get("source") or "").partition(":")
+    entry = get_entry(name) if scheme == "zoo" else None
+    return entry is not None and entry.task == "causal_lm"
+
+
+def decode_table(result: dict) -> Table:
+    sp, wb = result["speed"], result["linear_weight_bytes"]
+    t = Table(title=f"{result['model']}: batch 1, {result['threads']} threads, prefill of "
+              f"{result['prompt_tokens']} tokens, greedy decode of {result['new_tokens']}")
+    for col in ("engine", "prefill tok/s", "decode tok/s", "Linear weights MB"):
+        t.add_column(col, justify="left" if col == "engine" else "right")
+    for name in ("fp32", "lowered"):
+        t.add_row(name, f"{sp[name]['prefill_tok_s']:.0f}", f"{sp[name]['decode_tok_s']:.1f}",
+                  f"{wb[name] / 1e6:.1f}")
+    t.add_row("lowered vs fp32", f"{sp['lowered']['prefill_tok_s'] / sp['fp32']['prefill_tok_s']:.2f}×",
+              f"{sp['lowered']['decode_tok_s'] / sp['fp32']['decode_tok_s']:.2f}×", "")
+    low = result["lowered"]
+    t.add_row("lowered layers", f"{low['packed']} packed low-bit, {low['int8']} int8, "
+              f"{low['fake_quant']} fake quant", "", "")
+    return t
 
 
 def speed_table(result: dict) -> Table:
@@ -319,6 +355,10 @@ def register(subparsers) -> None:
     sp.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--repeats", type=int, default=15)
+    sp.add_argument("--prompt-tokens", type=int, default=128, help="LLM artifacts: prompt "
+                    "length for prefill and decode")
+    sp.add_argument("--new-tokens", type=int, default=128, help="LLM artifacts: tokens to "
+                    "decode")
     sp.add_argument("--data-dir")
     _weight_form_arg(sp)
     _runtime_arg(sp, "time fp32 and int8 in")
