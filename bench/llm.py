@@ -37,7 +37,7 @@ from slimtorch.eval.tasks import task_for
 from slimtorch.pipeline import run_quantize
 from slimtorch.zoo.sources import load_model
 
-from report import add_saved_rows, saved_rows, write  # bench/ is on sys.path when a bench script runs
+from report import add_saved_rows, commit, row_commits, saved_rows, write  # bench/ is on sys.path when a bench script runs
 
 MODEL = "zoo:smollm2-135m"
 RECIPES = ["w4-rtn-g64", "w4-gptq-g64", "w4-awq", "w4-awq-gptq"]
@@ -85,6 +85,7 @@ def run_peer(name: str, fp_cache: dict) -> dict:
         fp_cache[MODEL] = task.outputs(model)
     fp = fp_cache[MODEL]
     row = {"recipe": name, "method": f"peer: {pkg} {version(pkg)} {what}", "peer": True,
+           "commit": commit(),
            "fp_ppl": task.score(fp)["ppl"], "calib_size": 0, "seed": "-"}
     try:
         t0 = time.perf_counter()
@@ -117,7 +118,7 @@ def main() -> None:
         for seed in args.seeds:
             m, _ = run_quantize(MODEL, recipe, calib_size=args.calib_size, seed=seed,
                                 fp_cache=fp_cache)
-            rows.append(m)
+            rows.append({**m, "commit": commit()})
             print(f"{recipe:22s} seed {seed}  ppl {m['q_ppl']:8.3f} ({m['q_ppl_delta_pct']:+.2f} %)"
                   f"  calib {m['calib_seconds']:7.1f}s", flush=True)
     rows += [run_peer(name, fp_cache) for name in args.peers]
@@ -171,7 +172,8 @@ def to_markdown(rows: list[dict]) -> str:
                          f"{m['q_ppl_delta_pct']:+.2f} | {m['q_nll_diff']:.4f} ± "
                          f"{m['q_nll_diff_se']:.4f} | {m['q_token_agreement']:.2f} | "
                          f"{m['calib_seconds']:.0f} |")
-    return "\n".join(lines)
+    note = row_commits(rows)
+    return "\n".join(lines + (["", note] if note else []))
 
 
 if __name__ == "__main__":

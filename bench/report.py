@@ -12,10 +12,26 @@ from slimtorch.eval.machine import machine_markdown
 from slimtorch.export.artifact import write_json_atomic, write_text_atomic
 
 
+def commit() -> str:
+    """The short commit of the checkout the bench runs from."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+
+
 def provenance() -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    return f"Command: `python {' '.join(sys.argv)}` at commit {commit}."
+    return f"Command: `python {' '.join(sys.argv)}` at commit {commit()}."
+
+
+def row_commits(rows: list[dict], key: str = "recipe") -> str:
+    """A line naming the commit each row was measured at, when rows come from several runs
+    (``--from-json``; rows record ``commit`` when they are measured)."""
+    by: dict[str, list[str]] = {}
+    for r in rows:
+        by.setdefault(r.get("commit", "not recorded"), []).append(str(r.get(key)))
+    if len(by) < 2:
+        return ""
+    return "Rows measured at: " + "; ".join(f"{c}: {', '.join(dict.fromkeys(names))}"
+                                            for c, names in by.items()) + "."
 
 
 def write(rows: list[dict], out: str, to_markdown: Callable[[list[dict]], str]) -> None:
