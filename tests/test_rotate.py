@@ -1,0 +1,146 @@
+"""Residual-stream rotation (QuaRot): Hadamard constructions (H·Hᵀ = n·I at SmolLM2's sizes),
+the fused rotation keeps the float function (MHA and GQA, tied lm_head), norm scales folded,
+flatter activations, save/load bit-exact, recipes, and clear errors where it is not exact."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import slimtorch
+from slimtorch.algorithms.hadamard import hadamard, hadamard_factors, paley, rotation
+from slimtorch.errors import RotationError
+from slimtorch.quant.prepare import META_ATTR
+from slimtorch.recipe import load_builtin
+
+from test_smoothquant import CALIB, HELD, input_absmax, out, recipe, smoothed, tiny_bert, \
+    tiny_llama
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 12, 20, 28, 36, 64, 192, 576, 1536])
+def test_hadamard_is_hadamard(n):
+    h = hadamard(n)
+    assert h is not None and set(h.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+
+
+def test_smollm2_sizes_factor_into_sylvester_and_paley():
+    assert hadamard_factors(576) == (16, 36) and hadamard_factors(1536) == (128, 12)
+    assert hadamard_factors(192) == (16, 12)
+    assert paley(12) is not None and paley(36) is not None  # Paley I (q=11), II (q=17)
+    q, info = rotation(576, seed=3)
+    assert info["kind"] == "randomized_hadamard" and info["factors"] == [16, 36]
+    assert torch.allclose(q @ q.T, torch.eye(576, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(q.abs(), torch.full_like(q, 576 ** -0.5))  # ±1/√n entries
+    q2, _ = rotation(576, seed=4)
+    assert not torch.equal(q, q2)  # the signs are the seed's
+
+
+def test_no_construction_falls_back_to_a_random_orthogonal_matrix():
+    assert hadamard(100) is None
+    q, info = rotation(100, seed=0)
+    assert info["kind"] == "random_orthogonal" and "100" in info["why"]
+    assert torch.allclose(q @ q.T, torch.eye(100, dtype=torch.float64), atol=1e-12)
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_rotation_keeps_the_float_function_and_folds_the_norms(kv_heads):
+    m = tiny_llama(kv_heads)
+    q, rec = smoothed(m, ["rotate"], acts=False)
+    assert rel(out(q, HELD), out(m, HELD)) < 1e-4
+    st = rec[0]["stats"]
+    assert st["float_output_rel_change"] < 1e-4
+    assert st["writers"] == [f"model.layers.{i}.{p}" for i in range(2)
+                             for p in ("self_attn.o_proj", "mlp.down_proj")]
+    assert st["embeddings"] == ["model.embed_tokens"]
+    readers = [g["layers"] for g in st["readers"]]
+    assert readers[-1] == ["lm_head"] and len(readers) == 5
+    for name, p in q.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+    # W_q ← W_q·diag(γ)·Q and E ← E·Q with one Q
+    qm = torch.linalg.lstsq(m.model.embed_tokens.weight.double(),
+                            q.model.embed_tokens.weight.double()).solution
+    assert torch.allclose(qm @ qm.T, torch.eye(64, dtype=torch.float64), atol=1e-4)
+    wq = m.model.layers[0].self_attn.q_proj.weight.double()
+    gamma = m.model.layers[0].input_layernorm.weight.double()
+    assert torch.allclose(q.model.layers[0].self_attn.q_proj.weight.double(),
+                          wq * gamma @ qm, atol=1e-4)
+
+
+def test_rotated_inputs_have_no_outlier_channels():
+    m = tiny_llama()
+    q, _ = smoothed(m, ["rotate"], acts=False)
+    for f in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"):
+        before, after = input_absmax(m, f, CALIB), input_absmax(q, f, CALIB)
+        assert after.max() / after.median() < 0.3 * (before.max() / before.median())
+
+
+def tied_llama():
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            tie_word_embeddings=True))
+    with torch.no_grad():
+        m.model.norm.weight.uniform_(0.5, 2.0)  # folding γ into lm_head breaks the tie
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    return m.eval()
+
+
+def test_tied_lm_head_is_untied_rotated_exactly_and_round_trips(tmp_path):
+    m = tied_llama()
+    q, _ = smoothed(m, ["rotate"], acts=False)
+    assert rel(out(q, HELD), out(m, HELD)) < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rq = slimtorch.quantize(m, load_builtin("w4a8-rotate-gptq"), CALIB[:1],
+                                self_check=False)
+    assert rq.lm_head.weight is not rq.model.embed_tokens.weight
+    assert getattr(rq, META_ATTR)["untied"] == ["lm_head.weight"]
+    assert m.lm_head.weight is m.model.embed_tokens.weight  # the input is untouched
+    slimtorch.save(rq, tmp_path / "a")
+    back = slimtorch.load(tmp_path / "a", m)
+    assert back.lm_head.weight is not back.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(rq(**HELD).logits, back(**HELD).logits)
+    for k, v in rq.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+
+
+def test_rotate_gptq_recipes_compose_and_beat_gptq_without_rotation():
+    m = tiny_llama()
+    ref = out(m, HELD)
+    errs = {}
+    for name, methods in (("plain", [{"name": "gptq", "act_order": True}]),
+                          ("rotated", None)):
+        r = load_builtin("w4a8-rotate-gptq")
+        if methods is not None:
+            r = type(r).model_validate({**r.to_dict(), "methods": methods})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qm = slimtorch.quantize(m, r, CALIB[:1], self_check=False)
+        with torch.no_grad():
+            errs[name] = float((qm(**HELD).logits - ref).pow(2).mean())
+        names = [x["name"] for x in getattr(qm, META_ATTR)["methods"]]
+        assert names == (["gptq"] if methods else ["rotate", "gptq"])
+    assert errs["rotated"] < errs["plain"]
+    assert load_builtin("w4-rotate-gptq-g64").activations is None
+
+
+def test_layernorm_model_is_refused_with_the_reason():
+    with pytest.raises(RotationError, match="subtracts the mean"):
+        smoothed(tiny_bert(), ["rotate"], acts=False)
+
+
+def test_rotate_after_an_explicit_input_scale_is_refused():
+    m = tiny_llama(kv_heads=2)  # GQA: o_proj gets an explicit input scale from smoothquant
+    with pytest.raises(RotationError, match="rotate. first"):
+        smoothed(m, [{"name": "smoothquant", "targets": "all"}, "rotate"])
