@@ -144,3 +144,75 @@ def test_rotate_after_an_explicit_input_scale_is_refused():
     m = tiny_llama(kv_heads=2)  # GQA: o_proj gets an explicit input scale from smoothquant
     with pytest.raises(RotationError, match="rotate. first"):
         smoothed(m, [{"name": "smoothquant", "targets": "all"}, "rotate"])
+
+
+def test_kron_rotate_is_multiplication_by_the_kronecker_product():
+    from slimtorch.algorithms.hadamard import kron_factors
+    from slimtorch.quant.modules import kron_rotate
+    for n in (192, 1536, 64):
+        a, b = kron_factors(n)
+        assert torch.allclose(torch.kron(a, b), hadamard(n) / n ** 0.5)
+        x = torch.randn(3, 5, n, dtype=torch.float64)
+        assert torch.allclose(kron_rotate(x, a, b), x @ torch.kron(a, b), atol=1e-12)
+
+
+def online_model(m, rec_recipe=None, calib=CALIB[:1]):
+    r = rec_recipe or recipe([{"name": "rotate", "online": True}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return slimtorch.quantize(m, r, calib, self_check=False)
+
+
+def test_online_hadamard_before_down_proj_is_exact_and_round_trips(tmp_path):
+    m = tiny_llama(kv_heads=2)
+    q, rec = smoothed(m, [{"name": "rotate", "online": True}])
+    assert rel(out(q, HELD), out(m, HELD)) < 1e-4
+    online = rec[0]["stats"]["online"]["layers"]
+    assert online == {f"model.layers.{i}.mlp.down_proj": [16, 12] for i in range(2)}
+    down = q.model.layers[0].mlp.down_proj
+    assert down.input_rotation is not None and q.model.layers[0].self_attn.o_proj.input_rot_a \
+        is None
+    # the layer's input quantizer sees x·H: no outlier channel left at the 8-bit grid
+    qm = online_model(m)
+    slimtorch.save(qm, tmp_path / "a")
+    back = slimtorch.load(tmp_path / "a", m)
+    with torch.no_grad():
+        assert torch.equal(qm(**HELD).logits, back(**HELD).logits)
+    assert torch.equal(back.model.layers[1].mlp.down_proj.input_rot_b,
+                       qm.model.layers[1].mlp.down_proj.input_rot_b)
+
+
+def test_integer_kernels_apply_the_input_rotation():
+    from slimtorch.intops.linear import IntLinear
+    from slimtorch.intops.packed import PackedLinear
+    m = tiny_llama(kv_heads=2, layers=1)
+    qm = online_model(m, recipe([{"name": "rotate", "online": True}], acts=False)
+                      .model_copy(update={"activations": None}))
+    down = qm.model.layers[0].mlp.down_proj
+    x = torch.randn(4, 192)
+    with torch.no_grad():
+        ref = down(x)
+        assert torch.allclose(PackedLinear(down)(x), ref, rtol=0.05, atol=0.05 * ref.abs().max())
+    w8a8 = online_model(m, load_builtin("w8a8-dynamic").model_copy(
+        update={"methods": recipe([{"name": "rotate", "online": True}]).methods}))
+    down = w8a8.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        ref = down(x)
+        assert torch.allclose(IntLinear(down)(x), ref, atol=1e-4 * ref.abs().max())
+
+
+def test_input_rotation_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from slimtorch.algorithms.hadamard import kron_factors
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 192), torch.nn.ReLU(),
+                              torch.nn.Linear(192, 10)).eval()
+    x = torch.randn(64, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = slimtorch.quantize(net, recipe(["rtn"]), x, self_check=False)
+    before = qm(x)
+    qm[2].set_input_rotation(*kron_factors(192))
+    assert not torch.allclose(qm(x), before)  # the rotation is live
+    r = slimtorch.export_onnx(qm, tmp_path / "m.onnx", x)
+    assert r.ort_error is None and r.agreement["max_rel_diff"] < 1e-2

@@ -115,3 +115,19 @@ def rotation(n: int, seed: int) -> tuple[Tensor, dict]:
     a, m = hadamard_factors(n)
     return d[:, None] * h / math.sqrt(n), {"kind": "randomized_hadamard", "size": n,
                                            "factors": [a, m]}
+
+
+def kron_factors(n: int) -> tuple[Tensor, Tensor] | None:
+    """Orthogonal (A, B) with A ⊗ B = H_n/√n (float64): the Sylvester and Paley factors of
+    ``hadamard(n)``, a power of two split into two Sylvester halves; None without a Hadamard."""
+    f = hadamard_factors(n)
+    if f is None:
+        return None
+    a, m = f
+    if m == 1:
+        m = 1 << (a.bit_length() - 1) // 2
+        a //= m
+        b = sylvester(m)
+    else:
+        b = paley(m)
+    return sylvester(a) / math.sqrt(a), b / math.sqrt(m)

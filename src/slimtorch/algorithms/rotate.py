@@ -26,6 +26,13 @@ an explicit input scale from a method run earlier (put ``rotate`` first). As a l
 float output on one calibration sample must stay within 1e-3 relative, else ``RotationError``.
 Afterwards the pipeline's ``calibrate`` re-fits every weight and activation range.
 
+``online: true`` adds QuaRot's online Hadamard on the MLP's hidden activations: every residual
+writer that does not read an attention output (down_proj) gets x ← x·H at run time as its
+input rotation (``QuantLayerMixin.set_input_rotation``: Kronecker factors A ⊗ B = H/√n, e.g.
+1536 = 128·12, applied on x reshaped [..., 128, 12]) and W ← W·H offline. Unlike the paper's
+CUDA kernel this is plain matmuls; the per-head Hadamard on V/O is not done. Layers with an
+input rotation are left out of channel scaling (SmoothQuant/AWQ would scale rotated columns).
+
 Follows the paper and its public code (spcl/QuaRot ``rotation_utils.py``: fuse the norms, then
 rotate embeddings, attention inputs/outputs, MLP inputs/outputs and the head) for the offline
 part; the public code draws Q once per model, as here (``seed``: the recipe's seed unless set).
@@ -43,10 +50,11 @@ from torch import Tensor, nn
 from ..errors import RotationError
 from ..graph.rewrite import tied_parameters, untie_parameters
 from ..methods import MethodConfig, MethodContext, register_method
-from ..quant.prepare import META_ATTR, calibrate, quant_layers
+from ..quant.modules import QuantLayerMixin
+from ..quant.prepare import META_ATTR, calibrate
 from .channel_scales import (NORM_KINDS, ScaleGroup, _back, _safe, float_output,
                              relative_change, scale_groups)
-from .hadamard import rotation
+from .hadamard import kron_factors, rotation
 from .vit_sites import recapture
 
 MAX_REL_CHANGE = 1e-3
@@ -57,6 +65,8 @@ CENTERING = {"sub", "__sub__", "__rsub__", "sub_", "var", "std", "var_mean", "st
 class RotateConfig(MethodConfig):
     seed: int | None = Field(None, description="seed of the random signs of Q (None: the "
                              "recipe's seed)")
+    online: bool = Field(False, description="also an online Hadamard at the input of every "
+                         "residual writer that does not read attention (the MLP's down_proj)")
 
 
 @dataclass
@@ -202,6 +212,53 @@ def rotate_residual(model: nn.Module, res: Residual, q: Tensor) -> None:
         _set(w, w.double() @ q)
 
 
+# ------------------------------------------------------------------ online Hadamard
+def _reads_attention(graph, idx: int, layer_at: dict[int, str]) -> bool:
+    """Whether node ``idx`` is computed from an attention (SDPA or softmax) with no layer in
+    between."""
+    seen, todo = {idx}, [idx]
+    while todo:
+        i = todo.pop()
+        n = graph.nodes[i]
+        if n.kind in ("sdpa", "softmax"):
+            return True
+        if i in layer_at and i != idx:
+            continue
+        for j in n.inputs:
+            if j not in seen:
+                seen.add(j)
+                todo.append(j)
+    return False
+
+
+@torch.no_grad()
+def online_hadamard(model: nn.Module, batches: list, writers: list[str]) -> dict[str, Any]:
+    """x ← x·H at run time (the layer's input rotation A ⊗ B = H/√n), W ← W·H offline, on each
+    writer that reads no attention (QuaRot's online Hadamard before down_proj): exact, since
+    (x·H)(W·H)ᵀ = x·Wᵀ. Returns {fqn: [a, b]} and {fqn: why not}."""
+    graph = recapture(model, batches[0])
+    layer_at = {l["node"]: l["fqn"] for l in graph.layers}
+    node_of = {f: n for n, f in layer_at.items()}
+    meta_layers = getattr(model, META_ATTR)["plan"]["layers"]
+    done, skipped = {}, {}
+    for f in writers:
+        if _reads_attention(graph, graph.nodes[node_of[f]].inputs[0], layer_at):
+            continue
+        m = model.get_submodule(f)
+        factors = kron_factors(m.in_features)
+        if not isinstance(m, QuantLayerMixin) or f not in meta_layers:
+            skipped[f] = "not quantized: an online rotation only pays before a quantizer"
+        elif factors is None:
+            skipped[f] = f"no Hadamard construction for {m.in_features} input features"
+        else:
+            a, b = factors
+            _set(m.weight, m.weight.double() @ torch.kron(a, b))           # [out, n]·H
+            m.set_input_rotation(a, b)
+            meta_layers[f]["input_rotation"] = [a.shape[0], b.shape[0]]
+            done[f] = [a.shape[0], b.shape[0]]
+    return {"layers": done, "skipped": skipped}
+
+
 def _check_no_input_scale(model: nn.Module, res: Residual) -> None:
     layers = [f for g in res.readers for f in g.layers] + res.writers + res.raw_readers
     scaled = [f for f in layers if getattr(model.get_submodule(f), "input_scale", None)
@@ -225,6 +282,7 @@ def apply(model, cfg: RotateConfig, ctx: MethodContext) -> dict[str, Any]:
     q, info = rotation(res.dim, seed)
     before = float_output(model, ctx.batches[0])
     rotate_residual(model, res, q)
+    online = online_hadamard(model, ctx.batches, res.writers) if cfg.online else None
     change = relative_change(before, float_output(model, ctx.batches[0]))
     if not change <= MAX_REL_CHANGE:
         raise RotationError(f"the rotated model's float output changed by {change:.2e} "
@@ -232,4 +290,5 @@ def apply(model, cfg: RotateConfig, ctx: MethodContext) -> dict[str, Any]:
                             "rotation does not cover; remove `rotate` for this model")
     calibrate(model, ctx.batches, progress=ctx.progress)  # ranges of the rotated weights/inputs
     return {"rotation": info, "seed": seed, **res.record(), "untied": untied,
+            **({"online": online} if online is not None else {}),
             "float_output_rel_change": change, "seconds": round(time.perf_counter() - t0, 2)}
