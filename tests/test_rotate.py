@@ -1,7 +1,6 @@
 """Residual-stream rotation (QuaRot): Hadamard constructions (H·Hᵀ = n·I at SmolLM2's sizes),
 the fused rotation keeps the float function (MHA and GQA, tied lm_head), norm scales folded,
 flatter activations, save/load bit-exact, recipes, and clear errors where it is not exact."""
-import copy
 import warnings
 
 import pytest

@@ -48,6 +48,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..errors import RotationError
+from ..graph.capture import users_of
 from ..graph.rewrite import tied_parameters, untie_parameters
 from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.modules import QuantLayerMixin
@@ -87,10 +88,7 @@ class Residual:
 # ------------------------------------------------------------------ finding the stream
 def _stream(graph, start: int, layer_at: dict[int, str]) -> tuple[set[int], list[str]]:
     """Stream nodes from the embedding output ``start`` and the layers adding into it."""
-    nodes, users = graph.nodes, {}
-    for n in nodes:
-        for i in dict.fromkeys(n.inputs):
-            users.setdefault(i, []).append(n.idx)
+    nodes, users = graph.nodes, users_of(graph.nodes)
     stream, writers, todo = {start}, [], [start]
     while todo:
         s = todo.pop()
