@@ -1,6 +1,7 @@
 """Residual-stream rotation (QuaRot): Hadamard constructions (H·Hᵀ = n·I at SmolLM2's sizes),
 the fused rotation keeps the float function (MHA and GQA, tied lm_head), norm scales folded,
 flatter activations, save/load bit-exact, recipes, and clear errors where it is not exact."""
+import copy
 import warnings
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 import slimtorch
 from slimtorch.algorithms.hadamard import hadamard, hadamard_factors, paley, rotation
 from slimtorch.errors import RotationError
-from slimtorch.quant.prepare import META_ATTR
+from slimtorch.api import run_methods
+from slimtorch.quant.prepare import META_ATTR, calibrate, prepare, quantizers_off
 from slimtorch.recipe import load_builtin
 
 from test_smoothquant import CALIB, HELD, input_absmax, out, recipe, smoothed, tiny_bert, \
@@ -215,3 +217,41 @@ def test_input_rotation_exports_to_onnx(tmp_path):
     assert not torch.allclose(qm(x), before)  # the rotation is live
     r = slimtorch.export_onnx(qm, tmp_path / "m.onnx", x)
     assert r.ort_error is None and r.agreement["max_rel_diff"] < 1e-2
+
+
+class NormDecoder(torch.nn.Module):
+    """Not a transformers model: torch RMSNorm (F.rms_norm), biased Linears, GELU MLP."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.emb = nn.Embedding(50, 48)
+        self.norm1, self.norm2 = nn.RMSNorm(48), nn.RMSNorm(48)
+        self.fc1, self.fc2 = nn.Linear(48, 96), nn.Linear(96, 48)
+        self.fc3, self.fc4 = nn.Linear(48, 96), nn.Linear(96, 48)
+        self.head = nn.Linear(48, 50)
+        with torch.no_grad():
+            for n in (self.norm1, self.norm2):
+                n.weight.uniform_(0.2, 3.0)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm1(x))))
+        x = x + self.fc4(torch.relu(self.fc3(self.norm2(x))))
+        return self.head(x)  # a raw reader of the stream (no final norm)
+
+
+def test_structure_comes_from_the_graph_not_from_hf_classes():
+    torch.manual_seed(0)
+    m = NormDecoder().eval()
+    ids = [torch.randint(0, 50, (4, 12)) for _ in range(2)]
+    q = copy.deepcopy(m)
+    r = recipe(["rotate"], acts=False)
+    prepare(q, r, ids[0])
+    calibrate(q, ids)
+    st = run_methods(q, r, ids)[0]["stats"]
+    assert st["rotation"]["factors"] == [4, 12]  # 48 = 4·12: Sylvester ⊗ Paley I
+    assert st["writers"] == ["fc2", "fc4"] and st["raw_readers"] == ["head"]
+    assert [g["layers"] for g in st["readers"]] == [["fc1"], ["fc3"]]
+    with torch.no_grad(), quantizers_off(q):
+        assert rel(q(ids[1]), m(ids[1])) < 1e-4
