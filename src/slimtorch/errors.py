@@ -38,3 +38,8 @@ class SharedLayerError(SlimtorchError):
 
 class CalibrationWarning(UserWarning):
     """Calibration data was enough to run, but too little for part of a method (named)."""
+
+
+class RotationError(SlimtorchError):
+    """A model's structure does not let an orthogonal rotation be fused into its weights
+    exactly (a LayerNorm's mean subtraction, a norm bias, a residual add of no layer's output)."""

@@ -137,7 +137,9 @@ def scale_groups(model: nn.Module, batches: list, layers: set[str]) -> list[Scal
     tied = _tied_params(model)
     by_x: dict[int, list[tuple[int, str]]] = {}
     for node, fqn in linear_at.items():
-        if fqn in layers and id(model.get_submodule(fqn).weight) not in tied:
+        mod = model.get_submodule(fqn)
+        if (fqn in layers and id(mod.weight) not in tied
+                and getattr(mod, "input_rot_a", None) is None):  # its columns are rotated
             by_x.setdefault(_back(graph, graph.nodes[node].inputs[0]), []).append((node, fqn))
     groups = []
     for x, members in sorted(by_x.items(), key=lambda kv: kv[1][0][0]):
@@ -273,7 +275,8 @@ def run_groups(model: nn.Module, steps: list[list[ScaleGroup]], make: Callable, 
 def left_out(model: nn.Module, groups: list[ScaleGroup], layers: set[str]) -> dict[str, str]:
     """The quantized layers no group holds, with the reason."""
     held = {f for g in groups for f in g.layers}
-    return {f: "not in a scale group (not a Linear, a tied weight, or outside the targets)"
+    return {f: "not in a scale group (not a Linear, a tied weight, an input "
+                "rotation, or outside the targets)"
             for f in sorted(layers - held)}
 
 

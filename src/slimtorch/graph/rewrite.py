@@ -170,3 +170,30 @@ def decompose_attention(model: nn.Module) -> list[str]:
             except ValueError:
                 continue
     return done
+
+
+def tied_parameters(model: nn.Module) -> list[str]:
+    """Names of every parameter that is the same tensor as an earlier-named one (a tied
+    lm_head / embedding), in ``named_parameters`` order, the first holder left out."""
+    seen: set[int] = set()
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            out.append(name)
+        seen.add(id(p))
+    return out
+
+
+@torch.no_grad()
+def untie_parameters(model: nn.Module, names: list[str]) -> None:
+    """Give each named parameter its own copy (same values): a method may then change one
+    holder of a tied weight without the other. ``load`` replays it from the metadata
+    (``meta["untied"]``) before the saved tensors go in."""
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        p = owner._parameters[attr]
+        owner._parameters[attr] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    config = getattr(model, "config", None)  # an HF model would tie them again in tie_weights
+    if names and hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = False

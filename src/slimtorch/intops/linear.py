@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant.granularity import PerChannel, PerTensor
-from ..quant.modules import QuantLinear
+from ..quant.modules import QuantLinear, copy_input_transform, kernel_input
 from ..quant.quantizer import Quantizer
 from .dyadic import dyadic, requantize
 from .matmul import int8_matmul
@@ -78,8 +78,7 @@ class IntLinear(nn.Module):
             raise ValueError(f"cannot lower this layer to int8: {reason}")
         xq, wq = layer.input_quantizer, layer.weight_quantizer
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        in_scale = layer.input_scale
-        self.register_buffer("in_scale", None if in_scale is None else in_scale.detach().clone())
+        copy_input_transform(self, layer)  # explicit x/s and x·(A ⊗ B), if any
         self.dynamic = xq if xq.spec.dynamic else None  # computes each input's own scale
         if self.dynamic is not None and out_quantizer is not None:
             raise ValueError("a dynamic input has no fixed scale to requantise the output by")
@@ -130,8 +129,7 @@ class IntLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, I]
-        if self.in_scale is not None:
-            x2 = x2 / self.in_scale
+        x2 = kernel_input(self, x2)
         # a dynamic per-tensor range is over the whole input, not one chunk of it
         whole = (self.dynamic.dynamic_params(x2)[0] if self.dynamic is not None
                  and isinstance(self.dynamic.spec.gran, PerTensor) else None)

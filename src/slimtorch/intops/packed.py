@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant.granularity import PerChannel, PerGroup
-from ..quant.modules import QuantLinear
+from ..quant.modules import QuantLinear, copy_input_transform, kernel_input
 from .linear import keep_weight
 
 INT4_GROUPS = (256, 128, 64, 32)
@@ -83,8 +83,7 @@ class PackedLinear(nn.Module):
         wq = layer.weight_quantizer
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.bits = wq.spec.bits
-        in_scale = layer.input_scale
-        self.register_buffer("in_scale", None if in_scale is None else in_scale.detach().clone())
+        copy_input_transform(self, layer)  # explicit x/s and x·(A ⊗ B), if any
         bias = layer.bias.detach().float() if layer.bias is not None else None
         self.register_buffer("bias", bias)
         keep_weight(self, layer)
@@ -111,8 +110,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.in_scale is not None:
-            x2 = x2 / self.in_scale
+        x2 = kernel_input(self, x2)
         xb = x2.to(torch.bfloat16)
         if self.bits <= 4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.w_packed, self.group,

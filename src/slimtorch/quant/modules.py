@@ -9,9 +9,14 @@ forward, X's forward runs on the quantized input with the quantized weight in pl
 input (that is where an int8 kernel reads them), weights per the recipe. ``freeze()`` stores the
 integer weight codes (``weight_int``) and replaces ``weight`` by their exact dequantisation, so
 a frozen layer costs the same as a float one in fake-quant evaluation and reloads bit-exactly.
-A Linear twin may carry an explicit per-channel input scale (``input_scale`` s, set by the
-channel-scaling methods SmoothQuant/AWQ where no earlier op can absorb 1/s): the layer reads
-x/s (last dim) before its input quantizer; the plan records it (``"input_scale": true``).
+A Linear twin may carry an explicit *input transform* applied before its input quantizer
+(``transform_input``, shared by the fake-quant layer, the integer kernels and, through tracing,
+the ONNX export): a per-channel scale (``input_scale`` s, set by the channel-scaling methods
+SmoothQuant/AWQ where no earlier op can absorb 1/s): x ← x/s; then an orthogonal rotation
+with Kronecker structure R = A ⊗ B (``input_rot_a`` [a, a], ``input_rot_b`` [b, b], set by
+``rotate``'s online Hadamard): x ← x·R, computed as Aᵀ·X·B on x reshaped [..., a, b] (two small
+matmuls instead of one [a·b]² one). The plan records both (``"input_scale": true``,
+``"input_rotation": [a, b]``) so ``attach`` makes placeholders that ``load`` fills.
 """
 from __future__ import annotations
 
@@ -83,6 +88,37 @@ def substituted(module: nn.Module, name: str, value: Tensor):
         module._parameters[name] = saved
 
 
+def kron_rotate(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """x·(A ⊗ B) over the last dim: entry i·b + j of x is X[i, j], and (A ⊗ B) maps X to Aᵀ·X·B."""
+    xs = x.reshape(*x.shape[:-1], a.shape[0], b.shape[0])             # [..., a, b]
+    return torch.matmul(a.t(), torch.matmul(xs, b)).reshape(x.shape)  # [..., a·b]
+
+
+def transform_input(x: Tensor, scale: Tensor | None,
+                    rotation: tuple[Tensor, Tensor] | None) -> Tensor:
+    """A layer's explicit input transform (module docstring): x/s, then x·(A ⊗ B)."""
+    if scale is not None:
+        x = x / scale
+    if rotation is not None:
+        x = kron_rotate(x, *rotation)
+    return x
+
+
+def copy_input_transform(kernel: nn.Module, layer: "QuantLayerMixin") -> None:
+    """Give an execution module (``intops``) the layer's input transform as buffers
+    ``in_scale``, ``in_rot_a``, ``in_rot_b``; it applies them with ``kernel_input``."""
+    for src, dst in (("input_scale", "in_scale"), ("input_rot_a", "in_rot_a"),
+                     ("input_rot_b", "in_rot_b")):
+        t = getattr(layer, src)
+        kernel.register_buffer(dst, None if t is None else t.detach().clone())
+
+
+def kernel_input(kernel: nn.Module, x: Tensor) -> Tensor:
+    """``transform_input`` with the buffers ``copy_input_transform`` gave ``kernel``."""
+    rot = None if kernel.in_rot_a is None else (kernel.in_rot_a, kernel.in_rot_b)
+    return transform_input(x, kernel.in_scale, rot)
+
+
 # attributes every nn.Module has (state dicts, hooks): a twin gets fresh ones of its own
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
 
@@ -100,10 +136,27 @@ class QuantLayerMixin:
                                 if a_spec else None)
         self.frozen = False
         self.register_buffer("input_scale", None)  # explicit per-channel input scale, or None
+        self.register_buffer("input_rot_a", None)  # Kronecker factors of an input rotation
+        self.register_buffer("input_rot_b", None)
 
     def set_input_scale(self, s: Tensor) -> None:
         """Divide the input's channels (last dim) by ``s`` before quantizing it."""
         self.input_scale = s.detach().reshape(-1).clone()  # [in_features]
+
+    def set_input_rotation(self, a: Tensor, b: Tensor) -> None:
+        """Multiply the input (after any input scale) by the orthogonal A ⊗ B (Linear only:
+        the last dim of a conv input is not its channel dim)."""
+        if not isinstance(self, nn.Linear):
+            raise TypeError(f"an input rotation needs a Linear layer, not {type(self).__name__}")
+        if a.shape[0] * b.shape[0] != self.weight.shape[1]:
+            raise ValueError(f"rotation factors {a.shape[0]}·{b.shape[0]} do not make the "
+                             f"{self.weight.shape[1]} input features")
+        self.input_rot_a = a.detach().to(self.weight.dtype).clone()  # [a, a]
+        self.input_rot_b = b.detach().to(self.weight.dtype).clone()  # [b, b]
+
+    @property
+    def input_rotation(self) -> tuple[Tensor, Tensor] | None:
+        return None if self.input_rot_a is None else (self.input_rot_a, self.input_rot_b)
 
     def calibrate_weight(self) -> None:
         if self.weight_quantizer is not None:
@@ -115,8 +168,7 @@ class QuantLayerMixin:
         return self.weight_quantizer(self.weight)
 
     def quantized_input(self, x: Tensor) -> Tensor:
-        if self.input_scale is not None:
-            x = x / self.input_scale
+        x = transform_input(x, self.input_scale, self.input_rotation)
         return self.input_quantizer(x) if self.input_quantizer is not None else x
 
     @torch.no_grad()

@@ -178,6 +178,9 @@ def attach(model: nn.Module, plan: dict[str, Any], *, seed: int = 0,
                                 seed=seed * 1_000_003 + 10 * i, max_samples=max_samples)
         if specs.get("input_scale"):  # a channel-scaling method's explicit x/s (load fills it)
             qmod.set_input_scale(torch.ones(mod.weight.shape[1]))
+        if specs.get("input_rotation"):  # rotate's online Hadamard [a, b] (load fills it)
+            a, b = specs["input_rotation"]
+            qmod.set_input_rotation(torch.eye(a), torch.eye(b))
         set_submodule(model, fqn, qmod)
     sites = FunctionalSites()
     for j, (key, site) in enumerate(plan["functional"].items()):
