@@ -67,8 +67,11 @@ def main() -> None:
             m, _ = run_quantize(MODEL, recipe, calib_size=args.calib_size,
                                 out=Path(tmp) / Path(recipe).stem, eval_size=1)
             quantized[m["recipe"]] = load(Path(tmp) / Path(recipe).stem)
+    made: dict[str, dict] = {}
     for d in args.artifacts:
-        quantized[json.loads((Path(d) / "metrics.json").read_text())["recipe"]] = load(d)
+        m = json.loads((Path(d) / "metrics.json").read_text())
+        quantized[m["recipe"]] = load(d)
+        made[m["recipe"]] = {"calib_size": m["calib_size"], "seed": m["seed"]}
     engines: dict[str, nn.Module] = {"fp32": fp}
     rows: dict[str, dict] = {"fp32": {"engine": "fp32", "form": "float32 PyTorch",
                                       "weight_mb": linear_weight_bytes(fp) / 1e6}}
@@ -86,7 +89,7 @@ def main() -> None:
         if args.eval_size:
             row["ppl_fake_quant"] = task.score(task.outputs(q))["ppl"]
             row["ppl"] = task.score(task.outputs(low))["ppl"]
-        rows[name] = row
+        rows[name] = {**row, **made.get(name, {"calib_size": args.calib_size, "seed": 0})}
         print(f"{name}: {row['form']}, ppl fake-quant {row.get('ppl_fake_quant')} lowered "
               f"{row.get('ppl')}", flush=True)
     prompt = task.inputs(1)[0]["input_ids"][:, :args.prompt_tokens]  # the first eval window
@@ -119,6 +122,11 @@ def to_markdown(rows: list[dict]) -> str:
                      f"| {r['engine']} | {r['form']} | {r['weight_mb']:.1f} | "
                      f"{r['prefill_tok_s']:.0f} | {r['prefill_x']:.2f} | {r['decode_tok_s']:.1f} "
                      f"| {r['decode_x']:.2f} | | |")
+    made = sorted({(r["calib_size"], r["seed"]) for r in rows if "calib_size" in r})
+    if made:
+        lines += ["", "Quantized with `slimtorch quantize --model zoo:smollm2-135m --recipe NAME` "
+                  "(the `-head4` / `-head-float` variants from bench/recipes/), calibration "
+                  + ", ".join(f"{c} segments seed {s}" for c, s in made) + "."]
     still = {f["layer"] for r in rows for f in r.get("fake_quant", [])}
     if still:
         lines += ["", "Layers left in fake quant (float kernels): " + ", ".join(sorted(still))]
