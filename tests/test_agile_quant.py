@@ -121,3 +121,151 @@ def test_bad_settings_name_the_key():
     with pytest.raises(RecipeError, match="softmax_bits"):
         resolve_recipe({"name": "t", "weights": {"bits": 4},
                         "methods": [{"name": "agile_quant", "softmax_bits": 1}]})
+
+
+# ------------------------------------------------------------------ token pruning
+from slimtorch.algorithms import agile_prune  # noqa: E402
+from slimtorch.algorithms.agile_prune import (install_pruning, keep_counts, layer_ratio,  # noqa: E402
+                                              pruner_of, pruning_plan, remove_pruning)
+
+
+def pruned_recipe(beta, start="mid"):
+    r = load_builtin("w4a8-agile-quant").to_dict()
+    r["methods"][0].update(prune_ratio=beta, prune_from=start)
+    return resolve_recipe(r)
+
+
+def fake_scores(monkeypatch, score_of_position):
+    """Make the pruning score of query i equal score_of_position(i) (probs[..., i, 0])."""
+    def probs(q, k, *args):
+        t = q.shape[-2]
+        p = torch.zeros(*q.shape[:-1], k.shape[-2])
+        p[..., 0] = torch.tensor([float(score_of_position(i)) for i in range(t)])
+        return p
+    monkeypatch.setattr(agile_prune, "sdpa_probs", probs)
+
+
+def test_layer_ratio_and_counts_reach_beta():
+    for beta, m in ((0.5, 2), (0.2, 15), (0.9, 3)):
+        g = layer_ratio(beta, m)
+        assert abs((1 - g) ** m - (1 - beta)) < 1e-12
+    assert abs(layer_ratio(0.5, 2) - (1 - 0.5 ** 0.5)) < 1e-12
+    assert keep_counts(32, 0.5, 2) == [23, 16]           # 32·√0.5 = 22.6, 32·0.5
+    assert keep_counts(512, 0.1, 15)[-1] == round(512 * 0.9)
+    assert keep_counts(512, 0.0, 15) == [512] * 15
+    assert keep_counts(8, 0.99, 3) == [2, 1, 1]          # at least one token (the start)
+
+
+def test_scores_are_attention_to_the_start_token_by_hand():
+    m = tiny_llama(layers=4)
+    q = quantized(m, pruned_recipe(0.25))
+    plan = getattr(q, META_ATTR)["token_pruning"]
+    assert plan["prune_from"] == 2 and plan["blocks"] == [f"model.layers.{i}" for i in range(4)]
+    fm = tiny_llama(layers=4)  # float, scored by the same hooks
+    from slimtorch.quant.prepare import META_ATTR as MA
+    setattr(fm, MA, {"graph": getattr(q, MA)["graph"]})
+    p = install_pruning(fm, plan)
+    with torch.no_grad():
+        fm(**HELD)
+    eager = tiny_llama(layers=4)
+    eager.config._attn_implementation = "eager"
+    with torch.no_grad():
+        att = eager(**HELD, output_attentions=True).attentions[2]  # [B, H, T, T], full length
+    want = att[..., 0].sum(1)                                       # Σ_h A[h, i, 0]
+    assert torch.allclose(p.scores[2], want, atol=1e-5)
+    n = keep_counts(24, 0.25, 2)[0]
+    top = want.masked_fill(torch.arange(24) == 0, float("inf")).topk(n, 1).indices.sort(1).values
+    assert p.scores[3].shape == (2, n)
+    assert p.kept.sum(1).tolist() == [keep_counts(24, 0.25, 2)[1]] * 2
+    assert p.kept[torch.arange(2)[:, None], top].sum() == p.kept.sum()  # layer-3 survivors ⊂ top
+
+
+def test_start_token_is_never_dropped(monkeypatch):
+    m = tiny_llama()
+    q = quantized(m, pruned_recipe(0.5, 0), self_check=False)
+    fake_scores(monkeypatch, lambda i: -1.0 if i == 0 else i)  # the start scores lowest
+    with torch.no_grad():
+        q(**HELD)
+    kept = pruner_of(q).kept
+    assert kept[:, 0].all() and kept.sum(1).tolist() == [12, 12]
+    assert kept[:, -11:].all()  # the rest: the highest (latest) scores
+
+
+def test_beta_zero_equals_unpruned_and_slicing_matches_a_hand_run(monkeypatch):
+    m = tiny_llama()
+    q = quantized(m, self_check=False)
+    with torch.no_grad():
+        ref = q(**HELD).logits
+    plan = pruning_plan(q, 0.0, 0)
+    p = install_pruning(q, plan)
+    with torch.no_grad():
+        assert torch.equal(q(**HELD).logits, ref)
+    assert p.kept.all()
+    # float model, layer 0 drops tokens {3, 5, 9, ...}: layer 1 must see the survivors at
+    # their own positions (RoPE cos/sin and the causal mask sliced alike)
+    fm = tiny_llama()
+    setattr(fm, META_ATTR, {"graph": getattr(q, META_ATTR)["graph"]})
+    install_pruning(fm, {**pruning_plan(fm, 0.25, 0)})
+    drop = (3, 9, 14)  # layer 0 keeps round(24·√0.75) = 21: exactly these three go
+    fake_scores(monkeypatch, lambda i: 0.01 * i if i in drop else 1.0 + 0.01 * i)
+    ids = HELD["input_ids"]
+    with torch.no_grad():
+        got = fm(input_ids=ids).logits
+        kept = pruner_of(fm).kept
+        remove_pruning(fm)
+        inner, pos = fm.model, torch.arange(24)[None]
+        x = inner.embed_tokens(ids)
+        h = inner.layers[0](x, attention_mask=None, position_ids=pos,
+                            position_embeddings=inner.rotary_emb(x, pos))
+        s = torch.tensor([i for i in range(24) if i not in drop])
+        h = h[:, s]
+        h = inner.layers[1](h, attention_mask=None, position_ids=s[None],
+                            position_embeddings=inner.rotary_emb(h, s[None]))
+        want = fm.lm_head(inner.norm(h))                  # [B, 21, V] at positions s
+    assert kept.sum(1).tolist() == [18, 18] and not kept[:, list(drop)].any()
+    for b in range(2):
+        k = kept[b].nonzero().flatten()
+        rows = [s.tolist().index(i) for i in k.tolist()]
+        assert torch.allclose(got[b, k], want[b, rows], atol=1e-5)
+
+
+def test_pruned_artifact_round_trips(tmp_path):
+    m = tiny_llama(layers=4)
+    q = quantized(m, pruned_recipe(0.3))
+    slimtorch.save(q, tmp_path / "a")
+    back = slimtorch.load(tmp_path / "a", m)
+    with torch.no_grad():
+        assert torch.equal(q(**HELD).logits, back(**HELD).logits)
+    assert torch.equal(pruner_of(q).kept, pruner_of(back).kept)
+    assert not pruner_of(back).kept.all()
+
+
+def test_bad_prune_settings():
+    with pytest.raises(RecipeError, match="prune_ratio"):
+        pruned_recipe(1.0)
+    with pytest.raises(RecipeError, match="prune_from"):
+        quantized(tiny_llama(), pruned_recipe(0.2, 7))
+
+
+def test_causal_lm_scores_a_pruned_model_on_surviving_tokens_paired():
+    from slimtorch.eval.tasks import CausalLM
+    m = tiny_llama(layers=4)
+    q = quantized(m, pruned_recipe(0.3), self_check=False)
+    task = CausalLM()
+    task.inputs = lambda n=None: [HELD]
+    fp, out = task.outputs(m), task.outputs(q)
+    assert set(out) == {"nll", "pred", "kept", "nll_unpruned", "pred_unpruned"}
+    keep = out["kept"]
+    assert keep.shape == fp["nll"].shape and 0 < keep.sum() < keep.numel()
+    sc = task.score(out, fp)
+    assert sc["ppl"] == round(out["nll"][keep].mean().exp().item(), 4)
+    assert sc["fp_ppl_same_tokens"] == round(fp["nll"][keep].mean().exp().item(), 4)
+    assert sc["unpruned_ppl_same_tokens"] == round(out["nll_unpruned"][keep].mean().exp().item(), 4)
+    assert sc["unpruned_ppl"] == round(out["nll_unpruned"].mean().exp().item(), 4)
+    per_window = ((out["nll"] - fp["nll"]) * keep).sum(1) / keep.sum(1)
+    assert abs(sc["nll_diff"] - per_window.mean().item()) < 1e-5
+    # the unpruned pass is the same quantized model without its pruning
+    remove_pruning(q)
+    with torch.no_grad():
+        unp = task.outputs(q)
+    assert torch.equal(unp["nll"], out["nll_unpruned"]) and "kept" not in unp

@@ -22,12 +22,14 @@ pre-RoPE grid would still need a float (or re-quantized) rotation before the mat
 The paper's TRIP factors (per-channel refinements of one layer-wise scale, folded into the
 weights) are represented by the per-channel activation scales themselves: the same grid up to
 where the scale lives. The public code was not found in our search corpus; the paper text is
-followed.
+followed. Token pruning (``prune_ratio`` β > 0, from layer ``prune_from``): ``agile_prune.py``;
+it is installed after the activation ranges are calibrated (on every token) and is active in
+the methods that follow (GPTQ then sees the pruned sequences in the later layers).
 """
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -35,6 +37,7 @@ from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.functional import SITE_ROLES
 from ..quant.granularity import PerChannel
 from ..quant.prepare import META_ATTR
+from .agile_prune import install_pruning, pruning_plan
 from .vit_sites import observe_only, post_softmax_slots, sites_of, swap_site_quantizer
 
 HEAD_AXIS = 1  # SDPA operands are [batch, heads, tokens, head_dim]
@@ -43,6 +46,10 @@ HEAD_AXIS = 1  # SDPA operands are [batch, heads, tokens, head_dim]
 class AgileQuantConfig(MethodConfig):
     softmax_bits: int = Field(4, ge=2, le=8, description="bits of the log2 softmax quantizer")
     per_head_qkv: bool = Field(True, description="one static scale per head for Q, K, V")
+    prune_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="β: fraction of the tokens "
+                               "pruned by the last layer (0: no token pruning)")
+    prune_from: int | Literal["mid"] = Field("mid", description="first decoder layer that "
+                                             "prunes (index, or 'mid' = n_layers // 2)")
 
 
 def sdpa_slots(model) -> list[tuple[str, int]]:
@@ -67,5 +74,10 @@ def apply(model, cfg: AgileQuantConfig, ctx: MethodContext) -> dict[str, Any]:
         swapped += heads
         stats["per_head_qkv"] = len(heads)
     observe_only(model, ctx.batches, swapped)  # float pass, like the recipe's calibration
+    if cfg.prune_ratio > 0:  # after calibration: the activation ranges see every token
+        plan = pruning_plan(model, cfg.prune_ratio, cfg.prune_from)
+        getattr(model, META_ATTR)["token_pruning"] = plan
+        install_pruning(model, plan)
+        stats["token_pruning"] = plan
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     return stats
