@@ -32,9 +32,10 @@ dropped it, so the model's output shape is unchanged, and ``TokenPruner.kept`` (
 says which positions survived. Only those positions' predictions mean anything: perplexity is
 scored on them, paired with the unpruned model on the same positions (``eval/tasks.py``).
 Meant for one full-sequence forward (evaluation, prefill): generation with a KV cache is not
-pruned consistently. The hooks act only inside a forward of the whole model: the
-block-sequential runner (GPTQ after ``agile_quant`` in a recipe) calls the decoder layers one
-at a time and so solves on unpruned sequences.
+pruned consistently. The hooks act only inside a forward of the whole model. Known
+imperfection: GPTQ listed after ``agile_quant`` feeds each unit either from the previous unit's
+cached output (layers called one at a time: unpruned) or from a run of the model's prefix
+(pruned in the pruning layers), so in those layers its Hessians mix both.
 """
 from __future__ import annotations
 
@@ -219,6 +220,8 @@ class TokenPruner:
         if mode is None:
             return None
         mode.__exit__(None, None, None)
+        if out is None:  # the block raised (always_call): nothing to prune
+            return None
         h = out[0] if isinstance(out, tuple) else out                  # [B, k, D]
         b = h.shape[0]
         idx = self._idx if self._idx is not None else torch.arange(
