@@ -19,6 +19,9 @@ g32 asymmetric is never a row; the recipes here use symmetric g64 or per-channel
 torchao from the ``bench-llm`` extra, kept out of the main
 environment: ``transformers`` imports torchao whenever it is installed); a peer's failure is recorded verbatim as its row.
 
+A token-pruning recipe (Agile-Quant ``prune_ratio``) is scored on the tokens whose prediction
+survives, paired with float and with the same model unpruned on those tokens (extra table).
+
 ``--from-metrics`` adds rows from the ``metrics.json`` of artifacts written by
 ``slimtorch quantize --model zoo:smollm2-135m ... --out DIR`` instead of re-running them.
 """
@@ -121,6 +124,10 @@ def main() -> None:
             rows.append({**m, "commit": commit()})
             print(f"{recipe:22s} seed {seed}  ppl {m['q_ppl']:8.3f} ({m['q_ppl_delta_pct']:+.2f} %)"
                   f"  calib {m['calib_seconds']:7.1f}s", flush=True)
+            if "q_kept_pct" in m:  # token pruning: scored on the surviving tokens, paired
+                print(f"{'':22s} surviving {m['q_kept_pct']:.2f} % of the tokens: float "
+                      f"{m['q_fp_ppl_same_tokens']:.3f}, unpruned {m['q_unpruned_ppl_same_tokens']:.3f} "
+                      f"on them; unpruned on all {m['q_unpruned_ppl']:.3f}", flush=True)
     rows += [run_peer(name, fp_cache) for name in args.peers]
     write(rows, args.out, to_markdown)
 
@@ -159,6 +166,19 @@ def to_markdown(rows: list[dict]) -> str:
             f"{m['q_size_bytes'] / 1e6:.1f} MB | {m['calib_size']} | "
             f"{','.join(str(x['seed']) for x in ms)} | "
             f"{statistics.median(x['calib_seconds'] for x in ms):.0f} |")
+    pruned = [m for m in ours if "q_kept_pct" in m]
+    if pruned:
+        lines += ["", "Token pruning (Agile-Quant): a pruned row's perplexity and Δ are on the "
+                  "tokens whose prediction survives, paired with float on the same tokens; "
+                  "Δ NLL pruning = pruned − the same model unpruned, same tokens.", "",
+                  "| recipe | seed | surviving tokens % | pruned ppl | float ppl, same tokens | "
+                  "unpruned ppl, same tokens | Δ NLL pruning | unpruned ppl, all tokens |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for m in pruned:
+            lines.append(f"| {m['recipe']} | {m['seed']} | {m['q_kept_pct']:.2f} | "
+                         f"{m['q_ppl']:.3f} | {m['q_fp_ppl_same_tokens']:.3f} | "
+                         f"{m['q_unpruned_ppl_same_tokens']:.3f} | {m['q_prune_nll_diff']:.4f} ± "
+                         f"{m['q_prune_nll_diff_se']:.4f} | {m['q_unpruned_ppl']:.3f} |")
     if peers:
         lines += ["", "Peers, same model, windows and scoring (no calibration data; quantize "
                   "seconds):", "", "| peer | what | perplexity | Δ ppl % | Δ NLL | "

@@ -68,10 +68,16 @@ def post_gelu_layers(model: nn.Module) -> list[str]:
             and (meta["plan"]["layers"].get(l["fqn"]) or {}).get("activations")]
 
 
-def swap_site_quantizer(model: nn.Module, key: str, idx: int, kind: str) -> Quantizer:
+def swap_site_quantizer(model: nn.Module, key: str, idx: int, kind: str | None = None,
+                        **update: Any) -> Quantizer:
+    """Replace one functional-site quantizer by one of another ``kind`` and/or other spec
+    fields (``granularity=PerChannel(1)``, ``bits=4``), recorded in the plan's per-role specs
+    so ``load`` rebuilds it."""
     sites, plan = sites_of(model), getattr(model, META_ATTR)["plan"]
     old = sites.site(key)[idx]
-    spec = old.spec.model_copy(update={"kind": kind})
+    if kind is not None:
+        update["kind"] = kind
+    spec = type(old.spec).model_validate({**old.spec.model_dump(), **update})
     new = make_quantizer(spec, seed=old.seed, max_samples=old.max_samples)
     sites.site(key)[idx] = new
     role = SITE_ROLES[plan["functional"][key]["kind"]][idx]

@@ -24,6 +24,8 @@ when the output SQNR is at least ``min_sqnr_db`` (``default_floor``: by bit widt
 """
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import math
 import warnings
@@ -188,6 +190,13 @@ def _record(model: nn.Module, names: set[str], item: Any) -> tuple[Any, dict, di
     return out, inputs, outputs
 
 
+def unpruned(model: nn.Module):
+    """``model`` with its token pruning (Agile-Quant) off inside the block, if it has any."""
+    from ..algorithms.agile_prune import pruner_of
+    pruner = pruner_of(model)
+    return pruner.disabled() if pruner is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def check(qmodel: nn.Module, float_model: nn.Module, item: Any, *,
           min_sqnr_db: float = FLOOR_8BIT_DB, meta: dict | None = None) -> CheckReport:
@@ -197,7 +206,8 @@ def check(qmodel: nn.Module, float_model: nn.Module, item: Any, *,
     twin = float_twin(float_model, meta)
     item = held_samples(twin, set(qlayers), item)
     f_out, f_in, f_acts = _record(twin, set(qlayers), item)
-    q_out, _, q_acts = _record(qmodel, set(qlayers), item)
+    with unpruned(qmodel):  # token pruning changes shapes: the check measures quantization
+        q_out, _, q_acts = _record(qmodel, set(qlayers), item)
     layers = []
     for name, qmod in qlayers.items():
         if name not in f_acts or name not in q_acts:

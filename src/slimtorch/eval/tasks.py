@@ -191,17 +191,33 @@ class CausalLM:
 
     @torch.inference_mode()
     def outputs(self, model: nn.Module, progress: bool = False) -> dict[str, torch.Tensor]:
-        """Per-token next-token NLL and argmax prediction, ``[W, T-1]`` each."""
-        nll, pred = [], []
+        """Per-token next-token NLL and argmax prediction, ``[W, T-1]`` each. A model with
+        token pruning (Agile-Quant) also gives ``kept`` (the positions whose prediction
+        survived every pruning layer) and the same model's NLL with pruning off
+        (``nll_unpruned``), so its perplexity is scored on the surviving tokens only and
+        paired with the unpruned model on those same tokens."""
+        from ..algorithms.agile_prune import pruner_of
+        pruner = pruner_of(model)
+        out: dict[str, list] = {"nll": [], "pred": []}
         for b in tqdm(self.inputs(), desc="eval", disable=not progress, leave=False):
-            logits = _next_token_logits(call_model(model, b), b["input_ids"])[:, :-1]
-            target = b["input_ids"][:, 1:]
-            nll.append(torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2).float(), target, reduction="none"))
-            pred.append(logits.argmax(-1))
-        return {"nll": torch.cat(nll), "pred": torch.cat(pred)}
+            self._one(model, b, out, "")
+            if pruner is not None:
+                out.setdefault("kept", []).append(pruner.kept[:, :-1])  # i predicts i + 1
+                with pruner.disabled():
+                    self._one(model, b, out, "_unpruned")
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    @staticmethod
+    def _one(model: nn.Module, b: dict, out: dict, suffix: str) -> None:
+        logits = _next_token_logits(call_model(model, b), b["input_ids"])[:, :-1]
+        target = b["input_ids"][:, 1:]
+        out.setdefault("nll" + suffix, []).append(torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2).float(), target, reduction="none"))
+        out.setdefault("pred" + suffix, []).append(logits.argmax(-1))
 
     def score(self, out: dict, fp_out: dict | None = None) -> dict:
+        if "kept" in out:
+            return _score_surviving(out, fp_out)
         res = {"ppl": round(out["nll"].mean().exp().item(), 4)}
         if fp_out is None:
             return res
@@ -213,6 +229,40 @@ class CausalLM:
                     "token_agreement": round(
                         100.0 * (out["pred"] == fp_out["pred"]).float().mean().item(), 2)})
         return res
+
+
+def _paired(nll: torch.Tensor, ref: torch.Tensor, keep: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error over windows of each window's mean NLL difference on the
+    ``keep`` positions ([W, T-1] each)."""
+    n = keep.sum(1).clamp(min=1)
+    diff = ((nll - ref) * keep).sum(1) / n  # [W]
+    return round(diff.mean().item(), 5), round((diff.std() / diff.numel() ** 0.5).item(), 5)
+
+
+def _score_surviving(out: dict, fp_out: dict | None) -> dict:
+    """Scores of a token-pruned model: perplexity on the surviving positions only (a pruned
+    token's prediction is not made), against the float model and the same model unpruned on
+    exactly those positions; the unpruned model on every position too."""
+    keep = out["kept"]
+
+    def ppl(nll):
+        return round(nll[keep].mean().exp().item(), 4)
+    res = {"ppl": ppl(out["nll"]), "kept_pct": round(100.0 * keep.float().mean().item(), 2),
+           "unpruned_ppl_same_tokens": ppl(out["nll_unpruned"]),
+           "unpruned_ppl": round(out["nll_unpruned"].mean().exp().item(), 4)}
+    res["prune_nll_diff"], res["prune_nll_diff_se"] = _paired(out["nll"], out["nll_unpruned"],
+                                                              keep)
+    if fp_out is None:
+        return res
+    fp_same = ppl(fp_out["nll"])
+    res.update({"fp_ppl_same_tokens": fp_same,
+                "ppl_delta_pct": round(100.0 * (res["ppl"] / fp_same - 1.0), 3),
+                "token_agreement": round(
+                    100.0 * (out["pred"] == fp_out["pred"])[keep].float().mean().item(), 2)})
+    res["nll_diff"], res["nll_diff_se"] = _paired(out["nll"], fp_out["nll"], keep)
+    fp_all = fp_out["nll"].mean().exp().item()
+    res["unpruned_ppl_delta_pct"] = round(100.0 * (res["unpruned_ppl"] / fp_all - 1.0), 3)
+    return res
 
 
 TASKS = {"fashion_mnist": FashionMNIST, "imagenet_photos": ImageNetPhotos,

@@ -187,6 +187,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     attach(model, meta["plan"], seed=meta["seed"])
     _load_state(model, state, cfg["packed"])
     setattr(model, META_ATTR, meta)
+    if meta.get("token_pruning"):  # Agile-Quant's token pruning: hooks, no tensors
+        from ..algorithms.agile_prune import install_pruning
+        install_pruning(model, meta["token_pruning"])
     model.slimtorch_source = cfg.get("source")
     return model
 

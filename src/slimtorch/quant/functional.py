@@ -125,19 +125,26 @@ def quantized_sdpa(qs, query: Tensor, key: Tensor, value: Tensor, attn_mask=None
                    enable_gqa: bool = False) -> Tensor:
     """Reference scaled_dot_product_attention with quantizers (q, k, probs, v)."""
     q_q, q_k, q_p, q_v = qs
-    t, s = query.shape[-2], key.shape[-2]
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     if enable_gqa:  # repeat kv heads to match query heads
         rep = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
-    scores = torch.matmul(q_q(query), q_k(key).transpose(-2, -1)) * scale  # [..., T, S]
+    probs = sdpa_probs(q_q(query), q_k(key), attn_mask, is_causal, scale)
+    if dropout_p > 0:
+        probs = torch.dropout(probs, dropout_p, True)
+    return torch.matmul(q_p(probs), q_v(value))
+
+
+def sdpa_probs(query: Tensor, key: Tensor, attn_mask=None, is_causal: bool = False,
+               scale=None) -> Tensor:
+    """softmax(q·kᵀ·scale + mask) of scaled_dot_product_attention's reference definition,
+    [..., T, S] (key heads already matching the query heads)."""
+    t, s = query.shape[-2], key.shape[-2]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # [..., T, S]
     if is_causal:
         keep = torch.ones(t, s, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:  # bool: True = may attend; float: added
         scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
                   else scores + attn_mask)
-    probs = torch.softmax(scores, dim=-1)
-    if dropout_p > 0:
-        probs = torch.dropout(probs, dropout_p, True)
-    return torch.matmul(q_p(probs), q_v(value))
+    return torch.softmax(scores, dim=-1)

@@ -1,8 +1,9 @@
 """Quantization granularity as frozen dataclasses (no -1 / 0 sentinels).
 
 In YAML a granularity is written ``per_tensor``, ``per_channel`` (output channels, axis 0) or
-``per_group(64)`` (groups of 64 consecutive input elements per output row); activations also
-``per_token`` (one scale per row of the last dimension, computed at run time: ``dynamic``).
+``per_group(64)`` (groups of 64 consecutive input elements per output row); for activations
+``per_channel(-1)`` is one static scale per feature (last dim) and ``per_channel(1)`` one per
+head of a [batch, heads, tokens, head_dim] attention operand; activations also ``per_token`` (one scale per row of the last dimension, computed at run time: ``dynamic``).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class PerToken:
 
 
 Granularity = PerTensor | PerChannel | PerGroup | PerToken
-_CALL = re.compile(r"^(per_tensor|per_channel|per_group|per_token)(?:\((\d+)\))?$")
+_CALL = re.compile(r"^(per_tensor|per_channel|per_group|per_token)(?:\((-?\d+)\))?$")
 
 
 def parse_granularity(value: object) -> Granularity:
@@ -78,4 +79,6 @@ def parse_granularity(value: object) -> Granularity:
         return PerChannel(int(arg) if arg is not None else 0)
     if arg is None:
         raise ValueError("per_group needs a group size, e.g. per_group(64)")
+    if int(arg) < 1:
+        raise ValueError(f"per_group size must be >= 1, got {arg}")
     return PerGroup(int(arg))

@@ -1,4 +1,6 @@
-"""log√2 quantizer for post-softmax activations (RepQ-ViT, Li et al. 2023, ``quantizer.py``).
+"""Logarithmic quantizers for post-softmax activations: log√2 (RepQ-ViT) and plain log2.
+
+log√2 (RepQ-ViT, Li et al. 2023, ``quantizer.py``), spec kind ``log2sqrt2``:
 
     q  = clip(⌊−2·log2(x/Δ)⌉, 0, 2^b − 1)
     x̂  = Δ · 2^(−⌈q/2⌉) · (1 + (√2 − 1)·[q odd])      (= Δ · √2^(−q) exactly)
@@ -13,6 +15,18 @@ Lowered form for inference: ``quantize_int`` gives the codes q (2^b means "zero"
 m = 1 (q even) or √2 (q odd) — a shift plus one fixed multiplier per element.
 
 State (Δ) lives in the ``scale`` buffer, so save/load is bit-exact.
+
+Plain log2 (spec kind ``log2``; Agile-Quant, Shen et al. 2024, after FQ-ViT's log2 softmax
+quantizer, Lin et al. 2022, which Agile-Quant cites), for values in [0, 1] such as attention
+probabilities, no calibrated state:
+
+    k  = round(−log2 x)                 (+inf for x ≤ 0)
+    x̂  = 2^−k   where 0 ≤ k ≤ 2^b − 1   (k < 0, i.e. x > √2, is clipped to k = 0: x̂ = 1)
+    x̂  = 0      where k ≥ 2^b            (FQ-ViT's mask; 2^b − 1 = 15 at 4 bits)
+
+The zero branch is a conscious choice over the bare formula k = clip(round(−log2 x), 0, 15):
+clipping would turn every causally masked probability (exactly 0) into 2^−15 and let each
+query read a little of every *future* value, an information leak that flatters perplexity.
 """
 from __future__ import annotations
 
@@ -116,3 +130,47 @@ def search_delta(sample: Tensor, bits: int, percentiles=PERCENTILES) -> Tensor:
         if err < best:
             best, best_d = err, d
     return best_d
+
+
+def log2_codes(x: Tensor) -> Tensor:
+    """Unclipped codes round(−log2 x) as float (+inf for x ≤ 0)."""
+    return torch.round(-torch.log2(x.clamp(min=0)))
+
+
+def log2_quant(x: Tensor, bits: int) -> Tensor:
+    """x̂ = 2^−clip(round(−log2 x), 0, 2^b − 1), and 0 where round(−log2 x) ≥ 2^b."""
+    k = log2_codes(x)
+    val = torch.pow(2.0, -k.clamp(0, 2 ** bits - 1))
+    return torch.where(k >= 2 ** bits, torch.zeros_like(val), val)
+
+
+class Log2Quantizer(Quantizer):
+    """Plain log2 quantizer (spec kind ``log2``): x̂ = 2^−k on [0, 1]; nothing to calibrate
+    (``scale`` stays 1, kept so integer lowering sees the same buffers as other kinds)."""
+
+    def _observe(self, x: Tensor) -> None:
+        self._stats["seen"] = True
+
+    def finish_observe(self) -> None:
+        if not self._stats:
+            raise RuntimeError("activation quantizer saw no data during calibration")
+        self.scale, self.zero_point = torch.ones(()), torch.zeros(())
+        self.mode, self._stats = Mode.QUANT, {}
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        xq = log2_quant(x.detach().float(), self.spec.bits).to(x.dtype)
+        return x + (xq - x).detach()
+
+    def quantize_int(self, x: Tensor) -> Tensor:
+        """Codes k in [0, 2^b − 1], and 2^b for zero."""
+        k = log2_codes(x.float())
+        return torch.where(k >= 2 ** self.spec.bits, torch.full_like(k, 2 ** self.spec.bits),
+                           k.clamp(min=0)).to(torch.int16)
+
+    def dequantize_int(self, q: Tensor) -> Tensor:
+        k = q.float()
+        val = torch.pow(2.0, -k.clamp(0, 2 ** self.spec.bits - 1))
+        return torch.where(k >= 2 ** self.spec.bits, torch.zeros_like(val), val)
+
+    def extra_repr(self) -> str:
+        return f"log2, bits={self.spec.bits}, mode={self.mode.value}"

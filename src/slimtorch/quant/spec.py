@@ -37,9 +37,9 @@ class QuantSpec(Strict):
     observer: Literal["minmax", "percentile", "mse"] = "mse"
     p: float = Field(2.4, gt=0, description="norm of the MSE-p range search")
     percentile: float = Field(99.99, gt=50, le=100, description="for observer: percentile")
-    # quantizer family (quant/kinds.py): uniform grid, log√2 (RepQ-ViT), twin-uniform (PTQ4ViT),
-    # uniform after a per-channel affine (RepQ-ViT on a post-LN input)
-    kind: Literal["uniform", "log2sqrt2", "twin_uniform", "reparam_uniform"] = "uniform"
+    # quantizer family (quant/kinds.py): uniform grid, log√2 (RepQ-ViT), plain log2 (Agile-Quant),
+    # twin-uniform (PTQ4ViT), uniform after a per-channel affine (RepQ-ViT on a post-LN input)
+    kind: Literal["uniform", "log2sqrt2", "log2", "twin_uniform", "reparam_uniform"] = "uniform"
     # activations only: the range is taken from the tensor itself at run time (min/max of each
     # token for per_token, of the whole tensor for per_tensor), nothing is calibrated or stored
     # — SmoothQuant's per-token dynamic activations. ``per_token`` implies it.
