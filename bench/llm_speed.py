@@ -107,10 +107,12 @@ def main() -> None:
 
 def to_markdown(rows: list[dict]) -> str:
     r0 = rows[0]
+    ppl = (f" Perplexity on the first {r0['eval_size']} evaluation windows (the fake-quant "
+           "model beside the lowered one: the kernels must not change it)." if r0["eval_size"]
+           else " No perplexity check in this run (--eval-size 0).")
     lines = [f"SmolLM2-135M, batch 1, {r0['threads']} threads: prefill of a {r0['prompt_tokens']}"
              f"-token prompt, greedy decode of {r0['new_tokens']} new tokens after it (KV "
-             f"cache). Perplexity on the first {r0['eval_size']} evaluation windows (the "
-             "fake-quant model beside the lowered one: the kernels must not change it).", "",
+             f"cache).{ppl}", "",
              "| engine | runs as | Linear weights MB | prefill tok/s | × | decode tok/s | × | "
              "ppl fake-quant | ppl lowered |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
