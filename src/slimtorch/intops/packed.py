@@ -95,8 +95,8 @@ class PackedLinear(nn.Module):
             scale, zp = _per_row(wq.scale, o), _per_row(wq.zero_point, o)  # [O, G']
             n_groups = k // self.group
             reps = n_groups // scale.shape[1]  # >1 when one scale spans several kernel groups
-            scale = scale.float().repeat_interleave(reps, dim=1)  # [O, K/g]
-            zp = zp.float().repeat_interleave(reps, dim=1)
+            scale = scale.repeat_interleave(reps, dim=1)  # [O, K/g]
+            zp = zp.repeat_interleave(reps, dim=1)
             offset = (8 - t - zp) * scale
             self.register_buffer("w_packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 (q + t).contiguous(), 1))
