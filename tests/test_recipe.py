@@ -58,7 +58,7 @@ def test_bits_out_of_range_names_line():
 
 
 def test_missing_required_and_bad_yaml():
-    with pytest.raises(RecipeError, match="missing required key 'weights'"):
+    with pytest.raises(RecipeError, match="compresses nothing: give `weights:`"):
         load_recipe_text("name: x\n")
     with pytest.raises(RecipeError, match="line 3.*not valid YAML"):
         load_recipe_text("name: x\nweights: [1,\n")

@@ -1,4 +1,4 @@
-"""Public entry points: ``quantize``, ``save``, ``load``, ``export_onnx``.
+"""Public entry points: ``quantize``, ``sparsify``, ``save``, ``load``, ``export_onnx``.
 
 ``quantize`` composes small steps: resolve the recipe → check the calibration data → copy and
 prepare the model (rewrite, capture, plan, attach quantizers) → calibrate → run the recipe's
@@ -18,9 +18,10 @@ from .eval.selfcheck import CheckReport, check, default_floor, enforce
 from .export.artifact import load, save
 from .methods import MethodContext, handler_for
 from .quant.prepare import META_ATTR, calibrate, freeze, prepare, sync_shared
+from .errors import RecipeError
 from .recipe import Recipe, resolve_recipe
 
-__all__ = ["quantize", "save", "load", "export_onnx", "inspect"]
+__all__ = ["quantize", "sparsify", "save", "load", "export_onnx", "inspect"]
 
 
 def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, seed: int = 0,
@@ -65,6 +66,30 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
         meta["self_check"] = report.to_dict(worst=8)
         enforce(report, strict=strict)
     return qmodel
+
+
+def sparsify(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, **kwargs
+             ) -> nn.Module:
+    """Return a sparse copy of ``model``: ``quantize`` with a recipe whose methods put masks on
+    weights (``magnitude``, ``random``, ``wanda``, ``sparsegpt``; names like ``50-wanda`` or
+    ``2:4-sparsegpt`` build one). If the recipe also quantizes (``weights:``), the masked
+    weights are quantized and stay exactly zero. ``calib_data``: as for ``quantize``; the
+    data-free methods (magnitude, random) need one example batch to capture the graph.
+    ``slimtorch.sparsity.masks_of(model)`` gives the masks; ``metrics.json`` of the CLI holds
+    the sparsity per layer."""
+    return quantize(model, sparsity_recipe(recipe), calib_data, **kwargs)
+
+
+def sparsity_recipe(recipe: Recipe | str | dict) -> Recipe:
+    """The recipe, if one of its methods puts masks on weights; else a RecipeError."""
+    recipe = resolve_recipe(recipe)
+    if not any(getattr(m, "masks_weights", False) for m in recipe.methods):
+        from .methods import handler_for, method_names, method_handler
+        sparse = [n for n in method_names() if method_handler(n).config.masks_weights]
+        raise RecipeError(f"recipe {recipe.name!r} has no sparsity method (its methods: "
+                          f"{', '.join(recipe.method_names)}): add one of {', '.join(sparse)}, "
+                          "or use quantize")
+    return recipe
 
 
 def inspect(qmodel: nn.Module, float_model: nn.Module, inputs: Any) -> CheckReport:

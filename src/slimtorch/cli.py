@@ -1,4 +1,5 @@
-"""Command line: ``slimtorch zoo | recipes | quantize | eval | inspect | export | bench``.
+"""Command line: ``slimtorch zoo | recipes | quantize | sparsify | eval | inspect | export |
+bench``.
 
 Bad input ends with one line ``error: ...`` that says what to change (exit status 2), never a
 traceback from inside torch.
@@ -75,6 +76,11 @@ def _metrics_table(m: dict, title: str) -> Table:
                      "kl": "KL(float ‖ quantized)", "cosine": "cosine to float",
                      "retrieval_agreement": "retrieval agreement %"}[key]
             t.add_row(label, str(m.get(f"fp_{key}", "")), str(m[f"q_{key}"]))
+    sp = m.get("sparsity")
+    if sp:
+        t.add_row("sparsity", "0 %", f"{100 * sp['sparsity_masked']:.1f} % of "
+                  f"{sp['masked_layers']} layers ({100 * sp['sparsity_all']:.1f} % of all "
+                  "Conv/Linear weights)")
     if "fp_size_bytes" in m:
         ratio = m["fp_size_bytes"] / m["q_size_bytes"]
         t.add_row("size", _mb(m["fp_size_bytes"]), f"{_mb(m['q_size_bytes'])} ({ratio:.1f}× "
@@ -87,6 +93,9 @@ def _metrics_table(m: dict, title: str) -> Table:
 def cmd_quantize(args) -> None:
     from .pipeline import run_quantize
     import torch
+    if args.command == "sparsify":
+        from .api import sparsity_recipe
+        sparsity_recipe(args.recipe)
     if args.threads:
         torch.set_num_threads(args.threads)
     m, _ = run_quantize(args.model, args.recipe, calib_size=args.calib_size, seed=args.seed,
@@ -123,6 +132,23 @@ def cmd_generate(args) -> None:
                   f"({info['tokens_per_s']:.1f} tokens/s, prompt included); {runs_as}[/dim]")
 
 
+def _compress_args(q: argparse.ArgumentParser, recipe_help: str) -> None:
+    q.add_argument("--model", required=True, help="zoo:NAME or minilm (`slimtorch zoo list`)")
+    q.add_argument("--recipe", required=True, help=recipe_help)
+    q.add_argument("--calib-size", type=int, default=None,
+                   help="calibration samples (default: 1024 images/sentences, 128 LM segments)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--eval-size", type=int, help="evaluate on the first N items only (LM "
+                   "windows, sentences, photos; default: the task's whole evaluation set)")
+    q.add_argument("--out", required=True, help="artifact directory")
+    q.add_argument("--data-dir", help="Fashion-MNIST IDX directory")
+    q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted reconstruction run from OUT/recon-state")
+    q.set_defaults(fn=cmd_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimtorch", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,21 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("name", nargs="?")
     rc.set_defaults(fn=cmd_recipes)
 
-    q = sub.add_parser("quantize", help="quantize a model, evaluate it, write an artifact")
-    q.add_argument("--model", required=True, help="zoo:NAME or minilm (`slimtorch zoo list`)")
-    q.add_argument("--recipe", required=True, help="built-in name or YAML file")
-    q.add_argument("--calib-size", type=int, default=None,
-                   help="calibration samples (default: 1024 images/sentences, 128 LM segments)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--eval-size", type=int, help="evaluate on the first N items only (LM "
-                   "windows, sentences, photos; default: the task's whole evaluation set)")
-    q.add_argument("--out", required=True, help="artifact directory")
-    q.add_argument("--data-dir", help="Fashion-MNIST IDX directory")
-    q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    q.add_argument("--quiet", action="store_true", help="no progress bars")
-    q.add_argument("--resume", action="store_true",
-                   help="continue an interrupted reconstruction run from OUT/recon-state")
-    q.set_defaults(fn=cmd_quantize)
+    for verb, what, recipe_help in (
+            ("quantize", "quantize", "built-in name or YAML file"),
+            ("sparsify", "prune the weights of", "sparsity name (50-wanda, 2:4-sparsegpt, "
+             "70-magnitude...), built-in name or YAML file with a sparsity method")):
+        q = sub.add_parser(verb, help=f"{what} a model, evaluate it, write an artifact")
+        _compress_args(q, recipe_help)
 
     e = sub.add_parser("eval", help="reload an artifact and evaluate it again")
     e.add_argument("dir")

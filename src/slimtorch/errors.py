@@ -43,3 +43,9 @@ class CalibrationWarning(UserWarning):
 class RotationError(SlimtorchError):
     """A model's structure does not let an orthogonal rotation be fused into its weights
     exactly (a LayerNorm's mean subtraction, a norm bias, a residual add of no layer's output)."""
+
+
+class MaskError(SlimtorchError):
+    """A sparsity mask or pattern does not fit the layer or model it is applied to (a shape
+    mismatch, an N:M pattern whose M does not divide the layer's inputs, a sparsity outside
+    (0, 1))."""

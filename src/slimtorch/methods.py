@@ -24,13 +24,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import RecipeError
 
-METHOD_PACKAGES = ("slimtorch.algorithms",)  # where registered methods live
+METHOD_PACKAGES = ("slimtorch.algorithms", "slimtorch.sparsity")  # where methods live
 
 
 class MethodConfig(BaseModel):
@@ -38,6 +38,8 @@ class MethodConfig(BaseModel):
     and the allowed keys."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # the method puts masks on weights (sparsity): the plan gives every Conv/Linear a twin
+    masks_weights: ClassVar[bool] = False
 
     @classmethod
     def parse(cls, args: dict[str, Any] | None, method: str) -> "MethodConfig":

@@ -17,6 +17,7 @@ from .eval.tasks import task_for
 from .export.artifact import save, write_json_atomic
 from .quant.prepare import META_ATTR
 from .recipe import resolve_recipe
+from .sparsity.masks import sparsity_summary
 from .zoo.sources import load_model
 
 
@@ -72,6 +73,9 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
     check = getattr(qmodel, META_ATTR, {}).get("self_check")
     if check:
         metrics["self_check"] = check  # output SQNR/cosine on a calibration batch, worst layers
+    sparse = sparsity_summary(qmodel)
+    if sparse is not None:  # masked layers: sparsity per layer and over the model
+        metrics["sparsity"] = sparse
     # each method's resolved config, what `auto` became, its stats (per-unit losses, seconds)
     metrics["methods"] = getattr(qmodel, META_ATTR, {}).get("methods", [])
     if out is not None:

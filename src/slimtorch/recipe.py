@@ -67,7 +67,7 @@ class Recipe(_Strict):
     name: str
     description: str = ""
     methods: list[MethodField] = Field(default_factory=lambda: ["rtn"])
-    weights: QuantSpec
+    weights: QuantSpec | None = None  # None: weights stay float (a sparsity-only recipe)
     activations: QuantSpec | None = None
     first_layer: LayerOverride | None = None
     last_layer: LayerOverride | None = None
@@ -83,8 +83,8 @@ class Recipe(_Strict):
 
     @field_validator("weights")
     @classmethod
-    def _static_weights(cls, v: QuantSpec) -> QuantSpec:
-        if v.dynamic:
+    def _static_weights(cls, v: QuantSpec | None) -> QuantSpec | None:
+        if v is not None and v.dynamic:
             raise ValueError("weights are quantized once, not at run time: `dynamic` and "
                              "per_token apply to activations only")
         return v
@@ -112,6 +112,15 @@ class Recipe(_Strict):
             raise ValueError("method_args must be a mapping of settings")
         data["methods"] = [{"name": data.pop("method", "rtn"), **args}]
         return data
+
+    @model_validator(mode="after")
+    def _compresses_something(self) -> "Recipe":
+        if self.weights is None and self.activations is None and not any(
+                getattr(m, "masks_weights", False) for m in self.methods):
+            raise ValueError("the recipe compresses nothing: give `weights:` (e.g. {bits: 4}) "
+                             "and/or a sparsity method in `methods:` (e.g. {name: wanda, "
+                             "sparsity: 0.5})")
+        return self
 
     @property
     def method_names(self) -> list[str]:
@@ -241,9 +250,37 @@ def builtin_recipe_names() -> list[str]:
 def load_builtin(name: str) -> Recipe:
     path = resources.files("slimtorch") / "recipes" / f"{name}.yaml"
     if not path.is_file():
+        short = sparsity_shorthand(name)
+        if short is not None:
+            return short
         raise RecipeError(f"unknown recipe {name!r}; built-in recipes: "
-                          f"{', '.join(builtin_recipe_names())}, or give a path to a YAML file")
+                          f"{', '.join(builtin_recipe_names())}, sparsity names like 50-wanda "
+                          "or 2:4-sparsegpt, or give a path to a YAML file")
     return load_recipe_text(path.read_text(), source=f"{name}.yaml")
+
+
+_SHORT_SPARSITY = re.compile(r"(?:(\d+(?:\.\d+)?)|(\d+:\d+))-([a-z][a-z0-9_]*)")
+
+
+def sparsity_shorthand(name: str) -> Recipe | None:
+    """``PCT-METHOD`` (unstructured, e.g. ``50-wanda``) or ``N:M-METHOD`` (``2:4-sparsegpt``)
+    as a float-weight recipe running that sparsity method with its defaults; None when the
+    name is not of that form or METHOD is not a sparsity method."""
+    m = _SHORT_SPARSITY.fullmatch(name)
+    if m is None:
+        return None
+    pct, nm, method = m.groups()
+    try:
+        handler = method_handler(method)
+    except RecipeError:
+        return None
+    if not getattr(handler.config, "masks_weights", False):
+        return None
+    entry = {"name": method, **({"pattern": nm} if nm else {"sparsity": float(pct) / 100})}
+    what = f"N:M {nm}" if nm else f"{pct} % unstructured"
+    return Recipe.from_dict({"name": name, "methods": [entry], "weights": None,
+                             "description": f"{method} sparsity, {what}, float weights"},
+                            source=name)
 
 
 def resolve_recipe(recipe: "Recipe | str | Path | dict") -> Recipe:

@@ -100,21 +100,33 @@ def inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor, float]:
 
 
 @torch.no_grad()
-def gptq(w: Tensor, h: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int, *,
+def gptq(w: Tensor, h: Tensor, s: Tensor | None, z: Tensor | None, qmin: int, qmax: int, *,
          block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-         refit: tuple[int, Callable[[Tensor], tuple[Tensor, Tensor]]] | None = None
+         refit: tuple[int, Callable[[Tensor], tuple[Tensor, Tensor]]] | None = None,
+         prune: tuple[int, Callable[[Tensor, Tensor], Tensor]] | None = None
          ) -> tuple[Tensor, dict[str, Any]]:
     """GPTQ of ``w`` [g, r, n] (g groups of r rows over n input columns) with Hessians
     ``h`` [g, n, n] on the grid ``s``, ``z`` (shaped like w). Returns the dequantized Q and
     statistics (module docstring; ``stats["scale"], stats["zero_point"]`` the grid used).
     ``refit = (size, fit)``: at every ``size``-th column, ``fit(columns [g, r, size])`` gives
-    that quantization group's scale and zero point [g, r] from the current columns."""
+    that quantization group's scale and zero point [g, r] from the current columns.
+    ``prune = (period, choose)``: SparseGPT's mask selection — at every ``period``-th column,
+    ``choose(columns [g, r, period], U_ii [g, period])`` gives the keep-mask of those columns
+    (as the error feedback has left them); a pruned weight becomes 0 and its whole value is
+    the error spread over the later columns (``stats["keep"]``: the mask). ``s`` None: no
+    rounding (pruning only)."""
     w, h = w.clone().float(), h.clone().float()
-    s, z = s.expand_as(w).float().clone(), z.expand_as(w).float().clone()
+    if s is not None:
+        s, z = s.expand_as(w).float().clone(), z.expand_as(w).float().clone()
     if refit is not None and (act_order or block_size % refit[0]):
         raise ValueError("per-group refitting needs columns in order and blocks made of "
                          "whole groups")
-    rtn_err = proxy_error(quantize_column(w, s, z, qmin, qmax) - w, h)
+    if prune is not None and (act_order or block_size % prune[0]):
+        raise ValueError("mask selection needs columns in order and blocks made of whole "
+                         "selection periods")
+    keep = torch.ones_like(w, dtype=torch.bool)
+    rtn_err = (0.0 if s is None else
+               proxy_error(quantize_column(w, s, z, qmin, qmax) - w, h))
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     diag[diag == 0] = 1.0  # an input never seen: no coupling, so it is rounded to nearest
     perm = None
@@ -130,12 +142,18 @@ def gptq(w: Tensor, h: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int, *,
         w1, u1 = w[..., b0:b1].clone(), u[:, b0:b1, b0:b1]
         err = torch.zeros_like(w1)
         for i in range(b1 - b0):
+            if prune is not None and i % prune[0] == 0:  # choose the next columns' mask
+                span = slice(b0 + i, b0 + i + prune[0])
+                keep[..., span] = prune[1](w1[..., i: i + prune[0]],
+                                           torch.diagonal(u1, dim1=-2, dim2=-1)[:, i: i + prune[0]])
             if refit is not None and (b0 + i) % refit[0] == 0:  # a group starts: fit its grid
                 gs, gz = refit[1](w1[..., i: i + refit[0]])
                 s[..., b0 + i: b0 + i + refit[0]] = gs[..., None]
                 z[..., b0 + i: b0 + i + refit[0]] = gz[..., None]
             col = w1[..., i]                                              # [g, r]
-            qc = quantize_column(col, s[..., b0 + i], z[..., b0 + i], qmin, qmax)
+            qc = col if s is None else quantize_column(col, s[..., b0 + i], z[..., b0 + i],
+                                                       qmin, qmax)
+            qc = qc * keep[..., b0 + i]
             q[..., b0 + i] = qc
             e = (col - qc) / u1[:, i, i][:, None]                         # [g, r]
             w1[..., i:] -= e[..., None] * u1[:, i, i:][:, None, :]
@@ -143,7 +161,7 @@ def gptq(w: Tensor, h: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int, *,
         w[..., b1:] -= err @ u[:, b0:b1, b1:]
     if perm is not None:
         q = q.gather(-1, torch.argsort(perm, dim=-1)[:, None, :].expand_as(q))
-    return q, {"rtn_error": rtn_err, "damp": lam, "scale": s, "zero_point": z}
+    return q, {"rtn_error": rtn_err, "damp": lam, "scale": s, "zero_point": z, "keep": keep}
 
 
 # ============================================================== the layer solver
@@ -200,6 +218,17 @@ def unsupported(layer: nn.Module) -> str | None:
         return "no weight quantizer"
     if type(wq) is not Quantizer:
         return f"{type(wq).__name__} weights (GPTQ rounds on a uniform grid)"
+    why = unsolvable(layer)
+    if why is not None:
+        return why
+    gran = wq.spec.gran
+    if getattr(gran, "axis", 0) != 0:
+        return f"weights quantized {gran} (GPTQ needs rows = output channels)"
+    return None
+
+
+def unsolvable(layer: nn.Module) -> str | None:
+    """Why a layer's input Hessian cannot be built (its kind or padding), or None."""
     if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
         return f"{type(layer).__name__} (GPTQ needs a Linear or Conv1d/2d input)"
     if isinstance(layer, nn.modules.conv._ConvNd):
@@ -207,9 +236,6 @@ def unsupported(layer: nn.Module) -> str | None:
             return f"padding {layer.padding!r}/{layer.padding_mode} (only explicit zero padding)"
         if getattr(type(layer), "float_cls", None) is not None and "forward" in vars(type(layer)):
             return f"{type(layer).float_cls.__name__} computes its own forward"
-    gran = wq.spec.gran
-    if getattr(gran, "axis", 0) != 0:
-        return f"weights quantized {gran} (GPTQ needs rows = output channels)"
     return None
 
 

@@ -56,8 +56,8 @@ CHECK_BUDGET_BYTES = 1 << 30  # layer inputs + outputs the check may hold, both 
 def default_floor(recipe) -> float:
     """The output-SQNR floor for a recipe: 6 dB when weights and activations are ≥ 8-bit,
     else 0 dB (noise as large as the signal)."""
-    bits = [recipe.weights.bits] + ([recipe.activations.bits] if recipe.activations else [])
-    return FLOOR_8BIT_DB if min(bits) >= 8 else FLOOR_LOW_BIT_DB
+    bits = [s.bits for s in (recipe.weights, recipe.activations) if s is not None]
+    return FLOOR_8BIT_DB if min(bits, default=8) >= 8 else FLOOR_LOW_BIT_DB
 
 
 class QuantizationCheckError(SlimtorchError):

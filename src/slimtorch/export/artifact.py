@@ -4,6 +4,9 @@
   next to their scales and zero-points and every other tensor of the model, in the compact
   layout of ``compact`` (all-zero tensors as shapes, shared tensors once, small tensors
   concatenated per dtype).
+- A sparse (masked) layer stores its mask as a bitmask (1 bit per weight) and only the kept
+  weights: their packed codes, or for a float layer their values (``sparse`` in the config);
+  a pruned weight costs one bit.
 - ``slimtorch.json`` holds the recipe, the plan (which quantizer sits where), the graph
   description, the model's source (``zoo:resnet20``, ``torchvision:resnet18``...), versions and
   the SHA-256 of the tensor file, so a truncated or edited artifact is refused on load.
@@ -65,13 +68,22 @@ def artifact_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     compact layout of ``compact``) and the config entries that describe them."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     packed: dict[str, dict] = {}
+    sparse: dict[str, dict] = {}
     written: list[torch.Tensor] = []
     for fqn, m in quant_layers(model):
+        mask = m.weight_mask
+        if mask is not None:
+            sparse[fqn] = {"shape": list(mask.shape), "kept": int(mask.sum())}
+            state[f"{fqn}.weight_mask.bits"] = torch.from_numpy(
+                np.packbits(mask.reshape(-1).numpy()))
+            if not m.frozen:  # a float sparse layer: the kept values only
+                state[f"{fqn}.weight.kept"] = state.pop(f"{fqn}.weight")[mask].contiguous()
         if not m.frozen:
             continue
         wq = m.weight_quantizer
         state.pop(f"{fqn}.weight")
-        codes = pack_bits(m.weight_int, wq.spec.bits, wq.qmin)
+        kept = m.weight_int if mask is None else m.weight_int[mask]
+        codes = pack_bits(kept, wq.spec.bits, wq.qmin)
         # equal codes (a tied embedding and LM head on one grid) share one tensor, which
         # ``compact`` then writes once
         codes = next((c for c in written if c.shape == codes.shape and c.dtype == codes.dtype
@@ -80,7 +92,7 @@ def artifact_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
         state[f"{fqn}.weight_int.packed"] = codes
         packed[fqn] = {"bits": wq.spec.bits, "qmin": wq.qmin, "shape": list(m.weight_int.shape)}
     tensors, layout = compact(state)
-    return tensors, {"packed": packed, "layout": layout}
+    return tensors, {"packed": packed, "sparse": sparse, "layout": layout}
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, extra: dict | None = None) -> Path:
@@ -185,7 +197,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     apply_fold_structure(model, [tuple(p) for p in meta["bn_folds"]])
     untie_parameters(model, meta.get("untied", []))
     attach(model, meta["plan"], seed=meta["seed"])
-    _load_state(model, state, cfg["packed"])
+    _load_state(model, state, cfg["packed"], cfg.get("sparse", {}))
     setattr(model, META_ATTR, meta)
     if meta.get("token_pruning"):  # Agile-Quant's token pruning: hooks, no tensors
         from ..algorithms.agile_prune import install_pruning
@@ -194,9 +206,35 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     return model
 
 
-def _load_state(model: nn.Module, state: dict, packed: dict) -> None:
-    ints = {fqn: unpack_bits(state.pop(f"{fqn}.weight_int.packed"), **info)
-            for fqn, info in packed.items()}
+def _unpack_mask(state: dict, fqn: str, info: dict) -> torch.Tensor:
+    n = int(np.prod(info["shape"]))
+    bits = np.unpackbits(state.pop(f"{fqn}.weight_mask.bits").numpy(), count=n)
+    mask = torch.from_numpy(bits.astype(bool)).reshape(info["shape"])
+    if int(mask.sum()) != info["kept"]:
+        raise ArtifactError(f"the mask of {fqn} keeps {int(mask.sum())} weights, the config "
+                            f"says {info['kept']}: the artifact is corrupt; re-create it")
+    return mask
+
+
+def _load_state(model: nn.Module, state: dict, packed: dict, sparse: dict) -> None:
+    masks = {fqn: _unpack_mask(state, fqn, info) for fqn, info in sparse.items()}
+    ints = {}
+    for fqn, info in packed.items():
+        shape = info["shape"]
+        if fqn in masks:  # the kept codes only; pruned ones are set to the grid's zero
+            kept = unpack_bits(state.pop(f"{fqn}.weight_int.packed"), info["bits"],
+                               info["qmin"], [int(masks[fqn].sum())])
+            full = torch.zeros(shape, dtype=kept.dtype)
+            full[masks[fqn]] = kept
+            ints[fqn] = full
+        else:
+            ints[fqn] = unpack_bits(state.pop(f"{fqn}.weight_int.packed"), **info)
+    for fqn, mask in masks.items():
+        if fqn not in packed:  # a float sparse layer: scatter the kept values
+            kept = state.pop(f"{fqn}.weight.kept")
+            w = torch.zeros(mask.shape, dtype=kept.dtype)
+            w[mask] = kept
+            state[f"{fqn}.weight"] = w
     result = model.load_state_dict(state, strict=False)
     missing = set(result.missing_keys) - {f"{fqn}.weight" for fqn in packed}
     if missing or result.unexpected_keys:
@@ -207,6 +245,8 @@ def _load_state(model: nn.Module, state: dict, packed: dict) -> None:
             m.weight_quantizer.mode = Mode.QUANT
         if m.input_quantizer is not None:
             m.input_quantizer.mode = Mode.QUANT
+        if fqn in masks:
+            m.set_weight_mask(masks[fqn])
         if fqn in ints:
             m.set_weight_int(ints[fqn])
     sites = getattr(model, "slimtorch_functional", None)

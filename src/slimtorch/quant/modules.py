@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import MaskError
 from .kinds import make_quantizer
 from .quantizer import Quantizer
 from .spec import QuantSpec
@@ -138,6 +139,7 @@ class QuantLayerMixin:
         self.register_buffer("input_scale", None)  # explicit per-channel input scale, or None
         self.register_buffer("input_rot_a", None)  # Kronecker factors of an input rotation
         self.register_buffer("input_rot_b", None)
+        self.register_buffer("weight_mask", None, persistent=False)  # sparsity: kept weights
 
     def set_input_scale(self, s: Tensor) -> None:
         """Divide the input's channels (last dim) by ``s`` before quantizing it."""
@@ -158,14 +160,29 @@ class QuantLayerMixin:
     def input_rotation(self) -> tuple[Tensor, Tensor] | None:
         return None if self.input_rot_a is None else (self.input_rot_a, self.input_rot_b)
 
+    @torch.no_grad()
+    def set_weight_mask(self, mask: Tensor | None) -> None:
+        """Keep only the weights where ``mask`` is True (the others become exactly zero, in
+        the parameter too); ``None`` removes the mask."""
+        if mask is None:
+            self.weight_mask = None
+            return
+        if mask.shape != self.weight.shape:
+            raise MaskError(f"a mask of shape {list(mask.shape)} does not fit a weight of shape "
+                            f"{list(self.weight.shape)}: masks are per layer, made for this "
+                            "architecture (see slimtorch.sparsity.masks_of)")
+        self.weight_mask = mask.to(device=self.weight.device, dtype=torch.bool).clone()
+        self.weight.mul_(self.weight_mask)
+
     def calibrate_weight(self) -> None:
         if self.weight_quantizer is not None:
             self.weight_quantizer.calibrate(self.weight)
 
     def quantized_weight(self) -> Tensor:
-        if self.frozen or self.weight_quantizer is None:
-            return self.weight
-        return self.weight_quantizer(self.weight)
+        if self.frozen:
+            return self.weight  # already masked (set_weight_int)
+        w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        return w if self.weight_mask is None else w * self.weight_mask
 
     def quantized_input(self, x: Tensor) -> Tensor:
         x = transform_input(x, self.input_scale, self.input_rotation)
@@ -181,8 +198,13 @@ class QuantLayerMixin:
 
     @torch.no_grad()
     def set_weight_int(self, q: Tensor) -> None:
+        wq, mask = self.weight_quantizer, self.weight_mask
+        if mask is not None:  # a pruned weight holds the grid's code of zero
+            q = torch.where(mask, q, wq.quantize_int(torch.zeros_like(self.weight)).to(q.dtype))
         self.register_buffer("weight_int", q.to(torch.int16), persistent=False)
-        w = self.weight_quantizer.dequantize_int(q)
+        w = wq.dequantize_int(q)
+        if mask is not None:
+            w = w * mask  # exactly zero, also on a grid without a zero point
         self.weight = nn.Parameter(w.to(self.weight.dtype), requires_grad=False)
         self.frozen = True
 

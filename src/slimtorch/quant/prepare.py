@@ -46,14 +46,18 @@ def _with_bits(spec: QuantSpec | None, ov: LayerOverride | None, part: str) -> Q
 
 
 def make_plan(graph: QuantGraph, recipe: Recipe) -> dict[str, Any]:
-    """Decide the weight/activation spec of every layer and functional site."""
+    """Decide the weight/activation spec of every layer and functional site. A recipe with a
+    method that masks weights (``MethodConfig.masks_weights``: the sparsity methods) plans
+    every Conv/Linear, a layer it does not quantize with no quantizers, so each can hold a
+    mask."""
     layers: dict[str, dict] = {}
     compute = [l["fqn"] for l in graph.layers if l["type"] != "Embedding"]
     first, last = (compute[0], compute[-1]) if compute else (None, None)
+    masked = any(getattr(m, "masks_weights", False) for m in recipe.methods)
     for layer in graph.layers:
         w, a = recipe.weights, recipe.activations
         if layer["type"] == "Embedding":  # weight-only; the input is indices
-            if not recipe.quantize_embeddings:
+            if not recipe.quantize_embeddings or w is None:
                 continue
             w, a = w.model_copy(update={"granularity": PerChannel(0)}), None
         for is_edge, ov in ((layer["fqn"] == first, recipe.first_layer),
@@ -64,7 +68,7 @@ def make_plan(graph: QuantGraph, recipe: Recipe) -> dict[str, Any]:
                                  layer.get("depthwise", False))
         if hit:
             w, a = _with_bits(w, ov, "weights"), _with_bits(a, ov, "activations")
-        if w is not None or a is not None:
+        if w is not None or a is not None or (masked and layer["type"] != "Embedding"):
             layers[layer["fqn"]] = {"weights": _dump(w), "activations": _dump(a)}
     functional: dict[str, dict] = {}
     if recipe.activations is not None:

@@ -1,0 +1,64 @@
+"""What every sparsity method shares: its config (the pattern, which layers, per-layer
+ratios) and the record it returns."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import Field, field_validator, model_validator
+
+from ..methods import MethodConfig
+from .masks import Pattern, check_sparsity, parse_pattern, sparsity_summary
+
+
+class SparsityConfig(MethodConfig):
+    """``sparsity`` (fraction pruned, unstructured) or ``pattern`` ("2:4", "4:8"); which
+    layers: every Conv/Linear except the first and last (``dense_first``/``dense_last``, the
+    usual protocol: the stem sees few inputs and the classifier is small), ``exclude`` and
+    ``ratios`` keyed like recipe overrides (fqn, ``re:regex``, type name, ``depthwise``)."""
+
+    masks_weights: ClassVar[bool] = True
+    sparsity: float | None = Field(None, description="fraction of weights pruned (unstructured)")
+    pattern: str | None = Field(None, description="N:M, e.g. '2:4' (keep 2 of every 4 inputs)")
+    dense_first: bool = Field(True, description="leave the first Conv/Linear dense")
+    dense_last: bool = Field(True, description="leave the last Conv/Linear dense")
+    exclude: list[str] = Field(default_factory=list, description="layers left dense")
+    ratios: dict[str, float] = Field(default_factory=dict,
+                                     description="per-layer sparsity (unstructured)")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _fraction(cls, v: float | None) -> float | None:
+        if v is not None:
+            check_sparsity(v)
+        return v
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratio_fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, r in v.items():
+            check_sparsity(r, f"ratios[{key!r}]")
+        return v
+
+    @model_validator(mode="after")
+    def _one_pattern(self):
+        if self.sparsity is not None and self.pattern not in (None, "unstructured"):
+            raise ValueError("give either sparsity (unstructured) or an N:M pattern, not both")
+        if self.ratios and self.pattern not in (None, "unstructured"):
+            raise ValueError("per-layer ratios apply to unstructured sparsity; an N:M pattern "
+                             "has one ratio (1 - N/M)")
+        if self.sparsity is None and self.pattern in (None, "unstructured") and not self.ratios:
+            raise ValueError("give a sparsity (e.g. sparsity: 0.5) or a pattern (e.g. "
+                             "pattern: '2:4')")
+        parse_pattern(self.sparsity if self.sparsity is not None else 0.5, self.pattern)
+        return self
+
+    def pattern_obj(self) -> Pattern:
+        default = self.sparsity if self.sparsity is not None else 0.5
+        return parse_pattern(default, self.pattern)
+
+
+def record(model, layer_stats: dict[str, Any], skipped: dict[str, str], **extra) -> dict:
+    """A sparsity method's returned statistics: per-layer stats, the layers left dense (why),
+    and the model's sparsity summary."""
+    return {"layers": layer_stats, "skipped": skipped, "summary": sparsity_summary(model),
+            **extra}
