@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import slimtorch
-from slimtorch.algorithms.gptq import gptq, input_rows, inverse_cholesky
+from slimtorch.algorithms.gptq import gptq, inverse_cholesky
 from slimtorch.errors import ArtifactError, MaskError, RecipeError
 from slimtorch.recipe import resolve_recipe
 from slimtorch.sparsity import apply_masks, masks_of, parse_pattern

@@ -84,7 +84,7 @@ def sparsity_recipe(recipe: Recipe | str | dict) -> Recipe:
     """The recipe, if one of its methods puts masks on weights; else a RecipeError."""
     recipe = resolve_recipe(recipe)
     if not any(getattr(m, "masks_weights", False) for m in recipe.methods):
-        from .methods import handler_for, method_names, method_handler
+        from .methods import method_handler, method_names
         sparse = [n for n in method_names() if method_handler(n).config.masks_weights]
         raise RecipeError(f"recipe {recipe.name!r} has no sparsity method (its methods: "
                           f"{', '.join(recipe.method_names)}): add one of {', '.join(sparse)}, "

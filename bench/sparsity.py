@@ -1,0 +1,159 @@
+"""Sparse weights, one-shot: models × sparsity patterns × methods (magnitude, random, Wanda,
+SparseGPT), on the model's own task.
+
+CNNs (zoo ResNet-20, MobileNetV2): top-1 on the full Fashion-MNIST test set, agreement with the
+dense model; calibration on a seeded subset of the train split (``--calib-size`` images;
+magnitude and random read none, the graph is captured on one batch). First and last layer
+dense (the methods' default). SmolLM2-135M: perplexity on the fixed Austen windows
+(``bench/llm.py``'s task), every decoder Linear pruned, LM head dense. Random masks use the
+same per-layer ratios (uniform here) — the floor every method must beat. Size = the
+artifact's tensors: kept values + a 1-bit mask per weight of a pruned layer.
+
+    python bench/sparsity.py [--models resnet20 mobilenetv2] [--patterns 50 70 90 2:4 4:8]
+        [--methods magnitude random wanda sparsegpt] [--seeds 0 1 2] [--seed-patterns 50 2:4]
+        [--from-json FILE ...] [--out PREFIX]
+
+``--seeds`` repeats the data-dependent methods (Wanda, SparseGPT, random) on other calibration
+subsets for the patterns in ``--seed-patterns``; the table shows mean (min..max).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+
+from slimtorch.pipeline import run_quantize
+
+from report import add_saved_rows, commit, row_commits, saved_rows, write
+
+MODELS = ["resnet20", "mobilenetv2"]
+PATTERNS = ["50", "70", "90", "2:4", "4:8"]
+METHODS = ["magnitude", "random", "wanda", "sparsegpt"]
+SEEDED = {"random", "wanda", "sparsegpt"}
+LLM = "smollm2-135m"
+
+
+def recipe_for(model: str, method: str, pattern: str) -> dict:
+    """The one-method float-weight recipe of a grid cell (an LLM prunes its first layer too,
+    as the SparseGPT/Wanda protocol does)."""
+    entry = {"name": method, **({"pattern": pattern} if ":" in pattern
+                                else {"sparsity": int(pattern) / 100})}
+    if model == LLM:
+        entry["dense_first"] = False
+    return {"name": f"{pattern}-{method}", "weights": None, "methods": [entry]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="*", default=MODELS)
+    p.add_argument("--patterns", nargs="*", default=PATTERNS)
+    p.add_argument("--methods", nargs="*", default=METHODS)
+    p.add_argument("--seeds", nargs="*", type=int, default=[0])
+    p.add_argument("--seed-patterns", nargs="*", default=["50", "2:4"])
+    p.add_argument("--calib-size", type=int, default=None,
+                   help="calibration samples (default: the task's, 1024 images / 16 segments)")
+    p.add_argument("--threads", type=int, default=2)
+    add_saved_rows(p)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sparsity"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = saved_rows(args)
+    fp_cache: dict = {}
+    for model in args.models:
+        calib = args.calib_size or (16 if model == LLM else 1024)
+        for pattern in args.patterns:
+            for method in args.methods:
+                seeds = (args.seeds if method in SEEDED and pattern in args.seed_patterns
+                         else args.seeds[:1])
+                for seed in seeds:
+                    m, _ = run_quantize(f"zoo:{model}", recipe_for(model, method, pattern),
+                                        calib_size=calib, seed=seed, fp_cache=fp_cache)
+                    rows.append({**m, "commit": commit()})
+                    print(f"{model:12s} {pattern:4s} {method:10s} seed {seed} "
+                          f"{_metric(m):>8s}  calib {m['calib_seconds']:6.1f}s", flush=True)
+    write(rows, args.out, to_markdown)
+
+
+def _metric(m: dict) -> str:
+    return f"{m['q_ppl']:.3f}" if "q_ppl" in m else f"{m['q_top1']:.2f}"
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ({format(min(values), fmt)}..{format(max(values), fmt)})"
+
+
+def _cell(ms: list[dict]) -> str:
+    key, fmt = ("q_ppl", ".2f") if "q_ppl" in ms[0] else ("q_top1", ".2f")
+    return _spread([m[key] for m in ms], fmt)
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["One-shot sparsity, no recovery training. Cells: top-1 % on the Fashion-MNIST test "
+             "set (CNNs) or perplexity on the 32 Austen windows (SmolLM2); mean (min..max) "
+             "over calibration seeds where several ran. Pattern: % of the weights of each "
+             "pruned layer set to zero (unstructured), or N:M along the input channels. "
+             "Sizes: the artifact's tensors (kept fp32 values + 1 bit per weight).", ""]
+    for r in rows:
+        r["sparse_method"], r["pattern"] = cell_of(r)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ms = [r for r in rows if r["model"] == model]
+        patterns = list(dict.fromkeys(r["pattern"] for r in ms))
+        methods = list(dict.fromkeys(r["sparse_method"] for r in ms))
+        fp = ms[0]
+        dense = (f"perplexity {fp['fp_ppl']:.3f}" if "fp_ppl" in fp
+                 else f"top-1 {fp['fp_top1']:.2f} %")
+        lines += [f"**{model}** — dense {dense}, {fp['fp_size_bytes'] / 1e6:.3f} MB; "
+                  f"calibration {fp['calib_size']} samples.", "",
+                  "| method | " + " | ".join(_label(p) for p in patterns) + " |",
+                  "|---|" + "---:|" * len(patterns)]
+        for method in methods:
+            cells = []
+            for pattern in patterns:
+                got = [r for r in ms if r["sparse_method"] == method and r["pattern"] == pattern]
+                cells.append(_cell(got) if got else "")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["", "| pattern | sparsity of pruned layers % | of all Conv/Linear % | size MB "
+                  "| agreement with dense % (best method) | calib s (SparseGPT) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for pattern in patterns:
+            got = [r for r in ms if r["pattern"] == pattern]
+            best = max(got, key=_score)
+            sp = best["sparsity"]
+            sgpt = [r["calib_seconds"] for r in got if r["sparse_method"] == "sparsegpt"]
+            agree = best.get("q_top1_agreement", best.get("q_token_agreement"))
+            lines.append(f"| {_label(pattern)} | {100 * sp['sparsity_masked']:.1f} | "
+                         f"{100 * sp['sparsity_all']:.1f} | {best['q_size_bytes'] / 1e6:.3f} | "
+                         f"{agree:.2f} ({best['sparse_method']}) | "
+                         f"{statistics.median(sgpt) if sgpt else float('nan'):.0f} |")
+        lines.append("")
+    note = row_commits(rows, key="recipe")
+    return "\n".join(lines + ([note] if note else []))
+
+
+def cell_of(row: dict) -> tuple[str, str]:
+    """(method label, pattern) of a row, from the sparsity method it recorded: a one-method
+    row is named by that method; a row whose recipe also quantizes by its recipe name."""
+    rec = next(m for m in row["methods"] if m["config"].get("sparsity") is not None
+               or m["config"].get("pattern") is not None)
+    cfg = rec["config"]
+    pattern = cfg["pattern"] or f"{round(100 * cfg['sparsity'])}"
+    label = rec["name"] if row["recipe"] == f"{pattern}-{rec['name']}" or row[
+        "method"] == rec["name"] else row["recipe"]
+    return label, pattern
+
+
+def _score(r: dict) -> float:
+    return -r["q_ppl"] if "q_ppl" in r else r["q_top1"]
+
+
+def _label(pattern: str) -> str:
+    return pattern if ":" in pattern else f"{pattern} %"
+
+
+if __name__ == "__main__":
+    main()
