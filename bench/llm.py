@@ -49,7 +49,7 @@ RECIPES = ["w4-rtn-g64", "w4-gptq-g64", "w4-awq", "w4-awq-gptq"]
 def _torchao(config_name: str, float_head: bool, **kw):
     """torchao's ``quantize_`` with one of its configs on every Linear (lm_head too unless
     ``float_head``)."""
-    def apply(model):
+    def apply(model, calib):  # data-free: calib unused
         import torchao.quantization as tq
         head = model.lm_head if float_head else None
         tq.quantize_(model, getattr(tq, config_name)(**kw),
@@ -64,9 +64,59 @@ def _torchao_w4_g64():
                     granularity=PerGroup(64))
 
 
+def _decoder_linears(model) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
+
+
+def _weightnorm(block: int, zeros: int, level: float):
+    """torch.ao.pruning.WeightNormSparsifier (in torch itself; the sparsifier torchao's
+    prototype builds on): lowest-norm blocks of (1, block) weights along the input features,
+    ``zeros`` zeroed per chosen block, ``level`` the fraction of blocks chosen per layer."""
+    def apply(model, calib):
+        from torch.ao.pruning import WeightNormSparsifier
+        sp = WeightNormSparsifier(sparsity_level=level, sparse_block_shape=(1, block),
+                                  zeros_per_block=zeros)
+        sp.prepare(model, [{"tensor_fqn": f"{n}.weight"} for n in _decoder_linears(model)])
+        sp.step()
+        sp.squash_mask()
+        return model
+    return lambda: apply
+
+
+def _torchao_wanda(block: int | None):
+    """torchao.sparsity.WandaSparsifier: |W|·‖X_j‖ from one observed pass over the calibration
+    segments (all layers from the dense model), compared across the whole layer (or per block
+    of 4 for 2:4)."""
+    def apply(model, calib):
+        from torchao.sparsity import WandaSparsifier
+        from slimtorch.graph.capture import call_model
+        sp = WandaSparsifier(sparsity_level=0.5, semi_structured_block_size=block)
+        sp.prepare(model, [{"tensor_fqn": f"{n}.weight"} for n in _decoder_linears(model)])
+        with torch.no_grad():
+            for item in calib:
+                call_model(model, item)
+        sp.step()
+        sp.squash_mask()
+        return model
+    return lambda: apply
+
+
 # peer name -> (package, what it does, factory of model -> quantized model); weight-only peers
-# keep lm_head float like our w4 recipes, W8A8 quantizes it like ours
+# keep lm_head float like our w4 recipes, W8A8 quantizes it like ours; sparsity peers prune every
+# decoder Linear like our llm-* sparsity recipes (factories taking (model, calibration items))
 PEERS = {
+    "torch-ao-weightnorm-50": ("torch", "torch.ao.pruning.WeightNormSparsifier, 50 % "
+                               "unstructured per layer (|w|, blocks 1×1)",
+                               _weightnorm(1, 1, 0.5)),
+    "torch-ao-weightnorm-2of4": ("torch", "torch.ao.pruning.WeightNormSparsifier, 2:4 (blocks "
+                                 "1×4, 2 zeros each, every block)", _weightnorm(4, 2, 1.0)),
+    "torchao-wanda-50": ("torchao", "torchao.sparsity.WandaSparsifier, 50 % unstructured "
+                         "(compared over the whole layer), 16 calibration segments",
+                         _torchao_wanda(None)),
+    "torchao-wanda-2of4": ("torchao", "torchao.sparsity.WandaSparsifier, 2:4 "
+                           "(semi_structured_block_size 4), 16 calibration segments",
+                           _torchao_wanda(4)),
     "torchao-w8a8-dynamic": ("torchao", "Int8DynamicActivationInt8WeightConfig: 8-bit "
                              "per-channel weights, 8-bit per-token dynamic activations, "
                              "every Linear", lambda: _torchao(
@@ -92,7 +142,7 @@ def run_peer(name: str, fp_cache: dict) -> dict:
            "fp_ppl": task.score(fp)["ppl"], "calib_size": 0, "seed": "-"}
     try:
         t0 = time.perf_counter()
-        q = factory()(copy.deepcopy(model))
+        q = factory()(copy.deepcopy(model), task.calibration(16, 0, 1))
         row["calib_seconds"] = round(time.perf_counter() - t0, 3)
         score = task.score(task.outputs(q), fp)
     except Exception as e:  # a peer's failure is a result: recorded verbatim

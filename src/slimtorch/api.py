@@ -64,7 +64,8 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
         floor = default_floor(recipe) if min_sqnr_db is None else min_sqnr_db
         report = check(qmodel, model, batches[0], min_sqnr_db=floor, meta=meta)
         meta["self_check"] = report.to_dict(worst=8)
-        enforce(report, strict=strict)
+        enforce(report, strict=strict,
+                sparse=any(getattr(m, "masks_weights", False) for m in recipe.methods))
     return qmodel
 
 

@@ -248,14 +248,18 @@ def held_samples(model: nn.Module, names: set[str], item: Any,
     return item if k == n else take(item, torch.arange(k))
 
 
-def enforce(report: CheckReport, *, strict: bool) -> None:
-    """Warn (or raise, when ``strict``) if the report did not pass."""
+def enforce(report: CheckReport, *, strict: bool, sparse: bool = False) -> None:
+    """Warn (or raise, when ``strict``) if the report did not pass; ``sparse``: the recipe
+    prunes weights, and the advice is about sparsity."""
     if report.passed:
         return
-    msg = (f"{report.summary()}: the quantized model's outputs are far from the float "
-           f"model's. Layers with the largest own error:\n{report.table()}\n"
+    fix = ("Leave the worst layers dense (the sparsity method's `exclude:`), give them a lower "
+           "sparsity (`ratios:`), or use sparsegpt" if sparse else
            "Keep the worst layers in float (recipe `overrides: {NAME: null}`), raise their "
-           "bits, or use a reconstruction recipe; `slimtorch inspect DIR` shows every layer.")
+           "bits, or use a reconstruction recipe")
+    msg = (f"{report.summary()}: the compressed model's outputs are far from the float "
+           f"model's. Layers with the largest own error:\n{report.table()}\n"
+           f"{fix}; `slimtorch inspect DIR` shows every layer.")
     if strict:
         raise QuantizationCheckError(msg)
     warnings.warn(msg, QuantizationCheckWarning, stacklevel=3)
