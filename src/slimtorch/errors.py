@@ -43,3 +43,8 @@ class CalibrationWarning(UserWarning):
 class RotationError(SlimtorchError):
     """A model's structure does not let an orthogonal rotation be fused into its weights
     exactly (a LayerNorm's mean subtraction, a norm bias, a residual add of no layer's output)."""
+
+
+class ReportError(SlimtorchError):
+    """``slimtorch report`` cannot build a report from what it was given (no directory, an
+    output path it cannot write, matplotlib missing)."""
