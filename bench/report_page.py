@@ -21,12 +21,19 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from report import provenance
+from report import commit, provenance
 
 from slimtorch.cli import main as cli
 from slimtorch.eval.machine import machine_markdown
 from slimtorch.eval.report import report
 from slimtorch.export.artifact import atomic_path, write_text_atomic
+
+
+MADE_AT = "bench_commit.txt"  # the commit a run was quantized and timed at
+
+
+def _made_at(d: Path) -> str:
+    return (d / MADE_AT).read_text().strip() if (d / MADE_AT).is_file() else "not recorded"
 
 
 def screenshot(page: Path, png: Path, width: int, height: int) -> None:
@@ -61,16 +68,18 @@ def main() -> None:
         if not (d / "metrics.json").is_file():
             assert cli(["quantize", "--model", "zoo:resnet20", "--recipe", r, "--out", str(d),
                         "--quiet"]) == 0
+            (d / MADE_AT).write_text(commit())
         if not (d / "speed.json").is_file():
             assert cli(["bench", "speed", str(d)]) == 0
         dirs.append(d)
+    made = "; ".join(f"{d.name} at {_made_at(d)}" for d in dirs)
     page, md = report(dirs, runs / "report.html", inspect_samples=32)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     screenshot(page, out.with_suffix(".png"), 1280, args.height)
     with atomic_path(out.with_name(out.name + "_pareto.png"), mode=0o644) as tmp:
         Path(tmp).write_bytes(first_figure(page, "pareto-size"))
-    note = "\n".join([provenance(), machine_markdown(), "",
+    note = "\n".join([provenance(), f"Runs quantized and timed: {made}.", machine_markdown(), "",
                       f"Screenshot: `{out.with_suffix('.png').name}` (top {args.height} px of "
                       f"the page, headless Chromium); figure: `{out.name}_pareto.png`. "
                       "The report's Markdown twin follows.", "", md.read_text()])

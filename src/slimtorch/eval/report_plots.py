@@ -55,8 +55,8 @@ def barh(labels: Sequence[str], series: dict[str, Sequence[float | None]], *, xl
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    if k > 1:
-        ax.legend(fontsize=8, loc="lower right")
+    if k > 1:  # beside the axes, where it hides no bar
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 
