@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from report import commit, provenance
@@ -40,11 +42,16 @@ def screenshot(page: Path, png: Path, width: int, height: int) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("no chromium: apt-get install chromium")
-    with atomic_path(png, mode=0o644) as tmp:
+    with tempfile.TemporaryDirectory(dir=png.parent) as tmp:  # chromium names its own file
+        shot = Path(tmp) / "shot.png"
         subprocess.run([chromium, "--headless", "--disable-gpu", "--no-sandbox",
                         "--hide-scrollbars", f"--window-size={width},{height}",
-                        f"--screenshot={tmp}", page.resolve().as_uri()],
+                        f"--screenshot={shot}", page.resolve().as_uri()],
                        check=True, capture_output=True, timeout=120)
+        if not shot.is_file() or shot.stat().st_size == 0:
+            raise SystemExit(f"chromium wrote no screenshot of {page}")
+        shot.chmod(0o644)
+        os.replace(shot, png)
 
 
 def first_figure(page: Path, section: str) -> bytes:
