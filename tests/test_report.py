@@ -3,7 +3,6 @@ ResNet-20 artifacts (every number on the page is the one in the run's files), th
 bad input, atomic writes, and the page in a real headless Chromium (no console message, no
 fetch, every figure decoded and painted)."""
 import json
-import math
 import re
 import shutil
 import subprocess
@@ -22,8 +21,6 @@ from slimtorch.zoo.registry import weights_path
 
 from conftest import make_cnn
 
-needs_zoo = pytest.mark.skipif(not weights_path("resnet20").is_file(),
-                               reason="zoo weights not trained")
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)
 needs_chromium = pytest.mark.skipif(
