@@ -76,6 +76,11 @@ def test_pareto_sets_group_by_model_and_leave_out_unmeasured_runs():
     assert [p.on_front for p in s.points] == [False, True, True]  # b is smaller and better
     assert s.float_point == (4.0, 93.0) and s.x_label == "size (MB)"
     assert pareto_sets(runs, "latency") == []  # no run has speed.json
+    lm = [Run(Path(n), {"source": "zoo:lm", "meta": {}}, {"fp_size_bytes": 9, "q_size_bytes": b,
+              "fp_ppl": 46.0, "q_ppl": ppl}, label=n) for n, b, ppl in
+          (("g", 4, 51.0), ("h", 4, 68.0), ("i", 3, 66.0))]
+    (s,) = pareto_sets(lm, "size")  # perplexity: lower is better, so h (same size, 68) is off
+    assert [p.on_front for p in s.points] == [True, False, True]
 
 
 # ---------------------------------------------------------------- real artifacts
