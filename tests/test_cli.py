@@ -74,3 +74,12 @@ def test_eval_of_damaged_artifact(tmp_path, capsys):
     code, _, err = run(capsys, "eval", str(tmp_path / "a"))
     assert code == 2 and "not a slimtorch artifact" in err
     assert os.listdir(tmp_path / "a") == []
+
+
+def test_report_of_bad_input_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    code, _, err = run(capsys, "report", str(tmp_path / "a"), "--out", str(tmp_path / "r.html"))
+    assert code == 2 and "not a slimtorch artifact" in err and "slimtorch quantize" in err
+    code, _, err = run(capsys, "report", str(tmp_path / "a"), "--out", str(tmp_path / "r.pdf"))
+    assert code == 2 and "ending in .html" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # nothing written

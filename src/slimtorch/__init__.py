@@ -8,6 +8,7 @@
     report = slimtorch.export_onnx(qmodel, "model.onnx", example_inputs)
     fast = slimtorch.lower(qmodel)  # in place: int8 / packed low-bit kernels in PyTorch
     print(slimtorch.inspect(qmodel, model, calib_batch).table())  # worst layers by SQNR
+    slimtorch.report(["out/"], "report.html")  # HTML page + report.md: metrics, SQNR, bits
 
 The names below are imported on first use (PEP 562), so ``import slimtorch.errors`` or
 ``slimtorch.methods`` does not import torch or the whole package.
@@ -18,8 +19,9 @@ import importlib
 
 from ._version import __version__
 
-_PUBLIC = {"quantize": "api", "sparsify": "api", "save": "api", "load": "api", "export_onnx": "api", "inspect": "api",
-           "lower": "intops.lower", "Recipe": "recipe", "resolve_recipe": "recipe", "SlimtorchError": "errors"}
+_PUBLIC = {"quantize": "api", "sparsify": "api", "save": "api", "load": "api", "export_onnx": "api",
+           "inspect": "api", "report": "eval.report", "lower": "intops.lower", "Recipe": "recipe",
+           "resolve_recipe": "recipe", "SlimtorchError": "errors"}
 __all__ = [*_PUBLIC, "__version__"]
 
 

@@ -1,5 +1,5 @@
-"""Command line: ``slimtorch zoo | recipes | quantize | sparsify | eval | inspect | export |
-bench``.
+"""Command line: ``slimtorch zoo | recipes | quantize | sparsify | eval | inspect | report |
+export | bench``.
 
 Bad input ends with one line ``error: ...`` that says what to change (exit status 2), never a
 traceback from inside torch.
@@ -120,6 +120,12 @@ def cmd_inspect(args) -> None:
     console.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
 
 
+def cmd_report(args) -> None:
+    from .eval.report import report
+    html, md = report(args.dirs, args.out, inspect_samples=args.inspect_samples)
+    console.print(f"report written to [bold]{html}[/bold] and [bold]{md}[/bold]")
+
+
 def cmd_generate(args) -> None:
     from .pipeline import run_generate
     text, info = run_generate(args.dir, args.prompt, max_new_tokens=args.max_new_tokens,
@@ -198,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--all", action="store_true", help="every layer, in model order")
     ins.add_argument("--data-dir")
     ins.set_defaults(fn=cmd_inspect)
+
+    rp = sub.add_parser("report", help="HTML page + Markdown twin for artifacts: metrics, size, "
+                        "latency vs float, per-layer SQNR and bits, Pareto fronts")
+    rp.add_argument("dirs", nargs="+", metavar="DIR", help="artifact directories")
+    rp.add_argument("--out", required=True, help="HTML file (the .md twin is written beside it)")
+    rp.add_argument("--inspect-samples", type=int, default=0, metavar="N",
+                    help="recompute every layer's SQNR on N calibration samples (default 0: "
+                    "the worst layers quantize's self-check recorded)")
+    rp.set_defaults(fn=cmd_report)
 
     from .cli_deploy import register as register_deploy  # export, bench speed
     register_deploy(sub)

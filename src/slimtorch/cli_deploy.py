@@ -9,7 +9,7 @@ onnxruntime,openvino``; ``export.runtime``) on the same two ONNX files, int8 PyT
 (the engines take turns over three rounds: ``interleaved_ms``), on real inputs of the
 artifact's task (Fashion-MNIST test images, Austen sentences). On an LLM artifact ``bench speed``
 measures prefill and decode tokens/s of fp32 against ``slimtorch.lower``'s form instead
-(``eval.decode_speed``).
+(``eval.decode_speed``). Either result is kept in ``DIR/speed.json``.
 """
 from __future__ import annotations
 
@@ -260,12 +260,28 @@ def cmd_bench_speed(args) -> None:
                                 repeats=max(1, args.repeats // 5))
         console.print(decode_table(result))
         console.print(machine_markdown(), highlight=False)
+        _write_speed(args.dir, "decode", result)
         return
     result = measure_speed(args.dir, batches=tuple(args.batches), threads=args.threads,
                            repeats=args.repeats, data_dir=args.data_dir,
                            weight_form=args.weight_form, runtimes=args.runtime)
     console.print(speed_table(result))
     console.print(machine_markdown(), highlight=False)
+    _write_speed(args.dir, "latency", result)
+
+
+SPEED_FILE = "speed.json"
+
+
+def _write_speed(directory, kind: str, result: dict) -> None:
+    """Keep the measurement beside the artifact (``DIR/speed.json``, written atomically):
+    ``kind`` "latency" (``measure_speed``) or "decode" (``measure_decode``), the machine it
+    ran on; ``slimtorch report`` reads it."""
+    from .eval.machine import machine_info
+    from .export.artifact import write_json_atomic
+    path = Path(directory) / SPEED_FILE
+    write_json_atomic(path, {"kind": kind, "machine": machine_info(), **result})
+    console.print(f"speed written to [bold]{path}[/bold]")
 
 
 def _is_causal_lm(directory) -> bool:

@@ -49,3 +49,8 @@ class MaskError(SlimtorchError):
     """A sparsity mask or pattern does not fit the layer or model it is applied to (a shape
     mismatch, an N:M pattern whose M does not divide the layer's inputs, a sparsity outside
     (0, 1))."""
+
+
+class ReportError(SlimtorchError):
+    """``slimtorch report`` cannot build a report from what it was given (no directory, an
+    output path it cannot write, matplotlib missing)."""

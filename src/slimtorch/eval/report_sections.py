@@ -1,0 +1,201 @@
+"""The report's sections: each a small function ``(runs) -> Section | None`` (None: nothing to
+show for these runs), run in the order of ``SECTIONS``.
+
+A new family adds its section as one more function and one more entry in ``SECTIONS``, reading
+what its method records (``meta["methods"][i]["stats"]``) or its own file in the artifact
+directory, without touching the others. Still to come with their families: per-layer
+sensitivity (mixed precision), diffusion sample grids, pruning's kept channels per layer,
+sparsity per layer. No section invents a number: what a run did not measure reads
+"not measured" and names the command that measures it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Callable, Sequence
+
+from . import report_plots as plots
+from .report_data import (METRICS, Run, headline, latency, layer_bits, pareto_sets, sizes,
+                          sqnr_layers, value)
+from .report_render import Figure, Section, Table, Text
+
+NOT_MEASURED = "not measured"
+
+
+def _mb(n: int | None) -> str:
+    return NOT_MEASURED if n is None else f"{n / 1e6:.3f} MB"
+
+
+def _num(x, digits: int = 2) -> str:
+    v = value(x)
+    return "∞" if v == math.inf else f"{v:.{digits}f}"
+
+
+# ---------------------------------------------------------------- summary
+def summary(runs: Sequence[Run]) -> Section:
+    """Model, recipe, task metric, size and latency of each run against its float model."""
+    rows = []
+    for r in runs:
+        key, m = headline(r), r.metrics or {}
+        metric = (f"{METRICS[key][0]}: {_num(m.get(f'fp_{key}', 'nan'))} → "
+                  f"{_num(m[f'q_{key}'])}" if key else NOT_MEASURED)
+        others = [f"{METRICS[k][0]} {_num(m[f'q_{k}'], 4 if k in ('cosine', 'kl') else 2)}"
+                  for k in METRICS if k != key and f"q_{k}" in m]
+        fp_b, q_b = sizes(r)
+        size = (f"{_mb(fp_b)} → {_mb(q_b)} ({fp_b / q_b:.2f}× smaller)" if fp_b and q_b
+                else f"{NOT_MEASURED} (artifact file {_mb(_file_bytes(r))})")
+        lat = latency(r)
+        speed = (f"{lat.fp:.2f} → {lat.q:.2f} {lat.unit} (speed-up {lat.fp / lat.q:.2f}×; "
+                 f"{lat.label})"
+                 if lat else NOT_MEASURED)
+        check = r.self_check
+        sq = f"{_num(check['output_sqnr_db'], 1)} dB" if check else NOT_MEASURED
+        rows.append([r.label, r.model, r.recipe, metric, "; ".join(others) or "—", size,
+                     speed, sq])
+    blocks = [Table(["run", "model", "recipe", "task metric (float → quantized)",
+                     "other metrics (quantized)", "size (float → quantized)",
+                     "latency (float → quantized)", "output SQNR"], rows)]
+    missing = [r.label for r in runs if r.metrics is None]
+    if missing:
+        blocks.append(Text(f"No metrics.json in {', '.join(missing)} (saved from Python): task "
+                           "metric and sizes not measured; `slimtorch quantize --out DIR` "
+                           "writes them."))
+    if any(latency(r) is None for r in runs):
+        blocks.append(Text("Latency is measured by `slimtorch bench speed DIR` (it writes "
+                           "DIR/speed.json); runs without it read \"not measured\"."))
+    return Section("summary", "Summary", blocks)
+
+
+def _file_bytes(r: Run) -> int | None:
+    from ..export.artifact import TENSORS
+    p = r.path / TENSORS
+    return p.stat().st_size if p.is_file() else None
+
+
+# ---------------------------------------------------------------- recipe and methods
+def recipe(runs: Sequence[Run]) -> Section:
+    """Each run's recipe and the settings every method actually ran with."""
+    blocks = []
+    for r in runs:
+        rec, m = r.meta.get("recipe", {}), r.metrics or {}
+        facts = [f"recipe `{r.recipe}`: {rec.get('description', '')}".rstrip(": "),
+                 f"calibration {m.get('calib_size', NOT_MEASURED)} samples, seed "
+                 f"{r.meta.get('seed', '?')}"]
+        if "versions" in r.config:
+            facts.append("versions " + ", ".join(f"{k} {v}" for k, v in
+                                                 r.config["versions"].items()))
+        blocks.append(Text(f"{r.label}: " + "; ".join(facts) + "."))
+        blocks.append(Table(["method", "resolved settings", "auto became"], [
+            [rec_["name"], json.dumps(rec_.get("config", {}), sort_keys=True) or "{}",
+             json.dumps(rec_.get("auto", {}), sort_keys=True)]
+            for rec_ in r.meta.get("methods", [])]))
+    return Section("recipe", "Recipe and methods", blocks)
+
+
+# ---------------------------------------------------------------- latency detail
+def speed(runs: Sequence[Run]) -> Section | None:
+    """Every timing ``slimtorch bench speed`` recorded (only runs that have one)."""
+    timed = [r for r in runs if r.speed]
+    if not timed:
+        return None
+    blocks = []
+    for r in timed:
+        s = r.speed
+        mach = s.get("machine", {})
+        blocks.append(Text(f"{r.label}: {s.get('threads')} threads on {mach.get('cpu', '?')} "
+                           f"({mach.get('isa', '?')}), load at start "
+                           f"{mach.get('load avg (1 min) at start', '?')}."))
+        if s.get("kind") == "decode":
+            sp = s["speed"]
+            blocks.append(Table(["engine", "prefill tok/s", "decode tok/s"], [
+                [k, f"{sp[k]['prefill_tok_s']:.0f}", f"{sp[k]['decode_tok_s']:.1f}"]
+                for k in ("fp32", "lowered")]))
+        else:
+            blocks.append(Table(["engine", "batch", "median ms"], [
+                [row["engine"], str(row["batch"]), f"{row['ms']:.3f}"] for row in s["rows"]]))
+    return Section("speed", "Latency", blocks)
+
+
+# ---------------------------------------------------------------- per-layer SQNR
+def sqnr(runs: Sequence[Run]) -> Section:
+    """Per-layer SQNR to float: own (the layer alone) and cumulative (everything up to it)."""
+    blocks = []
+    for r in runs:
+        rows, note = sqnr_layers(r)
+        blocks.append(Text(f"{r.label}: {note}."))
+        if not rows:
+            continue
+        names = [l["name"] for l in rows]
+        own = [value(l["own_sqnr_db"]) for l in rows]
+        cum = [value(l["cumulative_sqnr_db"]) for l in rows]
+        png = plots.barh(names, {"own": own, "cumulative": cum}, xlabel="SQNR to float (dB)",
+                         title=f"{r.label}: per-layer SQNR ({r.model}, {r.recipe})")
+        table = Table(["layer", "type", "own dB", "cumulative dB"], [
+            [l["name"], l.get("type", ""), _num(o, 1), _num(c, 1)]
+            for l, o, c in zip(rows, own, cum)])
+        blocks.append(Figure(png, f"{r.label}: per-layer SQNR to float, own and cumulative "
+                             "(dB; higher is closer to float)", table))
+    return Section("sqnr", "Per-layer SQNR", blocks)
+
+
+# ---------------------------------------------------------------- bits per layer
+def bits(runs: Sequence[Run]) -> Section:
+    """Weight and input-activation bits of every layer, from the plan saved in the artifact."""
+    blocks = []
+    for r in runs:
+        layers = layer_bits(r)
+        if not layers:
+            blocks.append(Text(f"{r.label}: the artifact holds no layer plan."))
+            continue
+        sites = r.meta.get("plan", {}).get("functional", {})
+        site_bits = sorted({str(s["spec"]["bits"]) for s in sites.values() if s.get("spec")})
+        note = (f"; {len(sites)} functional sites (residual adds, matmuls) at "
+                f"{'/'.join(site_bits)} bits" if sites else "")
+        blocks.append(Text(f"{r.label}: {len(layers)} layers{note}; 0 bits in the figure = "
+                           "left float."))
+        png = plots.barh([l.name for l in layers],
+                         {"weights": [l.weights or 0 for l in layers],
+                          "activations": [l.activations or 0 for l in layers]},
+                         xlabel="bits", title=f"{r.label}: bits per layer ({r.recipe})")
+        table = Table(["layer", "weight bits", "activation bits"], [
+            [l.name, str(l.weights or "float"), str(l.activations or "float")] for l in layers])
+        blocks.append(Figure(png, f"{r.label}: bits of each layer's weights and input "
+                             "activations", table))
+    return Section("bits", "Bits per layer", blocks)
+
+
+# ---------------------------------------------------------------- Pareto fronts
+def _pareto(runs: Sequence[Run], axis: str, what: str, how: str) -> Section | None:
+    sets = pareto_sets(runs, axis)
+    if not sets:
+        return None
+    blocks = []
+    for s in sets:
+        label, higher = METRICS[s.metric]
+        pts = [(p.x, p.y, p.run.recipe, p.on_front) for p in s.points]
+        png = plots.pareto(pts, xlabel=s.x_label, ylabel=label, float_point=s.float_point,
+                           higher_is_better=higher, title=f"{s.model}: {label} vs {what}")
+        table = Table(["run", "recipe", s.x_label, label, "on the front"], [
+            [p.run.label, p.run.recipe, f"{p.x:.3f}", f"{p.y:.4g}", "yes" if p.on_front else
+             "no"] for p in s.points])
+        blocks.append(Figure(png, f"{s.model}: {label} vs {what}; the front = runs no other "
+                             f"run beats on both", table))
+    blocks.append(Text(how))
+    return Section(f"pareto-{axis}", f"Pareto front: accuracy vs {what}", blocks)
+
+
+def pareto_size(runs: Sequence[Run]) -> Section | None:
+    """Across runs of one model: which recipes give the best task metric for their size."""
+    return _pareto(runs, "size", "size", "Sizes as recorded by `slimtorch quantize` (tensor "
+                   "bytes of the artifact; float: its state dict).")
+
+
+def pareto_latency(runs: Sequence[Run]) -> Section | None:
+    """The same against measured latency, when ≥ 2 runs of a model have ``speed.json``."""
+    return _pareto(runs, "latency", "latency", "Latency from each run's speed.json "
+                   "(`slimtorch bench speed DIR`); a run without one is left out.")
+
+
+SECTIONS: list[Callable[[Sequence[Run]], Section | None]] = [
+    summary, recipe, pareto_size, pareto_latency, speed, sqnr, bits,
+]
