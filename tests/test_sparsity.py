@@ -251,3 +251,24 @@ def test_sparsify_cli_refuses_a_recipe_without_sparsity(capsys):
     assert main(["sparsify", "--model", "zoo:resnet20", "--recipe", "w8a8", "--out",
                  "/nonexistent/x"]) == 2
     assert "no sparsity method" in capsys.readouterr().err
+
+
+def test_depthwise_convs_stay_dense_by_default():
+    class DW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(1, 8, 3, padding=1)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.pw = nn.Conv2d(8, 8, 1)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.pw(torch.relu(self.dw(self.a(x)))).mean((2, 3)))
+    x = torch.randn(16, 1, 8, 8)
+    q = slimtorch.sparsify(DW(), _sparse_recipe("magnitude", sparsity=0.5), x)
+    assert set(masks_of(q)) == {"pw"}
+    stats = q._slimtorch_meta["methods"][0]["stats"]["skipped"]
+    assert stats["dw"] == "depthwise (dense_depthwise)"
+    q = slimtorch.sparsify(DW(), _sparse_recipe("magnitude", sparsity=0.5,
+                                                dense_depthwise=False), x)
+    assert set(masks_of(q)) == {"dw", "pw"}

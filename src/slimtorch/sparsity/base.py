@@ -13,7 +13,8 @@ from .masks import Pattern, check_sparsity, parse_pattern, sparsity_summary
 class SparsityConfig(MethodConfig):
     """``sparsity`` (fraction pruned, unstructured) or ``pattern`` ("2:4", "4:8"); which
     layers: every Conv/Linear except the first and last (``dense_first``/``dense_last``, the
-    usual protocol: the stem sees few inputs and the classifier is small), ``exclude`` and
+    usual protocol: the stem sees few inputs and the classifier is small) and depthwise convs
+    (``dense_depthwise``: NVIDIA's ASP skips them too; an N:M pattern never fits them), ``exclude`` and
     ``ratios`` keyed like recipe overrides (fqn, ``re:regex``, type name, ``depthwise``)."""
 
     masks_weights: ClassVar[bool] = True
@@ -21,6 +22,9 @@ class SparsityConfig(MethodConfig):
     pattern: str | None = Field(None, description="N:M, e.g. '2:4' (keep 2 of every 4 inputs)")
     dense_first: bool = Field(True, description="leave the first Conv/Linear dense")
     dense_last: bool = Field(True, description="leave the last Conv/Linear dense")
+    dense_depthwise: bool = Field(
+        True, description="leave depthwise convs dense (k·k weights per channel; on the zoo "
+        "MobileNetV2, SparseGPT 50 % gives 56 % top-1 with them pruned, 81 % with them dense)")
     exclude: list[str] = Field(default_factory=list, description="layers left dense")
     ratios: dict[str, float] = Field(default_factory=dict,
                                      description="per-layer sparsity (unstructured)")

@@ -143,7 +143,7 @@ def compute_layers(model: nn.Module) -> list[tuple[str, QuantLayerMixin]]:
 
 def targets(model: nn.Module, cfg) -> tuple[list[tuple[str, nn.Module, float]], dict[str, str]]:
     """(fqn, layer, sparsity) of every layer ``cfg`` prunes, and {fqn: why not} of the rest.
-    ``cfg`` has ``dense_first``, ``dense_last``, ``exclude`` (fqn / ``re:regex`` / type name /
+    ``cfg`` has ``dense_first``, ``dense_last``, ``dense_depthwise``, ``exclude`` (fqn / ``re:regex`` / type name /
     ``depthwise``) and ``ratios`` (the same keys → a sparsity, first match wins) and a
     ``pattern()``."""
     pattern = cfg.pattern_obj()
@@ -160,6 +160,9 @@ def targets(model: nn.Module, cfg) -> tuple[list[tuple[str, nn.Module, float]], 
             continue
         if cfg.dense_last and i == len(layers) - 1:
             skipped[fqn] = "last layer (dense_last)"
+            continue
+        if cfg.dense_depthwise and depthwise:
+            skipped[fqn] = "depthwise (dense_depthwise)"
             continue
         if match_override(dict.fromkeys(cfg.exclude), fqn, kind, depthwise)[0]:
             skipped[fqn] = "excluded"
