@@ -129,7 +129,7 @@ PEERS = {
 }
 
 
-def run_peer(name: str, fp_cache: dict) -> dict:
+def run_peer(name: str, fp_cache: dict, code_commit: str) -> dict:
     """One peer on the same model, windows and scoring as our rows; failures verbatim."""
     pkg, what, factory = PEERS[name]
     task = task_for(MODEL)
@@ -138,7 +138,7 @@ def run_peer(name: str, fp_cache: dict) -> dict:
         fp_cache[MODEL] = task.outputs(model)
     fp = fp_cache[MODEL]
     row = {"recipe": name, "method": f"peer: {pkg} {version(pkg)} {what}", "peer": True,
-           "commit": commit(),
+           "commit": code_commit,
            "fp_ppl": task.score(fp)["ppl"], "calib_size": 0, "seed": "-"}
     try:
         t0 = time.perf_counter()
@@ -164,6 +164,7 @@ def main() -> None:
     add_saved_rows(p)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "llm"))
     args = p.parse_args()
+    code_commit = commit()  # the code this process runs, read once at start
     torch.set_num_threads(args.threads)
     rows = saved_rows(args)
     fp_cache: dict = {}
@@ -171,14 +172,14 @@ def main() -> None:
         for seed in args.seeds:
             m, _ = run_quantize(MODEL, recipe, calib_size=args.calib_size, seed=seed,
                                 fp_cache=fp_cache)
-            rows.append({**m, "commit": commit()})
+            rows.append({**m, "commit": code_commit})
             print(f"{recipe:22s} seed {seed}  ppl {m['q_ppl']:8.3f} ({m['q_ppl_delta_pct']:+.2f} %)"
                   f"  calib {m['calib_seconds']:7.1f}s", flush=True)
             if "q_kept_pct" in m:  # token pruning: scored on the surviving tokens, paired
                 print(f"{'':22s} surviving {m['q_kept_pct']:.2f} % of the tokens: float "
                       f"{m['q_fp_ppl_same_tokens']:.3f}, unpruned {m['q_unpruned_ppl_same_tokens']:.3f} "
                       f"on them; unpruned on all {m['q_unpruned_ppl']:.3f}", flush=True)
-    rows += [run_peer(name, fp_cache) for name in args.peers]
+    rows += [run_peer(name, fp_cache, code_commit) for name in args.peers]
     write(rows, args.out, to_markdown)
 
 

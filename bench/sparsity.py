@@ -58,6 +58,7 @@ def main() -> None:
     add_saved_rows(p)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sparsity"))
     args = p.parse_args()
+    code_commit = commit()  # the code this process runs, read once at start
     torch.set_num_threads(args.threads)
     rows = saved_rows(args)
     fp_cache: dict = {}
@@ -70,7 +71,7 @@ def main() -> None:
                 for seed in seeds:
                     m, _ = run_quantize(f"zoo:{model}", recipe_for(model, method, pattern),
                                         calib_size=calib, seed=seed, fp_cache=fp_cache)
-                    rows.append({**m, "commit": commit()})
+                    rows.append({**m, "commit": code_commit})
                     print(f"{model:12s} {pattern:4s} {method:10s} seed {seed} "
                           f"{_metric(m):>8s}  calib {m['calib_seconds']:6.1f}s", flush=True)
     write(rows, args.out, to_markdown)
