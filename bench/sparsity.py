@@ -9,9 +9,13 @@ dense (the methods' default). SmolLM2-135M: perplexity on the fixed Austen windo
 same per-layer ratios (uniform here) — the floor every method must beat. Size = the
 artifact's tensors: kept values + a 1-bit mask per weight of a pruned layer.
 
+The SmolLM2 rows of bench/results/llm_sparsity.md, with the peers (torch.ao.pruning, torchao),
+come from ``bench/llm.py --recipes bench/recipes/llm-*.yaml --peers ...``: the same task, with its
+paired per-window columns; ``--models smollm2-135m`` here runs the same cells.
+
     python bench/sparsity.py [--models resnet20 mobilenetv2] [--patterns 50 70 90 2:4 4:8]
         [--methods magnitude random wanda sparsegpt] [--seeds 0 1 2] [--seed-patterns 50 2:4]
-        [--from-json FILE ...] [--out PREFIX]
+        [--from-json FILE ...] [--out PREFIX]      (re-render only: --models --from-json F)
 
 ``--seeds`` repeats the data-dependent methods (Wanda, SparseGPT, random) on other calibration
 subsets for the patterns in ``--seed-patterns``; the table shows mean (min..max).
@@ -98,12 +102,15 @@ def to_markdown(rows: list[dict]) -> str:
              "set (CNNs) or perplexity on the 32 Austen windows (SmolLM2); mean (min..max) "
              "over calibration seeds where several ran. Pattern: % of the weights of each "
              "pruned layer set to zero (unstructured), or N:M along the input channels. "
-             "Sizes: the artifact's tensors (kept fp32 values + 1 bit per weight).", ""]
+             "Sizes: the artifact's tensors (kept fp32 values + 1 bit per weight). Rows ran "
+             "at one thread with other jobs on the machine (calib s: wall time under load).",
+             ""]
     for r in rows:
         r["sparse_method"], r["pattern"] = cell_of(r)
     for model in dict.fromkeys(r["model"] for r in rows):
         ms = [r for r in rows if r["model"] == model]
-        patterns = list(dict.fromkeys(r["pattern"] for r in ms))
+        patterns = sorted(dict.fromkeys(r["pattern"] for r in ms),
+                          key=lambda p: (":" in p, [int(x) for x in p.split(":")]))
         methods = list(dict.fromkeys(r["sparse_method"] for r in ms))
         fp = ms[0]
         dense = (f"perplexity {fp['fp_ppl']:.3f}" if "fp_ppl" in fp
@@ -143,8 +150,8 @@ def cell_of(row: dict) -> tuple[str, str]:
                or m["config"].get("pattern") is not None)
     cfg = rec["config"]
     pattern = cfg["pattern"] or f"{round(100 * cfg['sparsity'])}"
-    label = rec["name"] if row["recipe"] == f"{pattern}-{rec['name']}" or row[
-        "method"] == rec["name"] else row["recipe"]
+    short = {f"{pattern}-{rec['name']}", f"llm-{pattern.replace(':', 'of')}-{rec['name']}"}
+    label = rec["name"] if row["recipe"] in short else row["recipe"]
     return label, pattern
 
 
