@@ -287,10 +287,8 @@ def _write_speed(directory, kind: str, result: dict) -> None:
 def _is_causal_lm(directory) -> bool:
     """Whether the artifact holds a zoo language model (decode speed instead of latency)."""
     from .export.artifact import read_config
-    from .zoo.registry import get_entry
-    scheme, _, name = (read_config(directory).get("source") or "").partition(":")
-    entry = get_entry(name) if scheme == "zoo" else None
-    return entry is not None and entry.task == "causal_lm"
+    from .pipeline import causal_lm_entry
+    return causal_lm_entry(read_config(directory).get("source")) is not None
 
 
 def decode_table(result: dict) -> Table:

@@ -141,6 +141,14 @@ def run_inspect(directory: str | Path, *, samples: int = 32, seed: int = 0,
     return check(qmodel, load_model(source), item, meta=cfg["meta"])
 
 
+def causal_lm_entry(source: str | None):
+    """The zoo entry of ``source`` when it is a zoo causal language model, else None."""
+    from .zoo.registry import get_entry
+    scheme, _, name = (source or "").partition(":")
+    entry = get_entry(name) if scheme == "zoo" else None
+    return entry if entry is not None and entry.task == "causal_lm" else None
+
+
 def run_generate(directory: str | Path, prompt: str, *, max_new_tokens: int = 32,
                  fake_quant: bool = False) -> tuple[str, dict[str, Any]]:
     """Greedy continuation of ``prompt`` by a saved causal-LM artifact (a zoo LLM), run on the
@@ -148,11 +156,9 @@ def run_generate(directory: str | Path, prompt: str, *, max_new_tokens: int = 32
     {new_tokens, seconds, tokens_per_s, int8_layers, packed_layers, fake_quant_layers}."""
     from .export.artifact import load
     from .intops import lower, lowering_summary
-    from .zoo.registry import get_entry
     cfg, source = _artifact_source(directory, "generate from Python: qmodel.generate(...)")
-    scheme, _, name = source.partition(":")
-    entry = get_entry(name) if scheme == "zoo" else None
-    if entry is None or entry.task != "causal_lm":
+    entry = causal_lm_entry(source)
+    if entry is None:
         raise SlimtorchError(f"{directory} holds {source}, not a language model: `generate` "
                              "needs an artifact of a causal LM such as zoo:smollm2-135m")
     if max_new_tokens < 1:
