@@ -43,3 +43,8 @@ class CalibrationWarning(UserWarning):
 class RotationError(SlimtorchError):
     """A model's structure does not let an orthogonal rotation be fused into its weights
     exactly (a LayerNorm's mean subtraction, a norm bias, a residual add of no layer's output)."""
+
+
+class DataFreeError(SlimtorchError):
+    """Data-free calibration cannot run on this model (no BatchNorm statistics and no
+    attention to match), or its settings are invalid."""
