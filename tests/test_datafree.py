@@ -126,6 +126,21 @@ def test_psaq_on_attention_model_raises_entropy():
     assert entropy(x) > entropy(x0) + 1.0  # measured -2.15 -> -0.19
 
 
+@pytest.mark.parametrize("name,kwargs,size", [
+    ("deit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, 32),
+    ("swin_tiny_patch4_window7_224", {"img_size": 56, "embed_dim": 24, "depths": (1, 1),
+                                      "num_heads": (1, 2)}, 56),
+])
+def test_psaq_finds_attention_in_timm_deit_and_swin(name, kwargs, size):
+    """timm's attention runs F.scaled_dot_product_attention (Swin: per window); random init."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    assert len(probe(model, torch.zeros(2, 3, size, size)).attention) == 2  # one per block
+    rep = {}
+    x = synthesize(model, (3, size, size), n=2, steps=4, report=rep)
+    assert rep["method"] == "psaq" and x.shape == (2, 3, size, size) and x.isfinite().all()
+
+
 def test_no_bn_no_attention_is_a_clear_error():
     plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
     with pytest.raises(DataFreeError, match="neither|needs") as e:
