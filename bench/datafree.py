@@ -121,12 +121,17 @@ def main() -> None:
                    help="re-render the table from saved rows instead of running")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.from_json is not None:
-        rows = [r for f in (args.from_json or [args.out + ".json"])
-                for r in json.loads(Path(f).read_text())]
-    else:
-        rows = run(args)
-    report.write(rows, args.out, to_markdown)
+    if args.from_json is None:
+        report.write(run(args), args.out, to_markdown)
+        return
+    files = [Path(f) for f in (args.from_json or [args.out + ".json"])]
+    rows = [r for f in files for r in json.loads(f.read_text())]
+    # each run's own command and machine line (its .md beside the rows), above the table
+    runs = [line for f in files if f.with_suffix(".md").is_file() and f.with_suffix(".md") !=
+            Path(args.out + ".md") for line in f.with_suffix(".md").read_text().splitlines()[:2]]
+    report.write(rows, args.out, lambda rs: "\n".join(
+        (["Rows from these runs:", "", *[f"- {x}" for x in runs], ""] if runs else [])
+        + [to_markdown(rs)]))
 
 
 if __name__ == "__main__":
