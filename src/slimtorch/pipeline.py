@@ -96,7 +96,7 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
 def with_calib_source(recipe, source: str, calib_source: str | None, calib_size: int | None):
     """``recipe`` with ``calib.source`` set to ``calib_source`` (None: as the recipe says); a
     data-free recipe gets the zoo entry's input shape and ``calib_size`` samples when given."""
-    from .recipe import _DATA_FREE_KEYS, Recipe
+    from .recipe import DATA_FREE_KEYS, Recipe
     if calib_source not in (None, "data", "data-free"):
         raise SlimtorchError(f"--calib must be 'data' or 'data-free', got {calib_source!r}")
     if calib_source is None and recipe.calib.source == "data":
@@ -104,7 +104,7 @@ def with_calib_source(recipe, source: str, calib_source: str | None, calib_size:
     calib = recipe.calib.model_dump(mode="json")
     calib["source"] = calib_source or calib["source"]
     if calib["source"] == "data":  # a data-free recipe run on data: drop its settings
-        calib = {k: v for k, v in calib.items() if k not in _DATA_FREE_KEYS}
+        calib = {k: v for k, v in calib.items() if k not in DATA_FREE_KEYS}
     else:
         calib["shape"] = calib["shape"] or list(_image_shape(source))
         calib["samples"] = calib_size or calib["samples"]

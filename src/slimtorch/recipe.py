@@ -30,7 +30,7 @@ from .quant.spec import LayerOverride, QuantSpec, Strict as _Strict  # noqa: F40
 
 RECIPE_VERSION = 1
 
-_DATA_FREE_KEYS = ("method", "samples", "steps", "lr", "synth_batch_size", "stats", "shape")
+DATA_FREE_KEYS = ("method", "samples", "steps", "lr", "synth_batch_size", "stats", "shape")
 
 
 class CalibConfig(_Strict):
@@ -52,7 +52,7 @@ class CalibConfig(_Strict):
 
     @model_validator(mode="after")
     def _data_free_keys(self) -> "CalibConfig":
-        given = [k for k in _DATA_FREE_KEYS  # a dump holds the defaults: it round-trips
+        given = [k for k in DATA_FREE_KEYS  # a dump holds the defaults: it round-trips
                  if getattr(self, k) != type(self).model_fields[k].default]
         if self.source == "data" and given:
             raise ValueError(f"{', '.join(given)} apply to data-free calibration only: add "
