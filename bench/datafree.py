@@ -79,13 +79,11 @@ def _mean(vals: list[float]) -> float:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    seeds = sorted({r["seed"] for r in rows})
-    n = sorted({r["samples"] for r in rows})
-    lines = [f"Top-1 % on the full Fashion-MNIST test set (10k); calibration sets of "
-             f"{'/'.join(map(str, n))} samples; mean over seeds {seeds} (per-seed values in "
-             "brackets). Δ = data-free − real, data-free − gaussian.", "",
-             "| model | float | bits | real | data-free | gaussian | Δ real | Δ gaussian |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["Top-1 % on the full Fashion-MNIST test set (10k); N calibration samples for each "
+             "of the three sets; mean over the seeds (per-seed values in brackets). "
+             "Δ = data-free − real, data-free − gaussian.", "",
+             "| model | float | bits | N | seeds | real | data-free | gaussian | Δ real | "
+             "Δ gaussian |", "|---|---:|---|---:|---|---:|---:|---:|---:|---:|"]
     keys = dict.fromkeys((r["model"], r["recipe"]) for r in rows)
     for model, recipe in keys:
         got = {s: [r["top1"] for r in rows if (r["model"], r["recipe"], r["source"]) ==
@@ -95,7 +93,11 @@ def to_markdown(rows: list[dict]) -> str:
         m = {s: _mean(v) for s, v in got.items()}
         fp = next(r["fp_top1"] for r in rows if r["model"] == model)
         cell = lambda s: f"{m[s]:.2f} ({', '.join(f'{v:.2f}' for v in got[s])})"  # noqa: E731
-        lines.append(f"| {model} | {fp:.2f} | {recipe.upper()} | {cell('real')} | "
+        sel = [r for r in rows if (r["model"], r["recipe"], r["source"]) == (model, recipe,
+                                                                            "real")]
+        seeds = ", ".join(str(r["seed"]) for r in sel)
+        lines.append(f"| {model} | {fp:.2f} | {recipe.upper()} | {sel[0]['samples']} | {seeds} | "
+                     f"{cell('real')} | "
                      f"{cell('data-free')} | {cell('gaussian')} | "
                      f"{m['data-free'] - m['real']:+.2f} | {m['data-free'] - m['gaussian']:+.2f} |")
     synth = {(r["model"], r["seed"]): r["synthesis"] for r in rows if "synthesis" in r}
