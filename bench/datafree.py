@@ -101,7 +101,8 @@ def to_markdown(rows: list[dict]) -> str:
                      f"{cell('data-free')} | {cell('gaussian')} | "
                      f"{m['data-free'] - m['real']:+.2f} | {m['data-free'] - m['gaussian']:+.2f} |")
     synth = {(r["model"], r["seed"]): r["synthesis"] for r in rows if "synthesis" in r}
-    lines += ["", "| model | seed | synthesis | steps | lr | batch | seconds | final loss per batch |",
+    lines += ["", "| model | seed | synthesis | steps | lr | batch | seconds | "
+              "final loss per batch |",
               "|---|---:|---|---:|---:|---:|---:|---|"]
     for (model, seed), s in synth.items():
         lines.append(f"| {model} | {seed} | {s['method']} | {s['steps']} | {s['lr']} | "

@@ -23,9 +23,10 @@ from .recipe import Recipe, resolve_recipe
 __all__ = ["quantize", "save", "load", "export_onnx", "inspect"]
 
 
-def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = None, *, seed: int = 0,
-             progress: bool = False, work_dir: str | None = None, inplace: bool = False,
-             transform: Callable[[Any], Any] | None = None, self_check: bool = True,
+def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = None, *,
+             seed: int = 0, progress: bool = False, work_dir: str | None = None,
+             inplace: bool = False, transform: Callable[[Any], Any] | None = None,
+             self_check: bool = True,
              strict: bool = False, min_sqnr_db: float | None = None,
              max_samples: int | None = None) -> nn.Module:
     """Return a quantized copy of ``model`` (same forward signature; the input is untouched).
@@ -33,8 +34,9 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
     calib_data: a Tensor of samples, or any iterable of items (a list, a generator, a torch
     ``DataLoader``) — a Tensor (one positional argument), a tuple (positional arguments) or a
     dict (keyword arguments); None with a data-free recipe (``calib.source: data-free``), which
-    synthesises ``calib.samples`` inputs from the float model (``data.synthetic``). ``transform`` maps each item to the model's input first, e.g.
-    ``lambda batch: batch[0]`` for a loader of (images, labels). ``max_samples``: read the
+    synthesises ``calib.samples`` inputs from the float model (``data.synthetic``).
+    ``transform`` maps each item to the model's input first, e.g. ``lambda batch: batch[0]``
+    for a loader of (images, labels). ``max_samples``: read the
     iterable only until that many samples are in (NNCF's ``subset_size``).
     work_dir: where reconstruction methods keep per-unit state; a rerun with the same recipe,
     seed and data resumes after the last finished unit.

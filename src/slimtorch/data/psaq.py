@@ -1,7 +1,7 @@
 """PSAQ-ViT v1 (Li et al., "Patch Similarity Aware Data-Free Quantization for Vision
 Transformers", ECCV 2022, arXiv:2203.02250): synthetic images whose patch features are diverse.
 
-For every attention output ``[B, H, N, Dh]`` (softmax(QKᵀ)·V, found by ``synthetic._Tap``),
+For every attention output ``[B, H, N, Dh]`` (softmax(QKᵀ)·V, found by ``data.tap.Tap``),
 average the heads, drop the class token, take the cosine similarity of every pair of patches
 (``[B, N-1, N-1]``), estimate its density per sample with a Gaussian KDE (bandwidth 0.01) on 10
 points between the batch's min and max similarity, and take the differential entropy
@@ -25,6 +25,8 @@ import random
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .tap import Tap
 
 BANDWIDTH = 0.01
 GRID = 10          # KDE evaluation points
@@ -69,7 +71,6 @@ def _lr(base: float, it: int, steps: int) -> float:
 
 def psaq_batch(model: nn.Module, x0: Tensor, s, gen: torch.Generator, bar) -> tuple[Tensor, float]:
     """PSAQ-ViT v1 on one batch; ``s``: ``synthetic.Settings``."""
-    from .synthetic import _Tap
     rng = random.Random(int(torch.randint(1 << 31, (1,), generator=gen)))
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=s.lr, betas=(0.5, 0.9), eps=1e-8)
@@ -89,7 +90,7 @@ def psaq_batch(model: nn.Module, x0: Tensor, s, gen: torch.Generator, bar) -> tu
             xj = torch.roll(x, shifts=(off, off), dims=(-2, -1))
             if rng.random() > 0.5:
                 xj = torch.flip(xj, dims=(-1,))
-            with _Tap() as tap:
+            with Tap() as tap:
                 out = model(xj)
             loss = F.cross_entropy(out, target) + TV_WEIGHT * (total_variation(xj) - tau).abs()
             for a in tap.attention:

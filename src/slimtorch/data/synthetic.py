@@ -16,87 +16,29 @@ Adam so that the model's own statistics look like those of real data:
 - ``psaq`` (PSAQ-ViT v1, Li et al., ECCV 2022, arXiv:2203.02250): ``data.psaq``.
 
 Where the statistics live is found by running the model, never from names or per-model tables:
-one ``TorchFunctionMode`` (``_Tap``, scoped to each forward) sees every ``batch_norm`` call
-with its running statistics and every attention output (a matmul with a softmax-derived operand,
-or ``scaled_dot_product_attention``). A model with neither is a ``DataFreeError``.
+one ``TorchFunctionMode`` (``data.tap.Tap``, scoped to each forward) sees every ``batch_norm``
+call with its running statistics and every attention output (a matmul with a softmax-derived
+operand, or ``scaled_dot_product_attention``). A model with neither is a ``DataFreeError``.
 
 Seeded and deterministic: every random draw uses generators seeded from ``seed``; the model's
 parameters, buffers and train/eval mode are left as they were.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from ..errors import DataFreeError
+from .psaq import psaq_batch
+from .tap import BNSite, Tap, probe
+
+__all__ = ["synthesize", "resolve", "bn_stats_loss", "channel_stats", "probe", "BNSite"]
 
 METHODS = ("bn-stats", "psaq")
 EPS = 1e-6  # ZeroQ's σ = sqrt(var + eps)
-_MATMULS = {"matmul", "__matmul__", "bmm", "__rmatmul__"}
-# ops through which a softmax output stays "attention probabilities"
-_CARRY = {"dropout", "contiguous", "to", "type_as", "clone", "view", "reshape", "float"}
-
-
-@dataclass
-class BNSite:
-    """One batch_norm call: its input and the running statistics it normalises with."""
-    x: Tensor
-    mean: Tensor
-    var: Tensor
-
-
-class _Tap(TorchFunctionMode):
-    """Records BN inputs and attention outputs during one forward (``with _Tap() as tap``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.bn: list[BNSite] = []
-        self.attention: list[Tensor] = []  # [B, H, N, Dh] each
-        self._probs: dict[int, weakref.ref] = {}  # id -> softmax-derived tensors
-
-    def _is_probs(self, t: Any) -> bool:
-        ref = self._probs.get(id(t)) if isinstance(t, Tensor) else None
-        return ref is not None and ref() is t
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        op = getattr(func, "__name__", "")
-        if op == "batch_norm":
-            _record_bn(self.bn, args, kwargs)
-        elif op == "softmax" or (op in _CARRY and args and self._is_probs(args[0])):
-            if isinstance(out, Tensor):
-                self._probs[id(out)] = weakref.ref(out)
-        elif op in _MATMULS and any(self._is_probs(a) for a in args[:2]):
-            self.attention.append(out)
-        elif op == "scaled_dot_product_attention":
-            self.attention.append(out)
-        return out
-
-
-def _record_bn(sites: list[BNSite], args: tuple, kwargs: dict) -> None:
-    names = ("input", "running_mean", "running_var")
-    got = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
-    mean, var = got.get("running_mean"), got.get("running_var")
-    if isinstance(mean, Tensor) and isinstance(var, Tensor):
-        sites.append(BNSite(got["input"], mean.detach(), var.detach()))
-
-
-def probe(model: nn.Module, x: Tensor) -> _Tap:
-    """One recorded forward of ``model`` on ``x`` (no gradients)."""
-    with torch.no_grad(), _Tap() as tap:
-        model(x)
-    return tap
-
-
 # ------------------------------------------------------------------ BN-statistics loss
 def channel_stats(x: Tensor, per_sample: bool = True) -> tuple[Tensor, Tensor]:
     """Channel mean and std (sqrt(unbiased var + EPS)) of a BN input ``[B, C, *]``: per sample
@@ -170,7 +112,7 @@ def _bn_batch(model: nn.Module, x0: Tensor, s: Settings, bar) -> tuple[Tensor, f
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=1e-4, patience=100)
     loss_value = float("nan")
     for _ in range(s.steps):
-        with _Tap() as tap:
+        with Tap() as tap:
             model(x)
         loss = bn_stats_loss(tap.bn, x, per_sample=s.stats == "sample")
         (x.grad,) = torch.autograd.grad(loss, [x])  # no parameter gradients
@@ -207,7 +149,6 @@ def synthesize(model: nn.Module, shape: tuple[int, ...] | list[int], n: int = 25
                 if s.method == "bn-stats":
                     x, loss = _bn_batch(model, x0, s, bar)
                 else:
-                    from .psaq import psaq_batch
                     x, loss = psaq_batch(model, x0, s, gen, bar)
                 out.append(x)
                 losses.append(round(loss, 6))
