@@ -24,17 +24,20 @@ from .recipe import Recipe, resolve_recipe
 __all__ = ["quantize", "sparsify", "save", "load", "export_onnx", "inspect"]
 
 
-def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, seed: int = 0,
-             progress: bool = False, work_dir: str | None = None, inplace: bool = False,
-             transform: Callable[[Any], Any] | None = None, self_check: bool = True,
+def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = None, *,
+             seed: int = 0, progress: bool = False, work_dir: str | None = None,
+             inplace: bool = False, transform: Callable[[Any], Any] | None = None,
+             self_check: bool = True,
              strict: bool = False, min_sqnr_db: float | None = None,
              max_samples: int | None = None) -> nn.Module:
     """Return a quantized copy of ``model`` (same forward signature; the input is untouched).
 
     calib_data: a Tensor of samples, or any iterable of items (a list, a generator, a torch
     ``DataLoader``) — a Tensor (one positional argument), a tuple (positional arguments) or a
-    dict (keyword arguments). ``transform`` maps each item to the model's input first, e.g.
-    ``lambda batch: batch[0]`` for a loader of (images, labels). ``max_samples``: read the
+    dict (keyword arguments); None with a data-free recipe (``calib.source: data-free``), which
+    synthesises ``calib.samples`` inputs from the float model (``data.synthetic``).
+    ``transform`` maps each item to the model's input first, e.g. ``lambda batch: batch[0]``
+    for a loader of (images, labels). ``max_samples``: read the
     iterable only until that many samples are in (NNCF's ``subset_size``).
     work_dir: where reconstruction methods keep per-unit state; a rerun with the same recipe,
     seed and data resumes after the last finished unit.
@@ -50,6 +53,9 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
     ``seed``.
     """
     recipe = resolve_recipe(recipe)
+    synthetic: dict[str, Any] = {}
+    if recipe.calib.source == "data-free":
+        calib_data = _synthesize_for(model, recipe, calib_data, seed, progress, synthetic)
     batches = calibration_batches(calib_data, recipe.calib.batch_size, transform, max_samples)
     with torch.random.fork_rng(devices=[]):  # module constructors in rewrites draw from it
         qmodel = (model if inplace else copy.deepcopy(model)).eval()
@@ -57,6 +63,8 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
         calibrate(qmodel, batches, progress=progress)
         meta["methods"] = run_methods(qmodel, recipe, batches, seed=seed, progress=progress,
                                       float_model=None if inplace else model, work_dir=work_dir)
+    if synthetic:
+        meta["calibration"] = synthetic  # data-free: resolved settings, final losses
     sync_shared(qmodel, meta["plan"])
     freeze(qmodel)
     setattr(qmodel, META_ATTR, meta)
@@ -69,7 +77,7 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, *, 
     return qmodel
 
 
-def sparsify(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any, **kwargs
+def sparsify(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = None, **kwargs
              ) -> nn.Module:
     """Return a sparse copy of ``model``: ``quantize`` with a recipe whose methods put masks on
     weights (``magnitude``, ``random``, ``wanda``, ``sparsegpt``; names like ``50-wanda`` or
@@ -91,6 +99,25 @@ def sparsity_recipe(recipe: Recipe | str | dict) -> Recipe:
                           f"{', '.join(recipe.method_names)}): add one of {', '.join(sparse)}, "
                           "or use quantize")
     return recipe
+
+def _synthesize_for(model: nn.Module, recipe: Recipe, calib_data: Any, seed: int,
+                    progress: bool, report: dict) -> torch.Tensor:
+    """The recipe's data-free calibration set (``calib: {source: data-free, ...}``)."""
+    from .data.synthetic import synthesize
+    from .errors import CalibrationDataError
+    c = recipe.calib
+    if calib_data is not None:
+        raise CalibrationDataError(
+            "the recipe asks for data-free calibration (calib.source: data-free) and "
+            "calibration data was given too: pass calib_data=None, or drop `source: data-free` "
+            "to calibrate on the data (a saved synthetic set is such data)")
+    if c.shape is None:
+        raise CalibrationDataError(
+            "data-free calibration needs the shape of one input sample: set `calib: {shape: "
+            "[1, 28, 28]}` in the recipe, or make the set with "
+            "slimtorch.data.synthetic.synthesize(model, shape, n) and pass it as calib_data")
+    return synthesize(model, c.shape, c.samples, seed=seed, progress=progress, report=report,
+                      **c.data_free_args())
 
 
 def inspect(qmodel: nn.Module, float_model: nn.Module, inputs: Any) -> CheckReport:

@@ -100,8 +100,9 @@ def cmd_quantize(args) -> None:
         torch.set_num_threads(args.threads)
     m, _ = run_quantize(args.model, args.recipe, calib_size=args.calib_size, seed=args.seed,
                         out=args.out, data_dir=args.data_dir, progress=not args.quiet,
-                        resume=args.resume, eval_size=args.eval_size)
-    title = f"{m['model']} · {m['recipe']} · calib {m['calib_size']} · seed {m['seed']}"
+                        resume=args.resume, eval_size=args.eval_size, calib_source=args.calib)
+    calib = f"{m['calib_size']} data-free" if m["calib_source"] == "data-free" else m["calib_size"]
+    title = f"{m['model']} · {m['recipe']} · calib {calib} · seed {m['seed']}"
     console.print(_metrics_table(m, title))
     console.print(f"artifact and metrics.json written to [bold]{args.out}[/bold]")
 
@@ -142,7 +143,11 @@ def _compress_args(q: argparse.ArgumentParser, recipe_help: str) -> None:
     q.add_argument("--model", required=True, help="zoo:NAME or minilm (`slimtorch zoo list`)")
     q.add_argument("--recipe", required=True, help=recipe_help)
     q.add_argument("--calib-size", type=int, default=None,
-                   help="calibration samples (default: 1024 images/sentences, 128 LM segments)")
+                   help="calibration samples (default: 1024 images/sentences, 128 LM segments; "
+                   "data-free: the recipe's calib.samples, 256)")
+    q.add_argument("--calib", choices=("data", "data-free"), help="calibration source "
+                   "(default: the recipe's calib.source); data-free synthesises the inputs "
+                   "from the model (BatchNorm statistics, or PSAQ-ViT for attention models)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--eval-size", type=int, help="evaluate on the first N items only (LM "
                    "windows, sentences, photos; default: the task's whole evaluation set)")

@@ -54,3 +54,7 @@ class MaskError(SlimtorchError):
 class ReportError(SlimtorchError):
     """``slimtorch report`` cannot build a report from what it was given (no directory, an
     output path it cannot write, matplotlib missing)."""
+
+class DataFreeError(SlimtorchError):
+    """Data-free calibration cannot run on this model (no BatchNorm statistics and no
+    attention to match), or its settings are invalid."""

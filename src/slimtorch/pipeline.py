@@ -24,7 +24,8 @@ from .zoo.sources import load_model
 def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, seed: int = 0,
                  out: str | Path | None = None, data_dir: str | None = None,
                  progress: bool = False, fp_cache: dict | None = None, resume: bool = False,
-                 eval_size: int | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
+                 eval_size: int | None = None, calib_source: str | None = None
+                 ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Quantize ``source`` with ``recipe``; returns the metrics (written to ``out`` too, with
     the artifact, when given) and the quantized model. ``calib_size`` samples of calibration
     data (None: the task's default, 1024 images / sentences or 128 LM segments);
@@ -33,17 +34,25 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
 
     Reconstruction methods keep per-unit state in ``OUT/recon-state`` until the artifact is
     written. ``resume=True`` continues an interrupted run from it; without it, finding that
-    directory is an error (it is never silently reused, nor silently thrown away)."""
+    directory is an error (it is never silently reused, nor silently thrown away).
+
+    ``calib_source="data-free"`` (CLI ``--calib data-free``) overrides the recipe's
+    ``calib.source``: the calibration set is synthesised from the float model
+    (``data.synthetic``), ``calib_size`` inputs (default: the recipe's ``calib.samples``) of
+    the zoo entry's input shape; no training image is read."""
     work = Path(out) / "recon-state" if out is not None else None  # resumable unit state
     if work is not None and work.exists() and not resume:
         raise SlimtorchError(f"{work} holds the state of an interrupted run; pass --resume "
                              "(resume=True) to continue it, or delete that directory")
-    recipe_obj = resolve_recipe(recipe)
+    recipe_obj = with_calib_source(resolve_recipe(recipe), source, calib_source, calib_size)
     task = with_eval_size(task_for(source, data_dir), eval_size)
     eval_note = {"eval_size": eval_size} if eval_size is not None else {}
-    if calib_size is None:
-        calib_size = getattr(task, "calib_size", 1024)
-    calib = task.calibration(calib_size, seed, recipe_obj.calib.batch_size)
+    if recipe_obj.calib.source == "data-free":  # synthesised inside quantize (timed)
+        calib, calib_size = None, recipe_obj.calib.samples
+    else:
+        if calib_size is None:
+            calib_size = getattr(task, "calib_size", 1024)
+        calib = task.calibration(calib_size, seed, recipe_obj.calib.batch_size)
     model = load_model(source)
     t0 = time.perf_counter()
     qmodel = quantize(model, recipe_obj, calib, seed=seed, progress=progress, work_dir=work)
@@ -60,6 +69,7 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
     metrics = {"model": source, "recipe": recipe_obj.name,
                "method": "+".join(recipe_obj.method_names),
                "task": task.kind, "calib_size": calib_size, "seed": seed,
+               "calib_source": recipe_obj.calib.source,
                **eval_note,
                "fp_size_bytes": fp_size_bytes(model),
                "q_size_bytes": quantized_size_bytes(qmodel),
@@ -70,6 +80,8 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
         metrics[f"fp_{k}"] = v
     for k, v in q_score.items():
         metrics[f"q_{k}"] = v
+    if "calibration" in getattr(qmodel, META_ATTR, {}):
+        metrics["calibration"] = getattr(qmodel, META_ATTR)["calibration"]
     check = getattr(qmodel, META_ATTR, {}).get("self_check")
     if check:
         metrics["self_check"] = check  # output SQNR/cosine on a calibration batch, worst layers
@@ -83,6 +95,35 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
         shutil.rmtree(work, ignore_errors=True)
         write_json_atomic(Path(out) / "metrics.json", metrics)
     return metrics, qmodel
+
+
+def with_calib_source(recipe, source: str, calib_source: str | None, calib_size: int | None):
+    """``recipe`` with ``calib.source`` set to ``calib_source`` (None: as the recipe says); a
+    data-free recipe gets the zoo entry's input shape and ``calib_size`` samples when given."""
+    from .recipe import DATA_FREE_KEYS, Recipe
+    if calib_source not in (None, "data", "data-free"):
+        raise SlimtorchError(f"--calib must be 'data' or 'data-free', got {calib_source!r}")
+    if calib_source is None and recipe.calib.source == "data":
+        return recipe
+    calib = recipe.calib.model_dump(mode="json")
+    calib["source"] = calib_source or calib["source"]
+    if calib["source"] == "data":  # a data-free recipe run on data: drop its settings
+        calib = {k: v for k, v in calib.items() if k not in DATA_FREE_KEYS}
+    else:
+        calib["shape"] = calib["shape"] or list(_image_shape(source))
+        calib["samples"] = calib_size or calib["samples"]
+    return Recipe.from_dict({**recipe.to_dict(), "calib": calib}, source=recipe.name)
+
+
+def _image_shape(source: str) -> tuple[int, ...]:
+    """One input sample's shape for data-free synthesis: zoo image models only."""
+    from .zoo.registry import get_entry
+    scheme, _, name = source.partition(":")
+    entry = get_entry(name) if scheme == "zoo" else None
+    if entry is None or entry.task == "causal_lm":
+        raise SlimtorchError(f"data-free calibration synthesises image inputs; {source} does "
+                             "not take images: calibrate it on data (drop --calib data-free)")
+    return tuple(entry.input_shape)
 
 
 def with_eval_size(task, eval_size: int | None):

@@ -17,7 +17,7 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, Field, PlainSerializer, ValidationError,
@@ -30,9 +30,41 @@ from .quant.spec import LayerOverride, QuantSpec, Strict as _Strict  # noqa: F40
 
 RECIPE_VERSION = 1
 
+DATA_FREE_KEYS = ("method", "samples", "steps", "lr", "synth_batch_size", "stats", "shape")
+
+
 class CalibConfig(_Strict):
+    """Where calibration data comes from and how it is batched. ``source: data-free``
+    synthesises it from the float model (``data.synthetic``): ``method`` auto | bn-stats |
+    psaq, ``samples`` inputs of one-sample ``shape`` (the CLI fills it from the zoo entry),
+    ``steps``/``lr`` (``auto``: the method's published defaults), optimised in batches of
+    ``synth_batch_size``, BN statistics per ``sample`` (ZeroQ) or per ``batch``."""
     batch_size: int = Field(32, ge=1)
     max_samples_per_quantizer: int = Field(1 << 18, ge=1024)
+    source: Literal["data", "data-free"] = "data"
+    method: Literal["auto", "bn-stats", "psaq"] = "auto"
+    samples: int = Field(256, ge=1)
+    steps: int | Literal["auto"] = "auto"
+    lr: float | Literal["auto"] = "auto"
+    synth_batch_size: int = Field(32, ge=1)
+    stats: Literal["sample", "batch"] = "sample"
+    shape: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _data_free_keys(self) -> "CalibConfig":
+        given = [k for k in DATA_FREE_KEYS  # a dump holds the defaults: it round-trips
+                 if getattr(self, k) != type(self).model_fields[k].default]
+        if self.source == "data" and given:
+            raise ValueError(f"{', '.join(given)} apply to data-free calibration only: add "
+                             "`source: data-free` or drop them")
+        if isinstance(self.steps, int) and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (or auto), got {self.steps}")
+        return self
+
+    def data_free_args(self) -> dict[str, Any]:
+        """Keyword arguments of ``data.synthetic.synthesize`` (shape and n excepted)."""
+        return {"method": self.method, "steps": self.steps, "lr": self.lr,
+                "batch_size": self.synth_batch_size, "stats": self.stats}
 
 
 def _parse_method(v: Any) -> MethodConfig:
