@@ -100,7 +100,8 @@ def cmd_quantize(args) -> None:
         torch.set_num_threads(args.threads)
     m, _ = run_quantize(args.model, args.recipe, calib_size=args.calib_size, seed=args.seed,
                         out=args.out, data_dir=args.data_dir, progress=not args.quiet,
-                        resume=args.resume, eval_size=args.eval_size)
+                        resume=args.resume, eval_size=args.eval_size,
+                        train_size=args.train_size)
     title = f"{m['model']} · {m['recipe']} · calib {m['calib_size']} · seed {m['seed']}"
     console.print(_metrics_table(m, title))
     console.print(f"artifact and metrics.json written to [bold]{args.out}[/bold]")
@@ -138,6 +139,9 @@ def _compress_args(q: argparse.ArgumentParser, recipe_help: str) -> None:
     q.add_argument("--calib-size", type=int, default=None,
                    help="calibration samples (default: 1024 images/sentences, 128 LM segments)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--train-size", type=int, default=None,
+                   help="training images for methods that train (srste; default: the whole "
+                   "train split)")
     q.add_argument("--eval-size", type=int, help="evaluate on the first N items only (LM "
                    "windows, sentences, photos; default: the task's whole evaluation set)")
     q.add_argument("--out", required=True, help="artifact directory")
