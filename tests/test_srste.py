@@ -216,3 +216,16 @@ def test_shipped_recipe_runs_sparsegpt_then_srste():
     assert r.method_names == ["sparsegpt", "srste"] and r.weights is None
     assert r.methods[0].pattern == "2:4" and r.methods[1].epochs == 3
     assert r.methods[1].pattern is None  # resolved at run time from sparsegpt
+
+
+def test_epoch_batches_cover_every_sample_once_in_a_seeded_order():
+    from slimtorch.sparsity.srste import epoch_batches, epoch_steps
+    items = list(torch.arange(10.).reshape(10, 1).split(4))  # batches of 4, 4, 2
+    a = list(epoch_batches(items, 3, torch.Generator().manual_seed(0)))
+    b = list(epoch_batches(items, 3, torch.Generator().manual_seed(0)))
+    assert [len(x) for x in a] == [3, 3, 3, 1] and epoch_steps(items, 3) == 4
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert sorted(torch.cat(a).reshape(-1).tolist()) == list(range(10))
+    tuples = [(torch.ones(2), i) for i in range(5)]  # other items: permuted, not re-batched
+    got = list(epoch_batches(tuples, 3, torch.Generator().manual_seed(0)))
+    assert sorted(i for _, i in got) == list(range(5)) and epoch_steps(tuples, 3) == 5

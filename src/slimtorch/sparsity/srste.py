@@ -25,9 +25,12 @@ do. Data: ``MethodContext.train_batches`` (the task's train split, ``--train-siz
 calibration batches (the stats say which).
 
 Paper vs public code: we follow both where they agree (mask from |W| every step, the decay
-2e-4 added to the gradient, SGD momentum 0.9 with cosine decay). The public code groups a
-convolution's weight along input channels at each tap, as ``masks.nm_mask`` does. The public
-code trains 120 epochs from scratch at lr 0.1 (batch 256); a 3-epoch recovery starts from a
+2e-4 added to the gradient, SGD momentum 0.9 with cosine decay). The public code
+(NM-sparsity ``devkit/sparse_ops/sparse_ops.py``) groups M consecutive entries of the flattened
+weight — for a k×k convolution that runs over kernel taps of one input channel, not over input
+channels; we group along input channels at each tap (``masks.nm_mask``: NVIDIA ASP's layout,
+the one 2:4 hardware reads, and the one the one-shot methods used, so the recovered mask has
+the structure of the mask it starts from). The public code trains 120 epochs from scratch at lr 0.1 (batch 256); a 3-epoch recovery starts from a
 good solution, so the default lr is 0.01 at batch 128 (a tenth of the zoo's training lr, the
 usual fine-tuning choice) and no weight decay beyond λ_w. The student runs in eval mode: BN is
 folded into its convolutions, so there are no batch statistics to train (dropout is off).
@@ -143,14 +146,25 @@ def _call(model: nn.Module, item: Any, params: dict[str, Tensor] | None = None) 
     return torch.func.functional_call(model, params, args, kwargs, strict=False)
 
 
+def _tensors(items: list) -> bool:
+    return all(isinstance(x, Tensor) for x in items)
+
+
+def epoch_steps(items: list, batch_size: int) -> int:
+    return -(-_samples(items) // batch_size) if _tensors(items) else len(items)
+
+
 def epoch_batches(items: list, batch_size: int, gen: torch.Generator):
-    """One epoch in a seeded order: Tensor items re-batched to ``batch_size`` from a
-    permutation of all samples; other items (tuples, dicts) in a permuted item order."""
-    if all(isinstance(x, Tensor) for x in items):
+    """One epoch in a seeded order (a generator): Tensor items re-batched to ``batch_size``
+    from a permutation of all samples; other items (tuples, dicts) in a permuted item order."""
+    if _tensors(items):
         data = items[0] if len(items) == 1 else torch.cat(items)
         perm = torch.randperm(len(data), generator=gen)
-        return [data[perm[i:i + batch_size]] for i in range(0, len(data), batch_size)]
-    return [items[i] for i in torch.randperm(len(items), generator=gen).tolist()]
+        for i in range(0, len(data), batch_size):
+            yield data[perm[i:i + batch_size]]
+        return
+    for i in torch.randperm(len(items), generator=gen).tolist():
+        yield items[i]
 
 
 def _samples(items: list) -> int:
@@ -205,8 +219,8 @@ def train(model, teacher, layers, pattern: Pattern, n_pruned: dict[str, int], da
     params = [t for pair in weights.values() for t in pair if t is not None]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + 29)
-    steps = cfg.epochs * len(epoch_batches(data, cfg.batch_size, torch.Generator()))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    per_epoch = epoch_steps(data, cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * per_epoch)
     saved = {f: l.weight_mask for f, l, _ in layers}
     was_training, teacher_training = model.training, teacher.training
     model.eval(), teacher.eval()
@@ -217,8 +231,9 @@ def train(model, teacher, layers, pattern: Pattern, n_pruned: dict[str, int], da
             l.weight_mask = None
         for epoch in range(cfg.epochs):
             start, total, count = dict(masks), 0.0, 0
-            bar = tqdm(epoch_batches(data, cfg.batch_size, gen), disable=not ctx.progress,
-                       desc=f"srste {epoch + 1}/{cfg.epochs}", leave=False)
+            bar = tqdm(epoch_batches(data, cfg.batch_size, gen), total=per_epoch,
+                       disable=not ctx.progress, desc=f"srste {epoch + 1}/{cfg.epochs}",
+                       leave=False)
             for item in bar:
                 loss = step(model, teacher, weights, masks, pattern, n_pruned, item, cfg, opt)
                 sched.step()
