@@ -129,18 +129,21 @@ def to_markdown(rows: list[dict]) -> str:
                 cells.append(_cell(got) if got else "")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += ["", "| pattern | sparsity of pruned layers % | of all Conv/Linear % | size MB "
-                  "| agreement with dense % (best method) | calib s (SparseGPT) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| agreement with dense % (best method) | calib s (SparseGPT) | SR-STE s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for pattern in patterns:
             got = [r for r in ms if r["pattern"] == pattern]
             best = max(got, key=_score)
             sp = best["sparsity"]
             sgpt = [r["calib_seconds"] for r in got if r["sparse_method"] == "sparsegpt"]
+            srste = [m["stats"]["seconds"] for r in got for m in r["methods"]
+                     if m["name"] == "srste"]
             agree = best.get("q_top1_agreement", best.get("q_token_agreement"))
             lines.append(f"| {_label(pattern)} | {100 * sp['sparsity_masked']:.1f} | "
                          f"{100 * sp['sparsity_all']:.1f} | {best['q_size_bytes'] / 1e6:.3f} | "
                          f"{agree:.2f} ({best['sparse_method']}) | "
-                         f"{statistics.median(sgpt) if sgpt else float('nan'):.0f} |")
+                         f"{statistics.median(sgpt) if sgpt else float('nan'):.0f} | "
+                         f"{f'{statistics.median(srste):.0f}' if srste else ''} |")
         lines.append("")
     note = row_commits(rows, key="recipe")
     return "\n".join(lines + ([note] if note else []))
