@@ -15,10 +15,13 @@ paired per-window columns; ``--models smollm2-135m`` here runs the same cells.
 
     python bench/sparsity.py [--models resnet20 mobilenetv2] [--patterns 50 70 90 2:4 4:8]
         [--methods magnitude random wanda sparsegpt] [--seeds 0 1 2] [--seed-patterns 50 2:4]
-        [--from-json FILE ...] [--out PREFIX]      (re-render only: --models --from-json F)
+        [--recover EPOCHS] [--train-size N] [--from-json FILE ...] [--out PREFIX]
+        (re-render only: --models --from-json FILE ...)
 
 ``--seeds`` repeats the data-dependent methods (Wanda, SparseGPT, random) on other calibration
 subsets for the patterns in ``--seed-patterns``; the table shows mean (min..max).
+``--recover EPOCHS`` appends SR-STE recovery (``srste``, distilled from the dense model on the
+train split, ``--train-size`` images; default all 60k) to every recipe: rows ``METHOD + srste``.
 """
 from __future__ import annotations
 
@@ -39,14 +42,16 @@ SEEDED = {"random", "wanda", "sparsegpt"}
 LLM = "smollm2-135m"
 
 
-def recipe_for(model: str, method: str, pattern: str) -> dict:
+def recipe_for(model: str, method: str, pattern: str, recover: int | None = None) -> dict:
     """The one-method float-weight recipe of a grid cell (an LLM prunes its first layer too,
-    as the SparseGPT/Wanda protocol does)."""
+    as the SparseGPT/Wanda protocol does), with SR-STE recovery for ``recover`` epochs."""
     entry = {"name": method, **({"pattern": pattern} if ":" in pattern
                                 else {"sparsity": int(pattern) / 100})}
     if model == LLM:
         entry["dense_first"] = False
-    return {"name": f"{pattern}-{method}", "weights": None, "methods": [entry]}
+    methods = [entry] + ([{"name": "srste", "epochs": recover}] if recover else [])
+    name = f"{pattern}-{method}" + (f"+srste{recover}" if recover else "")
+    return {"name": name, "weights": None, "methods": methods}
 
 
 def main() -> None:
@@ -59,6 +64,10 @@ def main() -> None:
     p.add_argument("--calib-size", type=int, default=None,
                    help="calibration samples (default: the task's, 1024 images / 16 segments)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--recover", type=int, default=None,
+                   help="append SR-STE recovery with this many epochs to every recipe")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="training images for --recover (default: the whole train split)")
     add_saved_rows(p)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sparsity"))
     args = p.parse_args()
@@ -73,8 +82,10 @@ def main() -> None:
                 seeds = (args.seeds if method in SEEDED and pattern in args.seed_patterns
                          else args.seeds[:1])
                 for seed in seeds:
-                    m, _ = run_quantize(f"zoo:{model}", recipe_for(model, method, pattern),
-                                        calib_size=calib, seed=seed, fp_cache=fp_cache)
+                    recipe = recipe_for(model, method, pattern, args.recover)
+                    m, _ = run_quantize(f"zoo:{model}", recipe, calib_size=calib, seed=seed,
+                                        fp_cache=fp_cache, train_size=(
+                                            args.train_size if args.recover else None))
                     rows.append({**m, "commit": code_commit})
                     print(f"{model:12s} {pattern:4s} {method:10s} seed {seed} "
                           f"{_metric(m):>8s}  calib {m['calib_seconds']:6.1f}s", flush=True)
@@ -98,7 +109,8 @@ def _cell(ms: list[dict]) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["One-shot sparsity, no recovery training. Cells: top-1 % on the Fashion-MNIST test "
+    lines = ["One-shot sparsity; rows `+ srste N ep` add SR-STE recovery (N epochs on the train "
+             "split, distilled from the dense model), the others none. Cells: top-1 % on the Fashion-MNIST test "
              "set (CNNs) or perplexity on the 32 Austen windows (SmolLM2); mean (min..max) "
              "over calibration seeds where several ran. Pattern: % of the weights of each "
              "pruned layer set to zero (unstructured), or N:M along the input channels. "
@@ -126,18 +138,21 @@ def to_markdown(rows: list[dict]) -> str:
                 cells.append(_cell(got) if got else "")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += ["", "| pattern | sparsity of pruned layers % | of all Conv/Linear % | size MB "
-                  "| agreement with dense % (best method) | calib s (SparseGPT) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| agreement with dense % (best method) | calib s (SparseGPT) | SR-STE s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for pattern in patterns:
             got = [r for r in ms if r["pattern"] == pattern]
             best = max(got, key=_score)
             sp = best["sparsity"]
             sgpt = [r["calib_seconds"] for r in got if r["sparse_method"] == "sparsegpt"]
+            srste = [m["stats"]["seconds"] for r in got for m in r["methods"]
+                     if m["name"] == "srste"]
             agree = best.get("q_top1_agreement", best.get("q_token_agreement"))
             lines.append(f"| {_label(pattern)} | {100 * sp['sparsity_masked']:.1f} | "
                          f"{100 * sp['sparsity_all']:.1f} | {best['q_size_bytes'] / 1e6:.3f} | "
                          f"{agree:.2f} ({best['sparse_method']}) | "
-                         f"{statistics.median(sgpt) if sgpt else float('nan'):.0f} |")
+                         f"{statistics.median(sgpt) if sgpt else float('nan'):.0f} | "
+                         f"{f'{statistics.median(srste):.0f}' if srste else ''} |")
         lines.append("")
     note = row_commits(rows, key="recipe")
     return "\n".join(lines + ([note] if note else []))
@@ -150,6 +165,9 @@ def cell_of(row: dict) -> tuple[str, str]:
                or m["config"].get("pattern") is not None)
     cfg = rec["config"]
     pattern = cfg["pattern"] or f"{round(100 * cfg['sparsity'])}"
+    recover = [m for m in row["methods"] if m["name"] == "srste"]
+    if recover and len(row["methods"]) == 2:
+        return f"{rec['name']} + srste {recover[0]['config']['epochs']} ep", pattern
     short = {f"{pattern}-{rec['name']}", f"llm-{pattern.replace(':', 'of')}-{rec['name']}"}
     label = rec["name"] if row["recipe"] in short else row["recipe"]
     return label, pattern

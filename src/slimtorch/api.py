@@ -29,7 +29,7 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
              inplace: bool = False, transform: Callable[[Any], Any] | None = None,
              self_check: bool = True,
              strict: bool = False, min_sqnr_db: float | None = None,
-             max_samples: int | None = None) -> nn.Module:
+             max_samples: int | None = None, train_data: Any = None) -> nn.Module:
     """Return a quantized copy of ``model`` (same forward signature; the input is untouched).
 
     calib_data: a Tensor of samples, or any iterable of items (a list, a generator, a torch
@@ -49,6 +49,8 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
     left to compare with).
     inplace: quantize ``model`` itself instead of a copy (no second copy of a large model);
     methods that need the untouched float model (PD-Quant's distribution correction) refuse.
+    train_data: training data for methods that train (``srste``), in any form ``calib_data``
+    takes (``transform`` applies too); None: they train on the calibration batches.
     The caller's global RNG is left as it was: every random draw uses a generator seeded from
     ``seed``.
     """
@@ -57,12 +59,15 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
     if recipe.calib.source == "data-free":
         calib_data = _synthesize_for(model, recipe, calib_data, seed, progress, synthetic)
     batches = calibration_batches(calib_data, recipe.calib.batch_size, transform, max_samples)
+    train = (None if train_data is None else
+             calibration_batches(train_data, recipe.calib.batch_size, transform))
     with torch.random.fork_rng(devices=[]):  # module constructors in rewrites draw from it
         qmodel = (model if inplace else copy.deepcopy(model)).eval()
         meta = prepare(qmodel, recipe, batches[0], seed=seed)
         calibrate(qmodel, batches, progress=progress)
         meta["methods"] = run_methods(qmodel, recipe, batches, seed=seed, progress=progress,
-                                      float_model=None if inplace else model, work_dir=work_dir)
+                                      float_model=None if inplace else model, work_dir=work_dir,
+                                      train_batches=train)
     if synthetic:
         meta["calibration"] = synthetic  # data-free: resolved settings, final losses
     sync_shared(qmodel, meta["plan"])
@@ -85,7 +90,8 @@ def sparsify(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
     weights are quantized and stay exactly zero. ``calib_data``: as for ``quantize``; the
     data-free methods (magnitude, random) need one example batch to capture the graph.
     ``slimtorch.sparsity.masks_of(model)`` gives the masks; ``metrics.json`` of the CLI holds
-    the sparsity per layer."""
+    the sparsity per layer. ``train_data=`` feeds recovery methods (``srste`` after a
+    one-shot method: ``[{name: sparsegpt, pattern: '2:4'}, {name: srste, epochs: 3}]``)."""
     return quantize(model, sparsity_recipe(recipe), calib_data, **kwargs)
 
 
@@ -129,7 +135,8 @@ def inspect(qmodel: nn.Module, float_model: nn.Module, inputs: Any) -> CheckRepo
 
 def run_methods(model: nn.Module, recipe: Recipe, batches: list, *, seed: int = 0,
                 progress: bool = False, float_model: nn.Module | None = None,
-                work_dir: str | Path | None = None) -> list[dict[str, Any]]:
+                work_dir: str | Path | None = None,
+                train_batches: list | None = None) -> list[dict[str, Any]]:
     """Run the recipe's methods in order, each on its config with every ``auto`` resolved.
     Returns one record per method: name, the resolved config, what ``auto`` became, and the
     decisions/statistics the method returned (kept in the artifact and metrics.json)."""
@@ -137,7 +144,8 @@ def run_methods(model: nn.Module, recipe: Recipe, batches: list, *, seed: int = 
     for i, cfg in enumerate(recipe.methods):
         handler = handler_for(cfg)
         ctx = MethodContext(recipe, batches, seed, progress, float_model,
-                            None if work_dir is None else Path(work_dir) / f"{i}-{handler.name}")
+                            None if work_dir is None else Path(work_dir) / f"{i}-{handler.name}",
+                            train_batches)
         resolved = cfg.resolve(model, ctx)
         stats = handler.apply(model, resolved, ctx)
         records.append({"name": handler.name, "config": resolved.model_dump(mode="json"),

@@ -100,7 +100,8 @@ def cmd_quantize(args) -> None:
         torch.set_num_threads(args.threads)
     m, _ = run_quantize(args.model, args.recipe, calib_size=args.calib_size, seed=args.seed,
                         out=args.out, data_dir=args.data_dir, progress=not args.quiet,
-                        resume=args.resume, eval_size=args.eval_size, calib_source=args.calib)
+                        resume=args.resume, eval_size=args.eval_size, calib_source=args.calib,
+                        train_size=args.train_size)
     calib = f"{m['calib_size']} data-free" if m["calib_source"] == "data-free" else m["calib_size"]
     title = f"{m['model']} · {m['recipe']} · calib {calib} · seed {m['seed']}"
     console.print(_metrics_table(m, title))
@@ -149,6 +150,9 @@ def _compress_args(q: argparse.ArgumentParser, recipe_help: str) -> None:
                    "(default: the recipe's calib.source); data-free synthesises the inputs "
                    "from the model (BatchNorm statistics, or PSAQ-ViT for attention models)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--train-size", type=int, default=None,
+                   help="training images for methods that train (srste; default: the whole "
+                   "train split)")
     q.add_argument("--eval-size", type=int, help="evaluate on the first N items only (LM "
                    "windows, sentences, photos; default: the task's whole evaluation set)")
     q.add_argument("--out", required=True, help="artifact directory")

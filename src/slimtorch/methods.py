@@ -40,6 +40,9 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     # the method puts masks on weights (sparsity): the plan gives every Conv/Linear a twin
     masks_weights: ClassVar[bool] = False
+    # the method trains weights on training data (``MethodContext.train_batches``): the
+    # pipeline loads the task's training split only when a recipe has such a method
+    trains: ClassVar[bool] = False
 
     @classmethod
     def parse(cls, args: dict[str, Any] | None, method: str) -> "MethodConfig":
@@ -83,6 +86,7 @@ class MethodContext:
     progress: bool = False
     float_model: Any = None       # the untouched float model (BN not folded); None if inplace
     work_dir: Any = None          # resumable state of this method, or None
+    train_batches: list | None = None  # training items for methods that train (``trains``)
 
 
 @dataclass(frozen=True)

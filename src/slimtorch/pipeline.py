@@ -24,13 +24,15 @@ from .zoo.sources import load_model
 def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, seed: int = 0,
                  out: str | Path | None = None, data_dir: str | None = None,
                  progress: bool = False, fp_cache: dict | None = None, resume: bool = False,
-                 eval_size: int | None = None, calib_source: str | None = None
-                 ) -> tuple[dict[str, Any], torch.nn.Module]:
+                 eval_size: int | None = None, calib_source: str | None = None,
+                 train_size: int | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
     """Quantize ``source`` with ``recipe``; returns the metrics (written to ``out`` too, with
     the artifact, when given) and the quantized model. ``calib_size`` samples of calibration
     data (None: the task's default, 1024 images / sentences or 128 LM segments);
     ``eval_size``: evaluate on the first N evaluation items only (a quick look; None: the
     task's fixed set), recorded in the metrics and used again by ``run_eval``.
+    Methods that train (``srste``) get the task's training split (``train_size`` images, None:
+    all of it); it is loaded only when the recipe has such a method.
 
     Reconstruction methods keep per-unit state in ``OUT/recon-state`` until the artifact is
     written. ``resume=True`` continues an interrupted run from it; without it, finding that
@@ -53,9 +55,11 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
         if calib_size is None:
             calib_size = getattr(task, "calib_size", 1024)
         calib = task.calibration(calib_size, seed, recipe_obj.calib.batch_size)
+    train, train_note = training_data(task, recipe_obj, train_size, seed)
     model = load_model(source)
     t0 = time.perf_counter()
-    qmodel = quantize(model, recipe_obj, calib, seed=seed, progress=progress, work_dir=work)
+    qmodel = quantize(model, recipe_obj, calib, seed=seed, progress=progress, work_dir=work,
+                      train_data=train)
     calib_seconds = time.perf_counter() - t0
     fp_out = (fp_cache or {}).get(source)
     if fp_out is None:
@@ -70,7 +74,7 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
                "method": "+".join(recipe_obj.method_names),
                "task": task.kind, "calib_size": calib_size, "seed": seed,
                "calib_source": recipe_obj.calib.source,
-               **eval_note,
+               **eval_note, **train_note,
                "fp_size_bytes": fp_size_bytes(model),
                "q_size_bytes": quantized_size_bytes(qmodel),
                "calib_seconds": round(calib_seconds, 3),
@@ -124,6 +128,29 @@ def _image_shape(source: str) -> tuple[int, ...]:
         raise SlimtorchError(f"data-free calibration synthesises image inputs; {source} does "
                              "not take images: calibrate it on data (drop --calib data-free)")
     return tuple(entry.input_shape)
+
+
+def training_data(task, recipe, train_size: int | None, seed: int) -> tuple[list | None, dict]:
+    """The task's training items when a recipe method trains (``MethodConfig.trains``), and
+    the metrics note ``{"train_size": N}``; (None, {}) when none trains. A task without a
+    training split gives None (the method trains on the calibration data and says so)."""
+    trains = [n for n, m in zip(recipe.method_names, recipe.methods) if getattr(m, "trains",
+                                                                              False)]
+    if not trains:
+        if train_size is not None:
+            raise SlimtorchError(f"--train-size feeds methods that train (srste); recipe "
+                                 f"{recipe.name!r} has none: drop --train-size")
+        return None, {}
+    if train_size is not None and train_size < 1:
+        raise SlimtorchError(f"--train-size must be at least 1, got {train_size}")
+    if not hasattr(task, "training"):
+        if train_size is not None:
+            raise SlimtorchError(f"task {task.kind} has no training split for "
+                                 f"{', '.join(trains)}: drop --train-size (it trains on the "
+                                 "calibration data)")
+        return None, {}
+    items = task.training(train_size, seed)
+    return items, {"train_size": sum(len(x) for x in items)}
 
 
 def with_eval_size(task, eval_size: int | None):

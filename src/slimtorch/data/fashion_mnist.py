@@ -114,6 +114,15 @@ def calibration_set(n: int = 1024, seed: int = 0, root: str | os.PathLike | None
     return to_input(images[idx])
 
 
+def train_set(n: int | None = None, seed: int = 0, root: str | os.PathLike | None = None
+              ) -> torch.Tensor:
+    """TRAIN images for methods that train (SR-STE recovery): all 60k in file order when
+    ``n`` is None, else a seeded random subset of ``n``; normalized float32 [n, 1, 28, 28]."""
+    if n is None:
+        return to_input(load_fashion_mnist("train", root)[0])
+    return calibration_set(n, seed, root)
+
+
 def test_set(root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The full test split: normalized float32 x [10000, 1, 28, 28] and int64 labels [10000]."""
     images, labels = load_fashion_mnist("test", root)

@@ -46,6 +46,12 @@ class FashionMNIST:
         from ..data.fashion_mnist import calibration_set
         return list(calibration_set(n, seed, self.data_dir).split(batch_size))
 
+    def training(self, n: int | None, seed: int) -> list[torch.Tensor]:
+        """Train-split images for methods that train (all if ``n`` is None, else a seeded
+        subset of ``n``), in batches of 500 (the method re-batches them)."""
+        from ..data.fashion_mnist import train_set
+        return list(train_set(n, seed, self.data_dir).split(self.batch_size))
+
     def inputs(self, n: int | None = None) -> list[torch.Tensor]:
         """The first ``n`` test images (all if None) in batches."""
         from ..data.fashion_mnist import test_set
