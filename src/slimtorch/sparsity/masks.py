@@ -10,8 +10,9 @@ Patterns (``Pattern``):
 - N:M (``"2:4"``, ``"4:8"``): in every run of M consecutive weights *along the input
   dimension* the N highest-scored are kept. For a convolution the input dimension is its input
   channels: the groups run over C at each kernel tap (weight [O, C, kh, kw] seen as
-  [O, kh, kw, C]), the layout of NVIDIA's ASP and the SR-STE code, so C must be a multiple
-  of M (a depthwise conv never is).
+  [O, kh, kw, C]), the layout of NVIDIA's ASP (the public SR-STE code instead cuts the
+  flattened [C·kh·kw] row into runs of M, which for a k×k conv mixes kernel taps), so C must
+  be a multiple of M (a depthwise conv never is).
 """
 from __future__ import annotations
 
