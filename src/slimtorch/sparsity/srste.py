@@ -52,7 +52,8 @@ from ..methods import MethodConfig, MethodContext, register_method
 from .base import SparsityConfig, record
 from .masks import Pattern, nm_mask, parse_pattern, targets
 
-_INHERITED = ("sparsity", "pattern", "dense_first", "dense_last", "exclude", "ratios")
+_INHERITED = ("sparsity", "pattern", "dense_first", "dense_last", "dense_depthwise", "exclude",
+              "ratios")
 
 
 class SRSTEConfig(SparsityConfig):
