@@ -231,8 +231,9 @@ def to_markdown(rows: list[dict]) -> str:
                          f"{m['q_unpruned_ppl_same_tokens']:.3f} | {m['q_prune_nll_diff']:.4f} ± "
                          f"{m['q_prune_nll_diff_se']:.4f} | {m['q_unpruned_ppl']:.3f} |")
     if peers:
-        lines += ["", "Peers, same model, windows and scoring (no calibration data; quantize "
-                  "seconds):", "", "| peer | what | perplexity | Δ ppl % | Δ NLL | "
+        lines += ["", "Peers, same model, windows and scoring (a peer that reads data gets the "
+                  "same 16 calibration segments; seconds to quantize or prune):", "",
+                  "| peer | what | perplexity | Δ ppl % | Δ NLL | "
                   "next-token agreement % | quantize s |", "|---|---|---:|---:|---:|---:|---:|"]
         for m in peers:
             if "error" in m:
