@@ -151,7 +151,7 @@ def to_markdown(rows: list[dict]) -> str:
             lines.append(f"| {_label(pattern)} | {100 * sp['sparsity_masked']:.1f} | "
                          f"{100 * sp['sparsity_all']:.1f} | {best['q_size_bytes'] / 1e6:.3f} | "
                          f"{agree:.2f} ({best['sparse_method']}) | "
-                         f"{statistics.median(sgpt) if sgpt else float('nan'):.0f} | "
+                         f"{f'{statistics.median(sgpt):.0f}' if sgpt else '—'} | "
                          f"{f'{statistics.median(srste):.0f}' if srste else ''} |")
         lines.append("")
     note = row_commits(rows, key="recipe")
@@ -161,8 +161,11 @@ def to_markdown(rows: list[dict]) -> str:
 def cell_of(row: dict) -> tuple[str, str]:
     """(method label, pattern) of a row, from the sparsity method it recorded: a one-method
     row is named by that method; a row whose recipe also quantizes by its recipe name."""
-    rec = next(m for m in row["methods"] if m["config"].get("sparsity") is not None
-               or m["config"].get("pattern") is not None)
+    rec = next((m for m in row["methods"] if m["name"] != "srste" and (
+        m["config"].get("sparsity") is not None or m["config"].get("pattern") is not None)),
+        None)  # the method that chose the masks (srste after it only keeps their counts)
+    if rec is None:  # the method chose its own ratios (SAP): the sparsity it reached
+        return row["recipe"], f"{round(100 * row['sparsity']['sparsity_masked'])}"
     cfg = rec["config"]
     pattern = cfg["pattern"] or f"{round(100 * cfg['sparsity'])}"
     recover = [m for m in row["methods"] if m["name"] == "srste"]
