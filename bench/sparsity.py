@@ -83,7 +83,7 @@ def main() -> None:
                          else args.seeds[:1])
                 for seed in seeds:
                     recipe = recipe_for(model, method, pattern, args.recover)
-                    m, _ = run_quantize(f"zoo:{model}", recipe, calib_size=calib, seed=seed,
+                    m, _ = run_quantize(source_of(model), recipe, calib_size=calib, seed=seed,
                                         fp_cache=fp_cache, train_size=(
                                             args.train_size if args.recover else None))
                     rows.append({**m, "commit": code_commit})
@@ -92,8 +92,16 @@ def main() -> None:
     write(rows, args.out, to_markdown)
 
 
+def source_of(model: str) -> str:
+    """A zoo name as its source (``vit`` → ``zoo:vit``); ``minilm`` and full sources as given."""
+    return model if ":" in model or model == "minilm" else f"zoo:{model}"
+
+
 def _metric(m: dict) -> str:
-    return f"{m['q_ppl']:.3f}" if "q_ppl" in m else f"{m['q_top1']:.2f}"
+    for key, fmt in (("q_ppl", ".3f"), ("q_cosine", ".4f"), ("q_top1", ".2f")):
+        if key in m:
+            return format(m[key], fmt)
+    raise KeyError("no task metric in the row")
 
 
 def _spread(values: list[float], fmt: str) -> str:
@@ -104,14 +112,16 @@ def _spread(values: list[float], fmt: str) -> str:
 
 
 def _cell(ms: list[dict]) -> str:
-    key, fmt = ("q_ppl", ".2f") if "q_ppl" in ms[0] else ("q_top1", ".2f")
+    key, fmt = next((k, f) for k, f in (("q_ppl", ".2f"), ("q_cosine", ".4f"),
+                                        ("q_top1", ".2f")) if k in ms[0])
     return _spread([m[key] for m in ms], fmt)
 
 
 def to_markdown(rows: list[dict]) -> str:
     lines = ["One-shot sparsity; rows `+ srste N ep` add SR-STE recovery (N epochs on the train "
              "split, distilled from the dense model), the others none. Cells: top-1 % on the Fashion-MNIST test "
-             "set (CNNs) or perplexity on the 32 Austen windows (SmolLM2); mean (min..max) "
+             "set (CNNs, ViT), perplexity on the 32 Austen windows (SmolLM2) or embedding "
+             "cosine to dense (MiniLM; agreement: retrieval); mean (min..max) "
              "over calibration seeds where several ran. Pattern: % of the weights of each "
              "pruned layer set to zero (unstructured), or N:M along the input channels. "
              "Sizes: the artifact's tensors (kept fp32 values + 1 bit per weight). Rows ran "
@@ -125,8 +135,9 @@ def to_markdown(rows: list[dict]) -> str:
                           key=lambda p: (":" in p, [int(x) for x in p.split(":")]))
         methods = list(dict.fromkeys(r["sparse_method"] for r in ms))
         fp = ms[0]
-        dense = (f"perplexity {fp['fp_ppl']:.3f}" if "fp_ppl" in fp
-                 else f"top-1 {fp['fp_top1']:.2f} %")
+        dense = (f"perplexity {fp['fp_ppl']:.3f}" if "fp_ppl" in fp else
+                 "cells: embedding cosine to the dense model" if "q_cosine" in fp else
+                 f"top-1 {fp['fp_top1']:.2f} %")
         lines += [f"**{model}** — dense {dense}, {fp['fp_size_bytes'] / 1e6:.3f} MB; "
                   f"calibration {fp['calib_size']} samples.", "",
                   "| method | " + " | ".join(_label(p) for p in patterns) + " |",
@@ -147,7 +158,8 @@ def to_markdown(rows: list[dict]) -> str:
             sgpt = [r["calib_seconds"] for r in got if r["sparse_method"] == "sparsegpt"]
             srste = [m["stats"]["seconds"] for r in got for m in r["methods"]
                      if m["name"] == "srste"]
-            agree = best.get("q_top1_agreement", best.get("q_token_agreement"))
+            agree = next(best[k] for k in ("q_top1_agreement", "q_token_agreement",
+                                           "q_retrieval_agreement") if k in best)
             lines.append(f"| {_label(pattern)} | {100 * sp['sparsity_masked']:.1f} | "
                          f"{100 * sp['sparsity_all']:.1f} | {best['q_size_bytes'] / 1e6:.3f} | "
                          f"{agree:.2f} ({best['sparse_method']}) | "
@@ -177,7 +189,7 @@ def cell_of(row: dict) -> tuple[str, str]:
 
 
 def _score(r: dict) -> float:
-    return -r["q_ppl"] if "q_ppl" in r else r["q_top1"]
+    return -r["q_ppl"] if "q_ppl" in r else r.get("q_cosine", r.get("q_top1"))
 
 
 def _label(pattern: str) -> str:
