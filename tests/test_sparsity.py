@@ -272,3 +272,13 @@ def test_depthwise_convs_stay_dense_by_default():
     q = slimtorch.sparsify(DW(), _sparse_recipe("magnitude", sparsity=0.5,
                                                 dense_depthwise=False), x)
     assert set(masks_of(q)) == {"dw", "pw"}
+
+
+def test_wanda_dense_inputs_read_the_dense_model():
+    model, x = MLP(), _inputs()
+    sp = slimtorch.sparsify(model, _sparse_recipe("wanda", sparsity=0.5, dense_first=False,
+                                                  dense_last=False, sequential="dense"), x)
+    h = torch.relu(model.fc1(x)).detach()  # fc2's input in the dense model
+    w = model.fc2.weight.detach()
+    ref = select(w.abs() * h.pow(2).sum(0).sqrt(), parse_pattern(0.5, None), per_row=True)
+    assert torch.equal(masks_of(sp)["fc2"], ref)

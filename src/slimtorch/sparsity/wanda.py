@@ -7,7 +7,8 @@ update.
 On the layer-wise runner: each layer's input columns (a Linear's input rows, a convolution's
 unfolded patches, ``algorithms.gptq.input_rows``) feed Σ_samples x_j²; as in the public code,
 all layers of a residual block are pruned from one collection of the block's inputs
-(``sequential: unit``), and the next block sees the pruned block's outputs. The public code
+(``sequential: unit``), and the next block sees the pruned block's outputs; ``sequential:
+dense`` takes every layer's norms from the dense model instead (as torchao's sparsifier does). The public code
 handles Linear layers of LLMs only; for a convolution we use the unfolded patch columns, so
 the score is the same formula on the matrix the convolution multiplies.
 """
@@ -22,15 +23,18 @@ from torch import Tensor, nn
 
 from ..algorithms.gptq import input_rows, layer_shape
 from ..methods import MethodContext, register_method
-from ..runner.layerwise import solve_layers
+from ..quant.prepare import quant_state
+from ..runner.layerwise import feed, solve_layers
 from .base import SparsityConfig, record
 from .masks import Pattern, select, targets
 
 
 class WandaConfig(SparsityConfig):
-    sequential: Literal["layer", "unit"] = Field(
-        "unit", description="unit: all layers of a residual block from one collection (the "
-        "public code); layer: re-collect after each layer")
+    sequential: Literal["layer", "unit", "dense"] = Field(
+        "unit", description="unit: all layers of a residual block from one collection, the "
+        "next block fed by the pruned one (the public code); layer: re-collect after each "
+        "layer; dense: every layer's norms from the dense model in one pass (torchao's "
+        "WandaSparsifier)")
     max_columns: int | None = Field(65536, ge=1, description="input columns sampled per "
                                     "calibration batch (seeded); None: all")
 
@@ -83,6 +87,21 @@ def apply(model, cfg: WandaConfig, ctx: MethodContext) -> dict[str, Any]:
         if name not in ratio:
             return skipped.get(name, "not a pruned layer")
         return WandaSolver(layer, pattern, ratio[name], cfg.max_columns, next(seeds))
+    if cfg.sequential == "dense":
+        return record(model, _from_dense(model, ctx, make, [f for f, _, _ in layers]),
+                      skipped)
     out = solve_layers(model, ctx, make, sequential=cfg.sequential,
                        acts_on=ctx.recipe.activations is not None, desc="wanda")
     return record(model, out.pop("layers"), {**skipped, **out.pop("skipped")}, runner=out)
+
+
+def _from_dense(model, ctx: MethodContext, make, names: list[str]) -> dict[str, Any]:
+    """Every layer's Σ x_j² from one pass of the dense model, then every mask."""
+    solvers = {f: make(f, model.get_submodule(f)) for f in names}
+    with quant_state(model, weights=True, acts=ctx.recipe.activations is not None):
+        feed(model, solvers, ctx.batches, stop_early=False)
+    out = {}
+    for f, solver in solvers.items():
+        out[f] = solver.solve()
+        solver.free()
+    return out
