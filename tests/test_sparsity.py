@@ -282,3 +282,29 @@ def test_wanda_dense_inputs_read_the_dense_model():
     w = model.fc2.weight.detach()
     ref = select(w.abs() * h.pow(2).sum(0).sqrt(), parse_pattern(0.5, None), per_row=True)
     assert torch.equal(masks_of(sp)["fc2"], ref)
+
+
+def test_layerwise_methods_run_on_padded_batches_of_different_lengths():
+    """Calibration items padded to different lengths cannot be cached per unit: the layers are
+    fed by runs of the model instead (the same masks as from one long batch)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64)
+    bert = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+    g = torch.Generator().manual_seed(1)
+    items = [{"input_ids": torch.randint(0, 50, (4, n), generator=g),
+              "attention_mask": torch.ones(4, n, dtype=torch.long)} for n in (7, 11)]
+    for method in ("wanda", "sparsegpt"):
+        sp = slimtorch.sparsify(Emb(), _sparse_recipe(method, pattern="2:4"), items)
+        masks = masks_of(sp)
+        assert len(masks) >= 10
+        assert all(m.reshape(-1, 4).sum(1).eq(2).all() for m in masks.values())

@@ -7,7 +7,9 @@ single layers). For each unit in graph order:
    work dir): when the unit is called on the previous unit's output itself (``units.chained``)
    they are the previous unit — already solved — applied to *its* cached inputs; otherwise one
    run of the model's prefix, stopped at the unit, collects them (a unit whose dim 0 is not
-   the samples, ``Unit.per_sample``, is not cached: its layers are fed by prefix runs);
+   the samples, ``Unit.per_sample``, is not cached: its layers are fed by prefix runs; nor is
+   one whose inputs differ in shape between calibration items — padded sequences of different
+   lengths);
 2. ``make_solver(name, layer)`` builds a solver per quantized layer (a string instead says why
    the method leaves that layer alone: ``skipped``);
 3. the unit runs on its cached inputs and every call of a layer hands its input, as the layer
@@ -37,7 +39,7 @@ from tqdm.auto import tqdm
 from ..data.cache import CachePool
 from ..methods import MethodContext
 from ..quant.prepare import quant_state
-from .recon_cache import _Stop, collect, n_samples, run_items, unit_map
+from .recon_cache import VariableShapeError, _Stop, collect, n_samples, run_items, unit_map
 from ..errors import SharedLayerError
 from .units import Unit, chained, layer_order, partition, unit_fn
 
@@ -172,8 +174,13 @@ def solve_layers(model: nn.Module, mctx: MethodContext, make_solver: SolverFacto
                     reruns += 1
                     continue
                 if xs is None:
-                    xs, _ = collect(model, mod, batches, pool, want_output=False)
                     reruns += 1
+                    try:
+                        xs, _ = collect(model, mod, batches, pool, want_output=False)
+                    except VariableShapeError:  # not cacheable: fed from runs of the model
+                        _solve_steps(solvers, sequential,
+                                     lambda part: feed(model, part, batches), per_layer)
+                        continue
                 _solve_steps(solvers, sequential,
                              lambda part: feed_unit(model, fn, part, xs, chunk), per_layer)
                 nxt = (unit_map(fn, xs, pool, chunk)

@@ -24,6 +24,10 @@ class _Stop(Exception):
     pass
 
 
+class VariableShapeError(SlimtorchError):
+    """A unit's inputs differ in shape between calibration items, so they cannot be cached."""
+
+
 def cat_items(batches: list) -> Any:
     """All calibration items concatenated along dim 0 (same structure as one item)."""
     return tree_map(lambda *xs: torch.cat(xs) if isinstance(xs[0], Tensor) else xs[0],
@@ -70,6 +74,14 @@ def collect(model: nn.Module, module: nn.Module, batches: list, pool: CachePool,
                 xs = pool.empty((n, *x.shape[1:]), x.dtype)  # indices stay integers
                 ys = (pool.empty((n, *got["y"].shape[1:]), got["y"].dtype) if want_output
                       else None)
+            if x.shape[1:] != xs.shape[1:]:
+                pool.release(xs)
+                raise VariableShapeError(
+                    f"{type(module).__name__} gets inputs of shape {list(x.shape[1:])} and "
+                    f"{list(xs.shape[1:])} from different calibration batches (padded sequences "
+                    "of different lengths?), so they cannot be cached as one tensor: pad every "
+                    "calibration item to one length (a tokenizer's padding='max_length'), or "
+                    "put all of them in one batch (recipe calib.batch_size)")
             xs[row:row + len(x)] = x
             if want_output:
                 ys[row:row + len(x)] = got["y"]
