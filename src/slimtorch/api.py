@@ -77,8 +77,7 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
         floor = default_floor(recipe) if min_sqnr_db is None else min_sqnr_db
         report = check(qmodel, model, batches[0], min_sqnr_db=floor, meta=meta)
         meta["self_check"] = report.to_dict(worst=8)
-        enforce(report, strict=strict,
-                sparse=any(getattr(m, "masks_weights", False) for m in recipe.methods))
+        enforce(report, strict=strict, sparse=recipe.masks_weights)
     return qmodel
 
 
@@ -98,7 +97,7 @@ def sparsify(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
 def sparsity_recipe(recipe: Recipe | str | dict) -> Recipe:
     """The recipe, if one of its methods puts masks on weights; else a RecipeError."""
     recipe = resolve_recipe(recipe)
-    if not any(getattr(m, "masks_weights", False) for m in recipe.methods):
+    if not recipe.masks_weights:
         from .methods import method_handler, method_names
         sparse = [n for n in method_names() if method_handler(n).config.masks_weights]
         raise RecipeError(f"recipe {recipe.name!r} has no sparsity method (its methods: "

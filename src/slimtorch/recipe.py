@@ -147,12 +147,16 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _compresses_something(self) -> "Recipe":
-        if self.weights is None and self.activations is None and not any(
-                getattr(m, "masks_weights", False) for m in self.methods):
+        if self.weights is None and self.activations is None and not self.masks_weights:
             raise ValueError("the recipe compresses nothing: give `weights:` (e.g. {bits: 4}) "
                              "and/or a sparsity method in `methods:` (e.g. {name: wanda, "
                              "sparsity: 0.5})")
         return self
+
+    @property
+    def masks_weights(self) -> bool:
+        """Whether one of the methods puts masks on weights (a sparsity method)."""
+        return any(m.masks_weights for m in self.methods)
 
     @property
     def method_names(self) -> list[str]:
@@ -306,7 +310,7 @@ def sparsity_shorthand(name: str) -> Recipe | None:
         handler = method_handler(method)
     except RecipeError:
         return None
-    if not getattr(handler.config, "masks_weights", False):
+    if not handler.config.masks_weights:
         return None
     entry = {"name": method, **({"pattern": nm} if nm else {"sparsity": float(pct) / 100})}
     what = f"N:M {nm}" if nm else f"{pct} % unstructured"

@@ -53,7 +53,7 @@ def make_plan(graph: QuantGraph, recipe: Recipe) -> dict[str, Any]:
     layers: dict[str, dict] = {}
     compute = [l["fqn"] for l in graph.layers if l["type"] != "Embedding"]
     first, last = (compute[0], compute[-1]) if compute else (None, None)
-    masked = any(getattr(m, "masks_weights", False) for m in recipe.methods)
+    masked = recipe.masks_weights
     for layer in graph.layers:
         w, a = recipe.weights, recipe.activations
         if layer["type"] == "Embedding":  # weight-only; the input is indices

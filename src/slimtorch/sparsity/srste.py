@@ -97,7 +97,7 @@ def previous_sparsity(cfg: MethodConfig, methods: list) -> MethodConfig | None:
     """The nearest method before ``cfg`` in ``methods`` that puts masks with a set pattern."""
     idx = next((i for i, m in enumerate(methods) if m is cfg), None)
     for m in reversed(methods[:idx] if idx is not None else []):
-        if getattr(m, "masks_weights", False) and (
+        if m.masks_weights and (
                 getattr(m, "sparsity", None) is not None or getattr(m, "pattern", None)
                 not in (None, "unstructured") or getattr(m, "ratios", None)):
             return m
