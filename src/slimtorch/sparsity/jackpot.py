@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..errors import RecipeError
 from ..methods import MethodContext, register_method
 from .base import SparsityConfig, record
-from .masks import prune_lowest, targets
+from .masks import mask_sparsity, prune_lowest, targets
 from .srste import _call, _samples, distill_loss, epoch_batches, epoch_steps
 
 
@@ -94,7 +94,7 @@ def apply(model, cfg: JackpotConfig, ctx: MethodContext) -> dict[str, Any]:
         for f, layer, _ in layers:
             mask = topk_mask(scores[f], kept[f])
             layer.set_weight_mask(mask)
-            stats[f] = {"sparsity": round(1 - mask.float().mean().item(), 6),
+            stats[f] = {"sparsity": mask_sparsity(mask),
                         "swapped_from_magnitude": int((mask & ~start[f]).sum())}
     note = {} if source == "train" else {
         "note": "no training data given: scores trained on the calibration batches"}

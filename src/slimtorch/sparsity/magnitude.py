@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from ..methods import MethodContext, register_method
 from .base import SparsityConfig, record
-from .masks import prune_lowest, select, targets
+from .masks import mask_sparsity, prune_lowest, select, targets
 
 
 class MagnitudeConfig(SparsityConfig):
@@ -46,7 +46,7 @@ def apply(model, cfg: MagnitudeConfig, ctx: MethodContext) -> dict[str, Any]:
         masks = {f: select(layer.weight.detach().abs(), pattern, s) for f, layer, s in layers}
     for f, layer, _ in layers:
         layer.set_weight_mask(masks[f])
-    return record(model, {f: {"sparsity": round(1 - masks[f].float().mean().item(), 6)}
+    return record(model, {f: {"sparsity": mask_sparsity(masks[f])}
                           for f, _, _ in layers}, skipped)
 
 
@@ -60,5 +60,5 @@ def apply_random(model, cfg: RandomConfig, ctx: MethodContext) -> dict[str, Any]
     for f, layer, s in layers:
         mask = select(torch.rand(layer.weight.shape, generator=gen), pattern, s)
         layer.set_weight_mask(mask)
-        stats[f] = {"sparsity": round(1 - mask.float().mean().item(), 6)}
+        stats[f] = {"sparsity": mask_sparsity(mask)}
     return record(model, stats, skipped)

@@ -201,13 +201,18 @@ def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
         layers[f].set_weight_mask(mask)
 
 
+def mask_sparsity(mask: Tensor) -> float:
+    """The fraction of a keep-mask's weights that are pruned (6 decimals, for the stats)."""
+    return round(1 - mask.float().mean().item(), 6)
+
+
 def sparsity_summary(model: nn.Module) -> dict[str, Any] | None:
     """Per-layer and overall sparsity of the masked layers (None if there are none): the
     fraction of zeros counted over all Conv/Linear weights and over the masked ones."""
     masks = masks_of(model)
     if not masks:
         return None
-    per_layer = {f: round(1 - m.float().mean().item(), 6) for f, m in masks.items()}
+    per_layer = {f: mask_sparsity(m) for f, m in masks.items()}
     total = sum(m.weight.numel() for _, m in compute_layers(model))
     pruned = sum(int((~m).sum()) for m in masks.values())
     masked = sum(m.numel() for m in masks.values())

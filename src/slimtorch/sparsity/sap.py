@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..methods import MethodContext, register_method
 from .base import SparsityConfig, record
-from .masks import prune_lowest, targets
+from .masks import mask_sparsity, prune_lowest, targets
 
 
 class SAPConfig(SparsityConfig):
@@ -77,6 +77,6 @@ def apply(model, cfg: SAPConfig, ctx: MethodContext) -> dict[str, Any]:
         layer.set_weight_mask(keep)
         stats[f] = {"pq_index": round(index, 6), "round_ratio": round(ratio, 6),
                     "pruned_now": int(kept.numel() - cut.sum()),
-                    "sparsity": round(1 - keep.float().mean().item(), 6)}
+                    "sparsity": mask_sparsity(keep)}
     return record(model, stats, skipped)
 

@@ -36,7 +36,7 @@ from ..errors import RecipeError
 from ..methods import MethodContext, register_method
 from ..runner.layerwise import solve_layers
 from .base import SparsityConfig, record
-from .masks import Pattern, nm_view, prune_lowest, select, targets
+from .masks import Pattern, mask_sparsity, nm_view, prune_lowest, select, targets
 
 
 class SparseGPTConfig(SparsityConfig):
@@ -131,7 +131,7 @@ class SparseGPTSolver(GPTQSolver):
                 wq.zero_point.dtype)
         layer.set_weight_mask(keep.reshape(w.shape))
         gain = 10 * math.log10(base / err) if err > 0 and base > 0 else 0.0
-        return {"sparsity": round(1 - keep.float().mean().item(), 6), "mask_error": base,
+        return {"sparsity": mask_sparsity(keep), "mask_error": base,
                 "error": err, "gain_db": round(gain, 2), "damp": st["damp"],
                 "quantized": wq is not None, "columns": self.count}
 
@@ -172,4 +172,4 @@ def _fallback(model, per_layer: dict, pattern: Pattern, ratio: dict) -> None:
             layer = model.get_submodule(f)
             mask = select(layer.weight.detach().abs(), pattern, ratio[f])
             layer.set_weight_mask(mask)
-            st["sparsity"] = round(1 - mask.float().mean().item(), 6)
+            st["sparsity"] = mask_sparsity(mask)

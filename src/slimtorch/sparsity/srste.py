@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ..errors import RecipeError
 from ..methods import MethodConfig, MethodContext, register_method
 from .base import SparsityConfig, record
-from .masks import Pattern, nm_mask, parse_pattern, targets
+from .masks import Pattern, mask_sparsity, nm_mask, parse_pattern, targets
 
 _INHERITED = ("sparsity", "pattern", "dense_first", "dense_last", "dense_depthwise", "exclude",
               "ratios")
@@ -202,7 +202,7 @@ def apply(model, cfg: SRSTEConfig, ctx: MethodContext) -> dict[str, Any]:
                 layer.bias.data.copy_(b)
             mask = sparse_mask(w, pattern, n_pruned[fqn])
             layer.set_weight_mask(mask)
-            stats[fqn] = {"sparsity": round(1 - mask.float().mean().item(), 6)}
+            stats[fqn] = {"sparsity": mask_sparsity(mask)}
     note = {} if source == "train" else {
         "note": "no training data given: trained on the calibration batches"}
     return record(model, stats, skipped, data=source, samples=_samples(data),

@@ -26,7 +26,7 @@ from ..methods import MethodContext, register_method
 from ..quant.prepare import quant_state
 from ..runner.layerwise import feed, solve_layers
 from .base import SparsityConfig, record
-from .masks import Pattern, select, targets
+from .masks import Pattern, mask_sparsity, select, targets
 
 
 class WandaConfig(SparsityConfig):
@@ -70,7 +70,7 @@ class WandaSolver:
         score = wanda_score(w.float(), self.sq.float())
         mask = select(score, self.pattern, self.sparsity, per_row=True)
         self.layer.set_weight_mask(mask)
-        return {"sparsity": round(1 - mask.float().mean().item(), 6), "columns": self.count}
+        return {"sparsity": mask_sparsity(mask), "columns": self.count}
 
     def free(self) -> None:
         self.sq = None
