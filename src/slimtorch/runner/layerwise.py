@@ -16,6 +16,8 @@ single layers). For each unit in graph order:
    computes with it (after its input quantizer), to ``solver.add_batch``; with
    ``sequential="layer"`` (GPTQ's ``true_sequential``) one layer at a time, so a layer sees the
    outputs of the unit's layers solved before it; with ``"unit"`` all of them from one run;
+   with ``"model"`` every layer of the model is fed by one pass of the model as it is before
+   any layer is solved (no units; torchao's Wanda reads the dense model so);
 4. ``solver.solve()`` writes the layer's decision into the model (quantized weights, a mask,
    scales) and returns its statistics as data; ``solver.free()`` drops its accumulators (a
    Hessian per layer is the large state) before the next layer.
@@ -155,6 +157,13 @@ def solve_layers(model: nn.Module, mctx: MethodContext, make_solver: SolverFacto
     reruns = 0
     try:
         with quant_state(model, weights=True, acts=acts_on):
+            if sequential == "model":  # one pass of the unsolved model feeds every layer
+                unit = Unit("", layer_order(model, batches[0])[1], "model")
+                solvers = _solvers(model, unit, make_solver, skipped)
+                if solvers:
+                    feed(model, solvers, batches, stop_early=False)
+                    _solve(solvers, per_layer)
+                return _stats(sequential, per_layer, skipped, t0, 1, 1, pool)
             units, chain = make_units(model, batches[0])
             if not chain:  # no units: each layer from a run of the whole model
                 for unit in tqdm(units, desc=desc, disable=not mctx.progress, leave=False):

@@ -2,12 +2,14 @@
 ratios) and the record it returns."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import itertools
+from typing import Any, Callable, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from ..methods import MethodConfig
-from .masks import Pattern, check_sparsity, parse_pattern, sparsity_summary
+from ..methods import MethodConfig, MethodContext
+from ..runner.layerwise import LayerSolver, solve_layers
+from .masks import Pattern, check_sparsity, parse_pattern, sparsity_summary, targets
 
 
 class SparsityConfig(MethodConfig):
@@ -66,3 +68,24 @@ def record(model, layer_stats: dict[str, Any], skipped: dict[str, str], **extra)
     and the model's sparsity summary."""
     return {"layers": layer_stats, "skipped": skipped, "summary": sparsity_summary(model),
             **extra}
+
+
+def prune_layerwise(model, cfg: SparsityConfig, ctx: MethodContext,
+                    build: Callable[[Any, Pattern, float, int], "LayerSolver | str"],
+                    sequential: str, desc: str) -> tuple[dict, dict, dict, dict[str, float]]:
+    """A layer-wise sparsity method on the runner: ``build(layer, pattern, sparsity, seed)``
+    makes the solver of each layer ``cfg`` prunes (or says why not). Returns the per-layer
+    statistics, every layer left dense with its reason, the runner's statistics and each
+    pruned layer's sparsity."""
+    layers, skipped = targets(model, cfg)
+    ratio = {f: s for f, _, s in layers}
+    seeds = itertools.count(ctx.seed * 1_000_003)
+    pattern = cfg.pattern_obj()
+
+    def make(name: str, layer):
+        if name not in ratio:
+            return skipped.get(name, "not a pruned layer")
+        return build(layer, pattern, ratio[name], next(seeds))
+    out = solve_layers(model, ctx, make, sequential=sequential,
+                       acts_on=ctx.recipe.activations is not None, desc=desc)
+    return out.pop("layers"), {**skipped, **out.pop("skipped")}, out, ratio

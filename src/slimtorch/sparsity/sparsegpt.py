@@ -23,7 +23,6 @@ the zeroing). Statistics: the proxy error tr(ΔW H ΔWᵀ) of the same mask with
 """
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any, Literal
 
@@ -34,9 +33,8 @@ from torch import Tensor, nn
 from ..algorithms.gptq import GPTQSolver, gptq, proxy_error, unsolvable, unsupported
 from ..errors import RecipeError
 from ..methods import MethodContext, register_method
-from ..runner.layerwise import solve_layers
-from .base import SparsityConfig, record
-from .masks import Pattern, mask_sparsity, nm_view, prune_lowest, select, targets
+from .base import SparsityConfig, prune_layerwise, record
+from .masks import Pattern, mask_sparsity, nm_view, prune_lowest, select
 
 
 class SparseGPTConfig(SparsityConfig):
@@ -148,20 +146,12 @@ def _why_not(layer: nn.Module) -> str | None:
 
 @register_method("sparsegpt", SparseGPTConfig)
 def apply(model, cfg: SparseGPTConfig, ctx: MethodContext) -> dict[str, Any]:
-    layers, skipped = targets(model, cfg)
-    ratio = {f: s for f, _, s in layers}
-    seeds = itertools.count(ctx.seed * 1_000_003)
-    pattern = cfg.pattern_obj()
-
-    def make(name: str, layer: nn.Module):
-        if name not in ratio:
-            return skipped.get(name, "not a pruned layer")
-        return _why_not(layer) or SparseGPTSolver(layer, cfg, pattern, ratio[name], next(seeds))
-    out = solve_layers(model, ctx, make, sequential=cfg.sequential,
-                       acts_on=ctx.recipe.activations is not None, desc="sparsegpt")
-    per_layer = out.pop("layers")
-    _fallback(model, per_layer, pattern, ratio)
-    return record(model, per_layer, {**skipped, **out.pop("skipped")}, runner=out)
+    def build(layer: nn.Module, pattern: Pattern, sparsity: float, seed: int):
+        return _why_not(layer) or SparseGPTSolver(layer, cfg, pattern, sparsity, seed)
+    per_layer, skipped, runner, ratio = prune_layerwise(model, cfg, ctx, build,
+                                                        cfg.sequential, "sparsegpt")
+    _fallback(model, per_layer, cfg.pattern_obj(), ratio)
+    return record(model, per_layer, skipped, runner=runner)
 
 
 @torch.no_grad()

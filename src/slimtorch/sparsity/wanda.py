@@ -14,7 +14,6 @@ the score is the same formula on the matrix the convolution multiplies.
 """
 from __future__ import annotations
 
-import itertools
 from typing import Any, Literal
 
 import torch
@@ -23,10 +22,8 @@ from torch import Tensor, nn
 
 from ..algorithms.gptq import input_rows, layer_shape
 from ..methods import MethodContext, register_method
-from ..quant.prepare import quant_state
-from ..runner.layerwise import feed, solve_layers
-from .base import SparsityConfig, record
-from .masks import Pattern, mask_sparsity, select, targets
+from .base import SparsityConfig, prune_layerwise, record
+from .masks import Pattern, mask_sparsity, select
 
 
 class WandaConfig(SparsityConfig):
@@ -78,30 +75,8 @@ class WandaSolver:
 
 @register_method("wanda", WandaConfig)
 def apply(model, cfg: WandaConfig, ctx: MethodContext) -> dict[str, Any]:
-    layers, skipped = targets(model, cfg)
-    ratio = {f: s for f, _, s in layers}
-    seeds = itertools.count(ctx.seed * 1_000_003)
-    pattern = cfg.pattern_obj()
-
-    def make(name: str, layer: nn.Module):
-        if name not in ratio:
-            return skipped.get(name, "not a pruned layer")
-        return WandaSolver(layer, pattern, ratio[name], cfg.max_columns, next(seeds))
-    if cfg.sequential == "dense":
-        return record(model, _from_dense(model, ctx, make, [f for f, _, _ in layers]),
-                      skipped)
-    out = solve_layers(model, ctx, make, sequential=cfg.sequential,
-                       acts_on=ctx.recipe.activations is not None, desc="wanda")
-    return record(model, out.pop("layers"), {**skipped, **out.pop("skipped")}, runner=out)
-
-
-def _from_dense(model, ctx: MethodContext, make, names: list[str]) -> dict[str, Any]:
-    """Every layer's Σ x_j² from one pass of the dense model, then every mask."""
-    solvers = {f: make(f, model.get_submodule(f)) for f in names}
-    with quant_state(model, weights=True, acts=ctx.recipe.activations is not None):
-        feed(model, solvers, ctx.batches, stop_early=False)
-    out = {}
-    for f, solver in solvers.items():
-        out[f] = solver.solve()
-        solver.free()
-    return out
+    def build(layer: nn.Module, pattern: Pattern, sparsity: float, seed: int) -> WandaSolver:
+        return WandaSolver(layer, pattern, sparsity, cfg.max_columns, seed)
+    sequential = "model" if cfg.sequential == "dense" else cfg.sequential
+    per_layer, skipped, runner, _ = prune_layerwise(model, cfg, ctx, build, sequential, "wanda")
+    return record(model, per_layer, skipped, runner=runner)
