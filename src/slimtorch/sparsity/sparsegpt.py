@@ -24,7 +24,7 @@ the zeroing). Statistics: the proxy error tr(ΔW H ΔWᵀ) of the same mask with
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -45,8 +45,10 @@ class SparseGPTConfig(SparsityConfig):
         "public code); layer: re-collect after each layer")
     max_columns: int | None = Field(65536, ge=1, description="input columns sampled per "
                                     "calibration batch (seeded); None: all")
-    act_order: bool = False       # read by GPTQSolver; SparseGPT visits columns in order
-    static_groups: bool | None = False
+    # read by GPTQSolver, not settings: SparseGPT visits the columns in order and fits each
+    # weight group's grid at its first column
+    act_order: ClassVar[bool] = False
+    static_groups: ClassVar[bool] = False
 
 
 def choose_unstructured(sparsity: float):
