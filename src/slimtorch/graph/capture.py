@@ -141,13 +141,15 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
-def call_model(model: nn.Module, item: Any) -> Any:
-    """Run the model on one calibration item: Tensor, tuple (positional) or dict (keywords)."""
-    if isinstance(item, dict):
-        return model(**item)
-    if isinstance(item, (tuple, list)):
-        return model(*item)
-    return model(item)
+def call_model(model: nn.Module, item: Any, params: dict[str, Any] | None = None) -> Any:
+    """Run the model on one calibration item: Tensor, tuple (positional) or dict (keywords);
+    with ``params`` ({fqn: tensor}) those tensors stand in for the model's own
+    (``torch.func.functional_call``: training through a substituted weight)."""
+    args, kwargs = (((), item) if isinstance(item, dict) else
+                    (tuple(item), {}) if isinstance(item, (tuple, list)) else ((item,), {}))
+    if params is None:
+        return model(*args, **kwargs)
+    return torch.func.functional_call(model, params, args, kwargs, strict=False)
 
 
 GRAPH_ATTR = "_slimtorch_graph"

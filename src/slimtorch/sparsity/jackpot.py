@@ -29,10 +29,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import RecipeError
+from ..graph.capture import call_model
 from ..methods import MethodContext, register_method
 from .base import SparsityConfig, record
 from .masks import mask_sparsity, prune_lowest, targets
-from .srste import _call, _samples, distill_loss, epoch_batches, epoch_steps
+from .srste import _samples, distill_loss, epoch_batches, epoch_steps
 
 
 class JackpotConfig(SparsityConfig):
@@ -123,8 +124,8 @@ def _search(model, teacher, layers, scores, kept, data, cfg, ctx) -> list[dict]:
                 sub = {f"{f}.weight": masked_weight(weights[f], s, topk_mask(s, kept[f]))
                        for f, s in scores.items()}
                 with torch.no_grad():
-                    target = _call(teacher, item)
-                loss = distill_loss(_call(model, item, sub), target, cfg.temperature)
+                    target = call_model(teacher, item)
+                loss = distill_loss(call_model(model, item, sub), target, cfg.temperature)
                 leaves = list(scores.values())  # only the scores train
                 for s, g in zip(leaves, torch.autograd.grad(loss, leaves)):
                     s.grad = g

@@ -44,10 +44,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import RecipeError
+from ..graph.capture import call_model
 from ..methods import MethodConfig, MethodContext, register_method
 from .base import SparsityConfig, record
 from .masks import Pattern, mask_sparsity, nm_mask, parse_pattern, targets
@@ -139,14 +140,6 @@ def distill_loss(student: Any, teacher: Any, temperature: float) -> Tensor:
 
 
 # ------------------------------------------------------------------ data
-def _call(model: nn.Module, item: Any, params: dict[str, Tensor] | None = None) -> Any:
-    args, kwargs = ((), item) if isinstance(item, dict) else (
-        (tuple(item), {}) if isinstance(item, (tuple, list)) else ((item,), {}))
-    if params is None:
-        return model(*args, **kwargs)
-    return torch.func.functional_call(model, params, args, kwargs, strict=False)
-
-
 def _tensors(items: list) -> bool:
     return all(isinstance(x, Tensor) for x in items)
 
@@ -262,8 +255,8 @@ def step(model, teacher, weights, masks, pattern, n_pruned, item, cfg, opt) -> f
         if b is not None:
             sub[f"{f}.bias"] = b
     with torch.no_grad():
-        target = _call(teacher, item)
-    loss = distill_loss(_call(model, item, sub), target, cfg.temperature)
+        target = call_model(teacher, item)
+    loss = distill_loss(call_model(model, item, sub), target, cfg.temperature)
     leaves = [t for pair in weights.values() for t in pair if t is not None]
     grads = iter(torch.autograd.grad(loss, leaves, allow_unused=True))
     for f, (w, b) in weights.items():
