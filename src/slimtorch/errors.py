@@ -58,3 +58,8 @@ class ReportError(SlimtorchError):
 class DataFreeError(SlimtorchError):
     """Data-free calibration cannot run on this model (no BatchNorm statistics and no
     attention to match), or its settings are invalid."""
+
+
+class IntegerOnlyError(SlimtorchError):
+    """A model cannot run integer-only: an op without an integer kernel, a layout the integer
+    kernels do not take (grouped or dilated convs), or an uncalibrated model."""
