@@ -112,3 +112,45 @@ def test_bad_input_is_a_clear_error():
         IntegerOnlyModel(conv, torch.randn(2, 4, 6, 6)).calibrate([torch.randn(4, 4, 6, 6)])
     with pytest.raises(IntegerOnlyError, match="exp="):
         IntegerOnlyModel(model, torch.randn(2, 4), exp="taylor")
+
+
+def test_save_load_is_bit_exact_and_tampering_is_refused(tiny, tmp_path):
+    from slimtorch.errors import ArtifactError
+    from slimtorch.intops.integer_artifact import load_integer_only, save_integer_only
+    model, io = tiny
+    save_integer_only(io, tmp_path)
+    x = torch.randn(7, 1, 12, 12)
+    again = load_integer_only(tmp_path, model)
+    assert torch.equal(again(x), io(x))
+    raw = (tmp_path / "integer_only.safetensors").read_bytes()
+    (tmp_path / "integer_only.safetensors").write_bytes(raw[:-8] + b"\0" * 8)
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_integer_only(tmp_path, model)
+
+
+def test_python_entry_takes_a_tensor():
+    import slimtorch
+    torch.manual_seed(0)
+    model = TinyViT(image_size=12, patch=4, dim=16, depth=1, heads=2).eval()
+    io = slimtorch.integer_only(model, torch.randn(40, 1, 12, 12), exp="poly")
+    assert io.frozen and io(torch.randn(3, 1, 12, 12)).shape == (3, 10)
+    with pytest.raises(IntegerOnlyError, match="one Tensor input"):
+        slimtorch.integer_only(model, [{"input_ids": torch.zeros(2, 3)}])
+
+
+def test_cli_lower_scores_and_saves(tmp_path, capsys):
+    import json
+
+    import slimtorch
+    from slimtorch.cli import main
+    from slimtorch.data.fashion_mnist import calibration_set
+    from slimtorch.zoo.sources import load_model
+    qmodel = slimtorch.quantize(load_model("zoo:vit"), "w8a8", calibration_set(64, 0), seed=0)
+    slimtorch.save(qmodel, tmp_path / "a")
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps({"calib_size": 64, "seed": 0}))
+    assert main(["lower", str(tmp_path / "a"), "--integer-only", "--test-size", "200",
+                 "--quiet"]) == 0
+    saved = json.loads((tmp_path / "a" / "integer_only.json").read_text())["metrics"]
+    assert saved["integer-only"]["top1"] > 80 and saved["integer-only"]["agree I-ViT fake %"] > 95
+    assert main(["lower", str(tmp_path / "a")]) == 2  # without --integer-only: a clear error
+    assert "needs --integer-only" in capsys.readouterr().err

@@ -7,6 +7,7 @@
     qmodel = slimtorch.load("out/")
     report = slimtorch.export_onnx(qmodel, "model.onnx", example_inputs)
     fast = slimtorch.lower(qmodel)  # in place: int8 / packed low-bit kernels in PyTorch
+    io = slimtorch.integer_only(vit, calib_data)  # I-ViT: integer kernels from input to output
     print(slimtorch.inspect(qmodel, model, calib_batch).table())  # worst layers by SQNR
     slimtorch.report(["out/"], "report.html")  # HTML page + report.md: metrics, SQNR, bits
 
@@ -20,7 +21,8 @@ import importlib
 from ._version import __version__
 
 _PUBLIC = {"quantize": "api", "sparsify": "api", "save": "api", "load": "api", "export_onnx": "api",
-           "inspect": "api", "report": "eval.report", "lower": "intops.lower", "Recipe": "recipe",
+           "inspect": "api", "report": "eval.report", "lower": "intops.lower",
+           "integer_only": "intops.integer_artifact", "Recipe": "recipe",
            "resolve_recipe": "recipe", "SlimtorchError": "errors"}
 __all__ = [*_PUBLIC, "__version__"]
 

@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_deploy import register as register_deploy  # export, bench speed
     register_deploy(sub)
+    from .cli_lower import register as register_lower  # lower --integer-only
+    register_lower(sub)
     return p
 
 
