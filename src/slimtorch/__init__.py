@@ -9,6 +9,8 @@
     fast = slimtorch.lower(qmodel)  # in place: int8 / packed low-bit kernels in PyTorch
     print(slimtorch.inspect(qmodel, model, calib_batch).table())  # worst layers by SQNR
     slimtorch.report(["out/"], "report.html")  # HTML page + report.md: metrics, SQNR, bits
+    sens = slimtorch.sensitivity(model, calib_data, held_data, bits=(2, 4, 8))  # per layer
+    mixed = slimtorch.allocate(sens, avg_bits=4, recipe="w4a8")  # a Recipe with overrides
 
 The names below are imported on first use (PEP 562), so ``import slimtorch.errors`` or
 ``slimtorch.methods`` does not import torch or the whole package.
@@ -21,7 +23,8 @@ from ._version import __version__
 
 _PUBLIC = {"quantize": "api", "sparsify": "api", "save": "api", "load": "api", "export_onnx": "api",
            "inspect": "api", "report": "eval.report", "lower": "intops.lower", "Recipe": "recipe",
-           "resolve_recipe": "recipe", "SlimtorchError": "errors"}
+           "resolve_recipe": "recipe", "SlimtorchError": "errors",
+           "sensitivity": "api", "allocate": "api"}
 __all__ = [*_PUBLIC, "__version__"]
 
 

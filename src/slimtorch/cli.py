@@ -1,5 +1,5 @@
 """Command line: ``slimtorch zoo | recipes | quantize | sparsify | eval | inspect | report |
-export | bench``.
+export | bench | sensitivity | allocate``.
 
 Bad input ends with one line ``error: ...`` that says what to change (exit status 2), never a
 traceback from inside torch.
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_deploy import register as register_deploy  # export, bench speed
     register_deploy(sub)
+    from .cli_mixed import register as register_mixed  # sensitivity, allocate
+    register_mixed(sub)
     return p
 
 
