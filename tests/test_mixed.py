@@ -116,3 +116,48 @@ def test_sensitivity_allocation_recipe_roundtrip():
         assert q.get_submodule(fqn).weight_quantizer.spec.bits == b
     with pytest.raises(SlimtorchError, match="not measured"):
         allocate_from_sensitivity(sens, avg_bits=4, bits=[3, 4])
+
+
+def test_recipe_mixed_option_resolves_coding_length_bits():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = torch.randn(48, 1, 8, 8)
+    recipe = resolve_recipe("w4avg-a8-attention-round-cl").to_dict()
+    recipe["methods"] = ["rtn"]
+    recipe["mixed"]["avg_bits"] = 5
+    import slimtorch
+    q = slimtorch.quantize(model, recipe, x, self_check=False)
+    meta = q._slimtorch_meta
+    layers = meta["mixed"]["layers"]
+    assert set(layers) == {"c1", "c2", "fc"} and meta["recipe"]["mixed"] is None
+    n = {f: q.get_submodule(f).weight.numel() for f in layers}
+    assert sum(n[f] * b for f, b in layers.items()) <= 5 * sum(n.values())
+    for f, b in layers.items():
+        assert q.get_submodule(f).weight_quantizer.spec.bits == b
+    # the allocation is the DP's on s(b) = L(W)·2^(−2b)
+    costs = [{b: n[f] * b for b in (2, 3, 4, 6, 8)} for f in layers]
+    vals = []
+    for f in layers:
+        w = model.get_submodule(f).weight.detach()
+        cl = coding_length(w, 0.5 * w.square().mean().sqrt().item())
+        vals.append({b: cl * 2.0 ** (-2 * b) for b in (2, 3, 4, 6, 8)})
+    assert allocate(costs, vals, budget_bits(list(n.values()), avg_bits=5))["bits"] == list(
+        layers.values())
+    with pytest.raises(SlimtorchError, match="bits must be"):
+        resolve_recipe({**recipe, "mixed": {"avg_bits": 4, "bits": [1, 4]}})
+
+
+def test_cli_sensitivity_file_to_recipe(tmp_path):
+    torch.manual_seed(0)
+    sens = layer_sensitivity(Tiny().eval(), torch.randn(32, 1, 8, 8), torch.randn(32, 1, 8, 8),
+                             bits=(2, 4), probes=1, hessian_samples=16)
+    import json
+    (tmp_path / "sensitivity.json").write_text(json.dumps(sens))
+    from slimtorch.cli import main
+    out = tmp_path / "r.yaml"
+    assert main(["allocate", str(tmp_path), "--avg-bits", "3", "--out", str(out)]) == 0
+    r = load_recipe_text(out.read_text())
+    assert {k: v.weights for k, v in r.overrides.items()}.keys() == {"c1", "c2", "fc"}
+    assert main(["allocate", str(tmp_path), "--avg-bits", "1", "--out", str(out)]) == 2
+    assert main(["allocate", str(tmp_path / "nope"), "--avg-bits", "3", "--out",
+                 str(out)]) == 2

@@ -42,13 +42,12 @@ from torch import Tensor, nn
 from ..data.calibration import calibration_batches
 from ..errors import SlimtorchError
 from ..graph.capture import call_model
-from ..quant.allocate import coding_length
+from ..quant.allocate import EPS_CODING, coding_length
 from ..quant.prepare import activation_quantizers, prepare, quant_layers, quant_state
 from ..quant.quantizer import Mode
 from ..recipe import Recipe, resolve_recipe
 
 PROXIES = ("hawq", "sqnr", "coding_length")
-EPS_CODING = 0.5  # ε² of the coding length is EPS_CODING² · mean(W²) (our choice)
 
 
 def sensitivity_recipe(recipe: Recipe, bits: int) -> Recipe:

@@ -33,6 +33,7 @@ from torch import Tensor
 from ..errors import SlimtorchError
 
 MAX_STATES = 1 << 21
+EPS_CODING = 0.5  # default ε of the coding length, as a multiple of the layer's rms(W)
 
 
 def coding_length(w: Tensor, eps: float) -> float:
@@ -151,3 +152,29 @@ def mixed_recipe(base, alloc: dict[str, Any], name: str | None = None):
                           f"{alloc['budget']} weight bits"),
              overrides=ov)
     return Recipe.from_dict(d, source=d["name"])
+
+
+def coding_length_recipe(model, plan: dict[str, Any], recipe):
+    """``recipe`` with its ``mixed:`` option resolved: every layer the plan quantizes the
+    weights of gets the bits of the coding-length allocation (``overrides``, first in the
+    map); returns (resolved recipe without ``mixed``, the allocation record)."""
+    from ..recipe import Recipe
+    mx = recipe.mixed
+    fqns = [f for f, p in plan["layers"].items() if p["weights"] is not None]
+    if not fqns:
+        raise SlimtorchError(f"recipe {recipe.name!r} has `mixed:` but quantizes no weights")
+    params, values = [], []
+    for f in fqns:
+        w = model.get_submodule(f).weight.detach()
+        cl = coding_length(w, mx.eps * w.float().square().mean().sqrt().item())
+        params.append(w.numel())
+        values.append({b: cl * 2.0 ** (-2 * b) for b in mx.bits})
+    res = allocate([{b: n * b for b in mx.bits} for n in params], values,
+                   budget_bits(params, avg_bits=mx.avg_bits))
+    layers = dict(zip(fqns, res["bits"]))
+    d = recipe.to_dict()
+    d.update(mixed=None, overrides={**{f: {"weights": b} for f, b in layers.items()},
+                                    **d["overrides"]})
+    record = {"criterion": mx.criterion, "avg_bits": res["cost"] / sum(params),
+              "budget": res["cost"], "exact": res["exact"], "layers": layers}
+    return Recipe.from_dict(d, source=recipe.name), record

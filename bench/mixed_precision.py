@@ -1,0 +1,132 @@
+"""Mixed precision under a budget and Attention Round, on zoo ResNet-20 and MobileNetV2.
+
+Per model: (1) per-layer sensitivity (``slimtorch sensitivity``: ΔKL per layer and bit width
+on held calibration images, and the proxies' Spearman ρ with it); (2) at average 3 and 4
+weight bits (A8): uniform bits on *every* layer (first and last too, so the size is the same)
+vs the DP allocation of each criterion, with RTN and with AdaRound; (3) Attention Round vs
+AdaRound at W4A8 / W3A8 (built-in recipes, first/last layer 8 bits), the same iterations.
+Top-1 on the full Fashion-MNIST test set; calibration = a seeded train subset. Rows are written
+to bench/results/mixed_precision_<model>.json as they finish; ``--render`` joins them into
+bench/results/mixed_precision.md/.json.
+
+    python bench/mixed_precision.py --model resnet20 --threads 1 [--iters 100]
+    python bench/mixed_precision.py --render
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from slimtorch.cli_mixed import run_sensitivity, sensitivity_markdown
+from slimtorch.eval.machine import machine_markdown
+from slimtorch.export.artifact import write_json_atomic, write_text_atomic
+from slimtorch.pipeline import run_quantize
+from slimtorch.quant.allocate import allocate_from_sensitivity, mixed_recipe
+from slimtorch.recipe import Recipe, resolve_recipe
+
+RES = Path(__file__).parent / "results"
+CRITERIA = ("kl", "hawq", "sqnr", "coding_length")
+
+
+def uniform(bits: int, methods: list) -> Recipe:
+    """w4a8 with every layer's weights at ``bits`` (first/last keep only their A8)."""
+    d = resolve_recipe("w4a8").to_dict()
+    d.update(name=f"uniform-w{bits}a8", methods=methods, weights={**d["weights"], "bits": bits},
+             first_layer={"activations": 8}, last_layer={"activations": 8})
+    return Recipe.from_dict(d)
+
+
+def with_methods(name: str, methods: list) -> Recipe:
+    d = resolve_recipe(name).to_dict()
+    d["methods"] = methods
+    return Recipe.from_dict(d)
+
+
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent).stdout.strip()
+
+
+def run(args) -> None:
+    torch.set_num_threads(args.threads)
+    src = f"zoo:{args.model}"
+    out = RES / f"mixed_precision_{args.model}.json"
+    doc = {"model": src, "seed": args.seed, "iters": args.iters, "commit": commit(),
+           "machine": machine_markdown(), "command": f"python bench/mixed_precision.py "
+           f"--model {args.model} --threads {args.threads} --iters {args.iters}", "rows": []}
+    t0 = time.perf_counter()
+    sens = run_sensitivity(src, bits=(2, 3, 4, 6, 8), calib_size=256, held_size=256,
+                           seed=args.seed, probes=2, hessian_samples=128)
+    doc["sensitivity"] = {"spearman": sens["spearman"], "baseline": sens["baseline"],
+                          "seconds": round(time.perf_counter() - t0, 1),
+                          "markdown": sensitivity_markdown(sens)}
+    write_json_atomic(out, doc)
+    ada = [{"name": "adaround", "iters": args.iters}]
+    cache: dict = {}
+
+    def row(label, recipe, avg=None):
+        m, _ = run_quantize(src, recipe, calib_size=1024, seed=args.seed, fp_cache=cache)
+        doc["rows"].append({"label": label, "avg_bits": avg, "recipe": recipe.name,
+                            "fp_top1": m["fp_top1"], "q_top1": m["q_top1"],
+                            "q_size_bytes": m["q_size_bytes"],
+                            "calib_seconds": m["calib_seconds"],
+                            "overrides": recipe.to_dict()["overrides"]})
+        write_json_atomic(out, doc)
+        print(f"{label:40s} {m['q_top1']:6.2f}  {m['calib_seconds']:.0f}s", flush=True)
+
+    for avg in (3, 4):
+        row(f"uniform W{avg} RTN", uniform(avg, ["rtn"]), avg)
+        for crit in CRITERIA:
+            alloc = allocate_from_sensitivity(sens, avg_bits=avg, criterion=crit)
+            row(f"mixed {crit} RTN", mixed_recipe(uniform(avg, ["rtn"]), alloc),
+                round(alloc["avg_bits"], 3))
+    for avg in (3, 4):
+        row(f"uniform W{avg} AdaRound", uniform(avg, ada), avg)
+        alloc = allocate_from_sensitivity(sens, avg_bits=avg, criterion="kl")
+        row("mixed kl AdaRound", mixed_recipe(uniform(avg, ada), alloc),
+            round(alloc["avg_bits"], 3))
+    ar = [{"name": "attention_round", "iters": args.iters}]
+    for b in (4, 3):
+        row(f"W{b}A8 AdaRound", with_methods(f"w{b}a8-attention-round", ada))
+        row(f"W{b}A8 Attention Round", with_methods(f"w{b}a8-attention-round", ar))
+    doc["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json_atomic(out, doc)
+
+
+def render() -> None:
+    docs = [json.loads(p.read_text()) for p in sorted(RES.glob("mixed_precision_*.json"))]
+    lines = ["# Mixed precision and Attention Round (bench/mixed_precision.py)", ""]
+    for d in docs:
+        lines += [f"## {d['model']}", "", f"{d['machine']}; commit {d['commit']}; seed "
+                  f"{d['seed']}; reconstruction {d['iters']} iterations per unit; calibration "
+                  "1024 train images; top-1 on the 10 000 test images. Command: "
+                  f"`{d['command']}`", "", "### Sensitivity (ranges from 256 images, measured "
+                  "on 256 other images)", "", d["sensitivity"]["markdown"], "",
+                  "### Accuracy at a budget (A8)", "",
+                  "| row | avg weight bits | top-1 % | size bytes | calib s |",
+                  "|---|---:|---:|---:|---:|"]
+        fp = d["rows"][0]["fp_top1"] if d["rows"] else None
+        for r in d["rows"]:
+            avg = "" if r["avg_bits"] is None else r["avg_bits"]
+            lines.append(f"| {r['label']} | {avg} | {r['q_top1']:.2f} | {r['q_size_bytes']} | "
+                         f"{r['calib_seconds']:.0f} |")
+        lines += ["", f"Float top-1: {fp}.", ""]
+    write_text_atomic(RES / "mixed_precision.md", "\n".join(lines) + "\n")
+    write_json_atomic(RES / "mixed_precision.json", docs)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", action="store_true")
+    a = p.parse_args()
+    render() if a.render else run(a)
