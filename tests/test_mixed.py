@@ -161,3 +161,21 @@ def test_cli_sensitivity_file_to_recipe(tmp_path):
     assert main(["allocate", str(tmp_path), "--avg-bits", "1", "--out", str(out)]) == 2
     assert main(["allocate", str(tmp_path / "nope"), "--avg-bits", "3", "--out",
                  str(out)]) == 2
+
+
+def test_report_shows_sensitivity(tmp_path):
+    import json
+
+    import slimtorch
+    torch.manual_seed(0)
+    model, x = Tiny().eval(), torch.randn(64, 1, 8, 8)
+    slimtorch.save(slimtorch.quantize(model, "w4a8", x[:32], self_check=False), tmp_path / "a")
+    sens = layer_sensitivity(model, x[:32], x[32:], bits=(2, 4, 8), probes=1,
+                             hessian_samples=16)
+    (tmp_path / "a" / "sensitivity.json").write_text(json.dumps(sens))
+    _, md = slimtorch.report([tmp_path / "a"], tmp_path / "r.html")
+    text = md.read_text()
+    assert "Per-layer sensitivity" in text
+    for l in sens["layers"]:
+        assert f"| {l['fqn']} | {l['params']} | {l['kl'][2]:.2e} |" in text
+    assert f"| hawq | {sens['spearman']['hawq']['w2']:.3f} |" in text
