@@ -10,6 +10,7 @@ to bench/results/mixed_precision_<model>.json as they finish; ``--render`` joins
 bench/results/mixed_precision.md/.json.
 
     python bench/mixed_precision.py --model resnet20 --threads 1 [--iters 100]
+    python bench/mixed_precision.py --model resnet20 --threads 1 --iters 100 --a4
     python bench/mixed_precision.py --render
 """
 from __future__ import annotations
@@ -52,32 +53,50 @@ def commit() -> str:
                           text=True, cwd=Path(__file__).parent).stdout.strip()
 
 
+def _doc(args, flag: str = "") -> dict:
+    return {"model": f"zoo:{args.model}", "seed": args.seed, "iters": args.iters,
+            "commit": commit(), "machine": machine_markdown(), "rows": [],
+            "command": f"python bench/mixed_precision.py --model {args.model} --threads "
+            f"{args.threads} --iters {args.iters}{flag}"}
+
+
+def _row(doc: dict, out: Path, cache: dict, label: str, recipe: Recipe, avg=None) -> None:
+    """Quantize and evaluate one recipe; the row is appended and the file rewritten."""
+    m, _ = run_quantize(doc["model"], recipe, calib_size=1024, seed=doc["seed"], fp_cache=cache)
+    doc["rows"].append({"label": label, "avg_bits": avg, "recipe": recipe.name,
+                        "fp_top1": m["fp_top1"], "q_top1": m["q_top1"],
+                        "q_size_bytes": m["q_size_bytes"], "calib_seconds": m["calib_seconds"],
+                        "overrides": recipe.to_dict()["overrides"]})
+    write_json_atomic(out, doc)
+    print(f"{label:40s} {m['q_top1']:6.2f}  {m['calib_seconds']:.0f}s", flush=True)
+
+
+def run_a4(args) -> None:
+    """Attention Round vs AdaRound at W4A4 / W2A4 (built-in w4a4 / w2a4, first/last 8 bits)."""
+    torch.set_num_threads(args.threads)
+    out = RES / f"mixed_precision_{args.model}_a4.json"
+    doc, cache = _doc(args, " --a4"), {}
+    for base in ("w4a4", "w2a4"):
+        for name in ("adaround", "attention_round"):
+            _row(doc, out, cache, f"{base.upper()} {name}",
+                 with_methods(base, [{"name": name, "iters": args.iters}]))
+
+
 def run(args) -> None:
     torch.set_num_threads(args.threads)
-    src = f"zoo:{args.model}"
     out = RES / f"mixed_precision_{args.model}.json"
-    doc = {"model": src, "seed": args.seed, "iters": args.iters, "commit": commit(),
-           "machine": machine_markdown(), "command": f"python bench/mixed_precision.py "
-           f"--model {args.model} --threads {args.threads} --iters {args.iters}", "rows": []}
+    doc, cache = _doc(args), {}
     t0 = time.perf_counter()
-    sens = run_sensitivity(src, bits=(2, 3, 4, 6, 8), calib_size=256, held_size=256,
+    sens = run_sensitivity(doc["model"], bits=(2, 3, 4, 6, 8), calib_size=256, held_size=256,
                            seed=args.seed, probes=2, hessian_samples=128)
     doc["sensitivity"] = {"spearman": sens["spearman"], "baseline": sens["baseline"],
                           "seconds": round(time.perf_counter() - t0, 1),
                           "markdown": sensitivity_markdown(sens)}
     write_json_atomic(out, doc)
     ada = [{"name": "adaround", "iters": args.iters}]
-    cache: dict = {}
 
     def row(label, recipe, avg=None):
-        m, _ = run_quantize(src, recipe, calib_size=1024, seed=args.seed, fp_cache=cache)
-        doc["rows"].append({"label": label, "avg_bits": avg, "recipe": recipe.name,
-                            "fp_top1": m["fp_top1"], "q_top1": m["q_top1"],
-                            "q_size_bytes": m["q_size_bytes"],
-                            "calib_seconds": m["calib_seconds"],
-                            "overrides": recipe.to_dict()["overrides"]})
-        write_json_atomic(out, doc)
-        print(f"{label:40s} {m['q_top1']:6.2f}  {m['calib_seconds']:.0f}s", flush=True)
+        _row(doc, out, cache, label, recipe, avg)
 
     for avg in (3, 4):
         row(f"uniform W{avg} RTN", uniform(avg, ["rtn"]), avg)
@@ -100,6 +119,8 @@ def run(args) -> None:
 
 def render() -> None:
     docs = [json.loads(p.read_text()) for p in sorted(RES.glob("mixed_precision_*.json"))]
+    a4 = {d["model"]: d for d in docs if d["command"].endswith("--a4")}
+    docs = [d for d in docs if not d["command"].endswith("--a4")]
     lines = ["# Mixed precision and Attention Round (bench/mixed_precision.py)", ""]
     for d in docs:
         lines += [f"## {d['model']}", "", f"{d['machine']}; commit {d['commit']}; seed "
@@ -116,6 +137,14 @@ def render() -> None:
             lines.append(f"| {r['label']} | {avg} | {r['q_top1']:.2f} | {r['q_size_bytes']} | "
                          f"{r['calib_seconds']:.0f} |")
         lines += ["", f"Float top-1: {fp}.", ""]
+        extra = a4.get(d["model"])
+        if extra:
+            lines += ["### Attention Round vs AdaRound at 4-bit activations", "",
+                      f"Command: `{extra['command']}`; commit {extra['commit']}.", "",
+                      "| row | top-1 % | calib s |", "|---|---:|---:|"]
+            lines += [f"| {r['label']} | {r['q_top1']:.2f} | {r['calib_seconds']:.0f} |"
+                      for r in extra["rows"]]
+            lines.append("")
     write_text_atomic(RES / "mixed_precision.md", "\n".join(lines) + "\n")
     write_json_atomic(RES / "mixed_precision.json", docs)
     print("\n".join(lines))
@@ -128,5 +157,6 @@ if __name__ == "__main__":
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--render", action="store_true")
+    p.add_argument("--a4", action="store_true", help="AdaRound vs Attention Round at W4A4/W2A4")
     a = p.parse_args()
-    render() if a.render else run(a)
+    render() if a.render else run_a4(a) if a.a4 else run(a)

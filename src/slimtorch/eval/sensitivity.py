@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..algorithms.vit_sites import observe_only
 from ..data.calibration import calibration_batches
 from ..errors import SlimtorchError
 from ..graph.capture import call_model
@@ -75,14 +76,7 @@ def _prepared(model: nn.Module, recipe: Recipe, batches: list, seed: int) -> nn.
     prepare(qm, recipe, batches[0], seed=seed)
     for _, m in quant_layers(qm):
         m.calibrate_weight()
-    acts = activation_quantizers(qm)
-    with torch.no_grad(), quant_state(qm, weights=False, acts=False):
-        for q in acts:
-            q.mode = Mode.OBSERVE
-        for item in batches:
-            call_model(qm, item)
-    for q in acts:
-        q.finish_observe()
+    observe_only(qm, batches, activation_quantizers(qm))
     return qm
 
 
