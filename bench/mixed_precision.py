@@ -60,10 +60,21 @@ def _doc(args, flag: str = "") -> dict:
             f"{args.threads} --iters {args.iters}{flag}"}
 
 
+def weight_bits(q) -> float:
+    """Average bits of all Conv/Linear weights of the quantized model (float ones count 32)."""
+    n = b = 0
+    for m in q.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            wq = getattr(m, "weight_quantizer", None)
+            n, b = n + m.weight.numel(), b + m.weight.numel() * (wq.spec.bits if wq else 32)
+    return round(b / n, 3)
+
+
 def _row(doc: dict, out: Path, cache: dict, label: str, recipe: Recipe, avg=None) -> None:
     """Quantize and evaluate one recipe; the row is appended and the file rewritten."""
-    m, _ = run_quantize(doc["model"], recipe, calib_size=1024, seed=doc["seed"], fp_cache=cache)
+    m, q = run_quantize(doc["model"], recipe, calib_size=1024, seed=doc["seed"], fp_cache=cache)
     doc["rows"].append({"label": label, "avg_bits": avg, "recipe": recipe.name,
+                        "weight_bits": weight_bits(q),
                         "fp_top1": m["fp_top1"], "q_top1": m["q_top1"],
                         "q_size_bytes": m["q_size_bytes"], "calib_seconds": m["calib_seconds"],
                         "overrides": recipe.to_dict()["overrides"]})
@@ -129,13 +140,13 @@ def render() -> None:
                   f"`{d['command']}`", "", "### Sensitivity (ranges from 256 images, measured "
                   "on 256 other images)", "", d["sensitivity"]["markdown"], "",
                   "### Accuracy at a budget (A8)", "",
-                  "| row | avg weight bits | top-1 % | size bytes | calib s |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| row | budget avg bits | weight bits (measured) | top-1 % | size bytes | "
+                  "calib s |", "|---|---:|---:|---:|---:|---:|"]
         fp = d["rows"][0]["fp_top1"] if d["rows"] else None
         for r in d["rows"]:
             avg = "" if r["avg_bits"] is None else r["avg_bits"]
-            lines.append(f"| {r['label']} | {avg} | {r['q_top1']:.2f} | {r['q_size_bytes']} | "
-                         f"{r['calib_seconds']:.0f} |")
+            lines.append(f"| {r['label']} | {avg} | {r.get('weight_bits', '')} | "
+                         f"{r['q_top1']:.2f} | {r['q_size_bytes']} | {r['calib_seconds']:.0f} |")
         lines += ["", f"Float top-1: {fp}.", ""]
         extra = a4.get(d["model"])
         if extra:
