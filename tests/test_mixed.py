@@ -179,3 +179,12 @@ def test_report_shows_sensitivity(tmp_path):
     for l in sens["layers"]:
         assert f"| {l['fqn']} | {l['params']} | {l['kl'][2]:.2e} |" in text
     assert f"| hawq | {sens['spearman']['hawq']['w2']:.3f} |" in text
+
+
+def test_layer_override_dump_keeps_missing_keys_missing():
+    from slimtorch.recipe import Recipe
+    d = resolve_recipe("w4a8").to_dict()
+    d["first_layer"] = {"activations": 8}
+    again = Recipe.from_dict(Recipe.from_dict(d).to_dict())
+    assert again.first_layer.model_fields_set == {"activations"}  # weights inherit, not float
+    assert again.to_dict()["first_layer"] == {"activations": 8}
