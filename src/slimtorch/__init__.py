@@ -10,6 +10,8 @@
     io = slimtorch.integer_only(vit, calib_data)  # I-ViT: integer kernels from input to output
     print(slimtorch.inspect(qmodel, model, calib_batch).table())  # worst layers by SQNR
     slimtorch.report(["out/"], "report.html")  # HTML page + report.md: metrics, SQNR, bits
+    sens = slimtorch.sensitivity(model, calib_data, held_data, bits=(2, 4, 8))  # per layer
+    mixed = slimtorch.allocate(sens, avg_bits=4, recipe="w4a8")  # a Recipe with overrides
 
 The names below are imported on first use (PEP 562), so ``import slimtorch.errors`` or
 ``slimtorch.methods`` does not import torch or the whole package.
@@ -23,7 +25,8 @@ from ._version import __version__
 _PUBLIC = {"quantize": "api", "sparsify": "api", "save": "api", "load": "api", "export_onnx": "api",
            "inspect": "api", "report": "eval.report", "lower": "intops.lower",
            "integer_only": "intops.integer_artifact", "Recipe": "recipe",
-           "resolve_recipe": "recipe", "SlimtorchError": "errors"}
+           "resolve_recipe": "recipe", "SlimtorchError": "errors",
+           "sensitivity": "api", "allocate": "api"}
 __all__ = [*_PUBLIC, "__version__"]
 
 

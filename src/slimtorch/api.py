@@ -21,7 +21,8 @@ from .quant.prepare import META_ATTR, calibrate, freeze, prepare, sync_shared
 from .errors import RecipeError
 from .recipe import Recipe, resolve_recipe
 
-__all__ = ["quantize", "sparsify", "save", "load", "export_onnx", "inspect"]
+__all__ = ["quantize", "sparsify", "save", "load", "export_onnx", "inspect", "sensitivity",
+           "allocate"]
 
 
 def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = None, *,
@@ -159,3 +160,23 @@ def export_onnx(qmodel: nn.Module, path, example_inputs: Any, **kwargs):
     ``runtimes=("onnxruntime", "openvino")`` (the ``deploy`` extra). Returns the ExportReport."""
     from .export.onnx import export_onnx as _export
     return _export(qmodel, path, example_inputs, **kwargs)
+
+
+def sensitivity(model: nn.Module, calib_data: Any, held_data: Any, **kwargs) -> dict[str, Any]:
+    """Per-layer sensitivity to weight bits and its proxies (``eval.sensitivity``): keyword
+    arguments ``recipe`` (base, default w4a8), ``bits``, ``seed``, ``probes``."""
+    from .eval.sensitivity import layer_sensitivity
+    return layer_sensitivity(model, calib_data, held_data, **kwargs)
+
+
+def allocate(sens: dict[str, Any], *, avg_bits: float | None = None,
+             size_bytes: int | None = None, criterion: str = "kl",
+             recipe: Recipe | str | None = None, bits=None) -> Recipe:
+    """The mixed-precision recipe: ``recipe`` (default: the measured one) with per-layer weight
+    bits minimising the summed ``criterion`` under the budget (``quant.allocate``); its
+    ``description`` states the average bits reached."""
+    from .quant.allocate import allocate_from_sensitivity, mixed_recipe
+    alloc = allocate_from_sensitivity(sens, avg_bits=avg_bits, size_bytes=size_bytes,
+                                      criterion=criterion, bits=bits)
+    base = resolve_recipe(recipe) if recipe is not None else Recipe.from_dict(sens["recipe"])
+    return mixed_recipe(base, alloc)

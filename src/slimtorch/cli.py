@@ -1,5 +1,5 @@
 """Command line: ``slimtorch zoo | recipes | quantize | sparsify | eval | inspect | report |
-export | bench``.
+export | bench | sensitivity | allocate``.
 
 Bad input ends with one line ``error: ...`` that says what to change (exit status 2), never a
 traceback from inside torch.
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_deploy(sub)
     from .cli_lower import register as register_lower  # lower --integer-only
     register_lower(sub)
+    from .cli_mixed import register as register_mixed  # sensitivity, allocate
+    register_mixed(sub)
     return p
 
 

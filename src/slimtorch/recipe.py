@@ -67,6 +67,26 @@ class CalibConfig(_Strict):
                 "batch_size": self.synth_batch_size, "stats": self.stats}
 
 
+class MixedConfig(_Strict):
+    """Per-layer weight bits chosen from the weights alone when the model is prepared
+    (``quant.allocate.coding_length_bits``): Attention Round's lossy coding length with the
+    DP under an average of ``avg_bits`` over the weight-quantized layers (first and last
+    included: their weight bits are allocated too). The resolved per-layer ``overrides`` are
+    what the artifact records."""
+    criterion: Literal["coding_length"] = "coding_length"
+    avg_bits: float = Field(gt=0)
+    bits: tuple[int, ...] = (2, 3, 4, 6, 8)
+    eps: float = Field(0.5, gt=0, description="ε of the coding length, × rms(W) of the layer")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        from .quant.spec import MAX_BITS, MIN_BITS
+        if not v or any(not MIN_BITS <= b <= MAX_BITS for b in v):
+            raise ValueError(f"bits must be a non-empty list within {MIN_BITS}..{MAX_BITS}")
+        return tuple(sorted(set(v)))
+
+
 def _parse_method(v: Any) -> MethodConfig:
     """One ``methods`` entry (a name, or a mapping with ``name``) → its typed config."""
     if isinstance(v, MethodConfig):
@@ -104,6 +124,7 @@ class Recipe(_Strict):
     first_layer: LayerOverride | None = None
     last_layer: LayerOverride | None = None
     overrides: dict[str, LayerOverride | None] = Field(default_factory=dict)
+    mixed: MixedConfig | None = None  # per-layer weight bits from the coding length
     quantize_matmuls: bool = True
     # residual adds read only by quantized layers (graph.capture._add_sites): quantize both
     # operands so integer engines keep the residual chain in int8 (on in the deployable w8a8;

@@ -3,8 +3,8 @@ show for these runs), run in the order of ``SECTIONS``.
 
 A new family adds its section as one more function and one more entry in ``SECTIONS``, reading
 what its method records (``meta["methods"][i]["stats"]``) or its own file in the artifact
-directory, without touching the others. Still to come with their families: per-layer
-sensitivity (mixed precision), diffusion sample grids, pruning's kept channels per layer,
+directory, without touching the others. ``sensitivity`` reads ``DIR/sensitivity.json``
+(``slimtorch sensitivity --out DIR``). Still to come with their families: diffusion sample grids, pruning's kept channels per layer,
 sparsity per layer. No section invents a number: what a run did not measure reads
 "not measured" and names the command that measures it.
 """
@@ -196,6 +196,41 @@ def pareto_latency(runs: Sequence[Run]) -> Section | None:
                    "(`slimtorch bench speed DIR`); a run without one is left out.")
 
 
+# ---------------------------------------------------------------- sensitivity
+SENSITIVITY_FILE = "sensitivity.json"
+
+
+def sensitivity(runs: Sequence[Run]) -> Section | None:
+    """Per-layer ΔKL of one layer's weights at b bits, and the proxies' rank correlations, for
+    runs whose directory holds ``sensitivity.json``."""
+    blocks = []
+    for r in runs:
+        path = r.path / SENSITIVITY_FILE
+        if not path.is_file():
+            continue
+        sens = json.loads(path.read_text())
+        shown = [b for b in sens["bits"] if int(b) <= 4] or sens["bits"][:1]
+        names = [l["fqn"] for l in sens["layers"]]
+        png = plots.barh(names, {f"W{b}": [l["kl"][str(b)] for l in sens["layers"]]
+                                 for b in shown}, xlabel="ΔKL(float ‖ quantized)",
+                         title=f"{r.label}: sensitivity of each layer ({sens['model']})"
+                         if "model" in sens else f"{r.label}: sensitivity of each layer")
+        bits = [str(b) for b in sens["bits"]]
+        table = Table(["layer", "params", *[f"ΔKL W{b}" for b in bits]], [
+            [l["fqn"], str(l["params"]), *[f"{l['kl'][b]:.2e}" for b in bits]]
+            for l in sens["layers"]])
+        blocks.append(Figure(png, f"{r.label}: ΔKL to float with only this layer's weights "
+                             f"quantized, on {sens['held_samples']} held images", table))
+        blocks.append(Table(["proxy", *[f"ρ W{b}" for b in bits], "ρ pooled"], [
+            [name, *[_num(row[f"w{b}"], 3) for b in bits], _num(row["pooled"], 3)]
+            for name, row in sens["spearman"].items()]))
+    if not blocks:
+        return None
+    blocks.append(Text("Spearman ρ of each proxy with the measured ΔKL (`slimtorch "
+                       "sensitivity`; docs/mixed-precision.md)."))
+    return Section("sensitivity", "Per-layer sensitivity", blocks)
+
+
 SECTIONS: list[Callable[[Sequence[Run]], Section | None]] = [
-    summary, recipe, pareto_size, pareto_latency, speed, sqnr, bits,
+    summary, recipe, pareto_size, pareto_latency, speed, sqnr, bits, sensitivity,
 ]

@@ -274,10 +274,17 @@ def prepare(model: nn.Module, recipe: Recipe, example: Any, *, seed: int = 0
         fold_batchnorm(model, folds)
         graph = capture(model, example)
     plan = make_plan(graph, recipe)
+    mixed = None
+    if recipe.mixed is not None:  # weight bits per layer from the weights (coding length)
+        from .allocate import coding_length_recipe
+        recipe, mixed = coding_length_recipe(model, plan, recipe)
+        plan = make_plan(graph, recipe)
     attach(model, plan, seed=seed, max_samples=recipe.calib.max_samples_per_quantizer)
     remember(model, graph)  # the methods query this graph instead of capturing again
     meta = {"recipe": recipe.to_dict(), "graph": graph.describe(), "plan": plan,
             "bn_folds": [list(p) for p in folds], "decomposed": decomposed, "seed": seed}
+    if mixed is not None:
+        meta["mixed"] = mixed
     setattr(model, META_ATTR, meta)
     return meta
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
-                      field_validator, model_validator)
+                      field_validator, model_serializer, model_validator)
 
 from .granularity import Granularity, PerGroup, PerToken, parse_granularity
 
@@ -77,10 +77,16 @@ class QuantSpec(Strict):
 
 
 class LayerOverride(Strict):
-    """Bit widths for matching layers. A missing key inherits; ``null`` keeps that part float."""
+    """Bit widths for matching layers. A missing key inherits; ``null`` keeps that part float.
+    A dump holds only the keys that were given, so a missing key stays missing (inherits) when
+    the dump is read again instead of becoming ``null`` (float)."""
 
     weights: int | None = None
     activations: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _given_keys(self, handler):
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
 
     _bits = field_validator("weights", "activations")(
         classmethod(lambda cls, v: _check_bits(v)))

@@ -48,6 +48,12 @@ class AdaRound:
         self.hard = hard
         q.learner = self
 
+    def start(self, gen: torch.Generator, iters: int) -> None:
+        """Before the first step: the run's generator and length (for schedules; unused)."""
+
+    def at_step(self, t: int) -> None:
+        """Before step ``t``: move a schedule on (AdaRound has none; β is the runner's)."""
+
     def h(self) -> Tensor:
         return (self.v >= 0).float() if self.hard else rectified_sigmoid(self.v)
 

@@ -64,6 +64,7 @@ class Stage:
     mix_prob: float = 0.0        # QDrop: P(unit input element comes from x_q); 0 = always x_q
     drop_prob: float = 0.0       # QDrop: P(in-unit activation element stays float)
     terms: tuple = ()            # UnitTerm objects (PD-Quant: pd.PDTerm)
+    rounding: type = AdaRound    # the learned-rounding class (Attention Round: its subclass)
 
 
 class UnitTerm:
@@ -266,7 +267,10 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
         st.update(extra_st)
     st["loss_before"] = eval_loss(run, x_q, y_fp, stage.rec_p)
     ws, acts = unit_quantizers(model, unit)
-    rounds = [AdaRound(m.weight_quantizer, m.weight) for _, m in ws] if stage.learn_weights else []
+    rounds = ([stage.rounding(m.weight_quantizer, m.weight) for _, m in ws]
+              if stage.learn_weights else [])
+    for r in rounds:
+        r.start(gens[0], stage.iters)
     steps = ([LSQ(q) for q in acts if not q.dynamic]  # a run-time range has no step to learn
              if stage.learn_acts and stage.acts_on else [])
     params_w, params_a = [r.v for r in rounds], [s.scale for s in steps]
@@ -319,6 +323,8 @@ def _optimise(ctx, mod, rounds: list[AdaRound], drop: "QDrop", params_w, params_
         if extra:  # the terms' losses read the unit output on the pure quantized input
             x, mask = torch.cat([x, xq]), torch.cat([mask, torch.ones_like(mask)])
         drop.mask = mask
+        for r in rounds:
+            r.at_step(t)
         out = mod(x)
         loss = rec_loss(out[:len(idx)], y, stage.rec_p)
         for fn in extra:
@@ -354,7 +360,7 @@ def _restore(model: nn.Module, unit: Unit, stage: Stage, tensors: dict[str, Tens
     for f in unit.layers:
         m = model.get_submodule(f)
         if f + ".rounding" in tensors:
-            AdaRound(m.weight_quantizer, m.weight, v=tensors[f + ".rounding"], hard=True)
+            stage.rounding(m.weight_quantizer, m.weight, v=tensors[f + ".rounding"], hard=True)
         if f + ".scale" in tensors:
             m.input_quantizer.scale = tensors[f + ".scale"].clone()
 
