@@ -58,3 +58,8 @@ class ReportError(SlimtorchError):
 class DataFreeError(SlimtorchError):
     """Data-free calibration cannot run on this model (no BatchNorm statistics and no
     attention to match), or its settings are invalid."""
+
+
+class PruningError(SlimtorchError):
+    """A structured-pruning target or pin that cannot be met, or a model the channel rules
+    cannot prune safely."""
