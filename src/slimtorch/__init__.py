@@ -3,6 +3,7 @@
     import slimtorch
     qmodel = slimtorch.quantize(model, "w4a4", calib_data, seed=0)
     smodel = slimtorch.sparsify(model, "2:4-sparsegpt", calib_data)  # N:M / unstructured
+    pmodel = slimtorch.prune(model, "macs-0.5-taylor", calib_data)  # physically smaller
     slimtorch.save(qmodel, "out/")
     qmodel = slimtorch.load("out/")
     report = slimtorch.export_onnx(qmodel, "model.onnx", example_inputs)
@@ -22,8 +23,8 @@ import importlib
 
 from ._version import __version__
 
-_PUBLIC = {"quantize": "api", "sparsify": "api", "save": "api", "load": "api", "export_onnx": "api",
-           "inspect": "api", "report": "eval.report", "lower": "intops.lower",
+_PUBLIC = {"quantize": "api", "prune": "api", "sparsify": "api", "save": "api", "load": "api",
+           "export_onnx": "api", "inspect": "api", "report": "eval.report", "lower": "intops.lower",
            "integer_only": "intops.integer_artifact", "Recipe": "recipe",
            "resolve_recipe": "recipe", "SlimtorchError": "errors",
            "sensitivity": "api", "allocate": "api"}

@@ -21,8 +21,8 @@ from .quant.prepare import META_ATTR, calibrate, freeze, prepare, sync_shared
 from .errors import RecipeError
 from .recipe import Recipe, resolve_recipe
 
-__all__ = ["quantize", "sparsify", "save", "load", "export_onnx", "inspect", "sensitivity",
-           "allocate"]
+__all__ = ["quantize", "prune", "sparsify", "save", "load", "export_onnx", "inspect",
+           "sensitivity", "allocate"]
 
 
 def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = None, *,
@@ -30,7 +30,8 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
              inplace: bool = False, transform: Callable[[Any], Any] | None = None,
              self_check: bool = True,
              strict: bool = False, min_sqnr_db: float | None = None,
-             max_samples: int | None = None, train_data: Any = None) -> nn.Module:
+             max_samples: int | None = None, train_data: Any = None,
+             on_method: Callable[[str, nn.Module], dict] | None = None) -> nn.Module:
     """Return a quantized copy of ``model`` (same forward signature; the input is untouched).
 
     calib_data: a Tensor of samples, or any iterable of items (a list, a generator, a torch
@@ -52,6 +53,11 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
     methods that need the untouched float model (PD-Quant's distribution correction) refuse.
     train_data: training data for methods that train (``srste``), in any form ``calib_data``
     takes (``transform`` applies too); None: they train on the calibration batches.
+    Structural methods (``prune``, ``recover``) run first, on the float copy; the pruned float
+    model is then what quantization methods and the self-check compare with, and its pruning
+    history is in the metadata (``pruning``). ``on_method(name, model)``, if given, is called
+    after each structural method and its returned dict is kept in that method's record
+    (``eval``): the pipeline measures accuracy before and after recovery with it.
     The caller's global RNG is left as it was: every random draw uses a generator seeded from
     ``seed``.
     """
@@ -64,11 +70,21 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
              calibration_batches(train_data, recipe.calib.batch_size, transform))
     with torch.random.fork_rng(devices=[]):  # module constructors in rewrites draw from it
         qmodel = (model if inplace else copy.deepcopy(model)).eval()
+        structural = run_methods(qmodel, recipe, batches, seed=seed, progress=progress,
+                                 float_model=None if inplace else model, work_dir=work_dir,
+                                 train_batches=train, structural=True, on_method=on_method)
+        reference = model
+        if structural:  # pruned: later methods and the self-check compare with its float self
+            reference = None if inplace else copy.deepcopy(qmodel).eval()
         meta = prepare(qmodel, recipe, batches[0], seed=seed)
         calibrate(qmodel, batches, progress=progress)
-        meta["methods"] = run_methods(qmodel, recipe, batches, seed=seed, progress=progress,
-                                      float_model=None if inplace else model, work_dir=work_dir,
-                                      train_batches=train)
+        meta["methods"] = structural + run_methods(
+            qmodel, recipe, batches, seed=seed, progress=progress,
+            float_model=None if inplace else reference, work_dir=work_dir, train_batches=train)
+        if structural:
+            meta["pruning"] = {"steps": [r["stats"]["history"] for r in structural
+                                         if "history" in r["stats"]
+                                         and "modules" in r["stats"]["history"]]}
     if synthetic:
         meta["calibration"] = synthetic  # data-free: resolved settings, final losses
     sync_shared(qmodel, meta["plan"])
@@ -76,7 +92,7 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
     setattr(qmodel, META_ATTR, meta)
     if self_check and not inplace:
         floor = default_floor(recipe) if min_sqnr_db is None else min_sqnr_db
-        report = check(qmodel, model, batches[0], min_sqnr_db=floor, meta=meta)
+        report = check(qmodel, reference, batches[0], min_sqnr_db=floor, meta=meta)
         meta["self_check"] = report.to_dict(worst=8)
         enforce(report, strict=strict, sparse=recipe.masks_weights)
     return qmodel
@@ -93,6 +109,25 @@ def sparsify(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
     the sparsity per layer. ``train_data=`` feeds recovery methods (``srste`` after a
     one-shot method: ``[{name: sparsegpt, pattern: '2:4'}, {name: srste, epochs: 3}]``)."""
     return quantize(model, sparsity_recipe(recipe), calib_data, **kwargs)
+
+
+def prune(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = None, **kwargs
+          ) -> nn.Module:
+    """Return a structurally pruned copy of ``model`` — a physically smaller ``nn.Module``
+    (smaller Conv/Linear/BatchNorm layers): ``quantize`` with a recipe that has a ``prune``
+    method (names like ``macs-0.5-taylor``, ``macs-0.5-taylor-kd``, or ``methods: [{name:
+    prune, criterion: taylor, target: {macs: 0.5}}, {name: recover, epochs: 1}, ...]``; a
+    quantization recipe's settings after it quantize the pruned model, e.g. the built-in
+    ``macs-0.5-taylor-w8a8``). ``calib_data`` gives the graph's example and the Taylor
+    gradients; ``train_data=`` feeds ``recover`` (distillation from ``model``). The pruning
+    history is in the artifact (``slimtorch.save``); ``slimtorch.load`` replays it on the
+    base model. ``slimtorch.prune.pruning_record(model)`` gives params, MACs and groups."""
+    recipe = resolve_recipe(recipe)
+    if not any(m.structural and handler_for(m).name == "prune" for m in recipe.methods):
+        raise RecipeError(f"recipe {recipe.name!r} has no prune method (its methods: "
+                          f"{', '.join(recipe.method_names)}): add {{name: prune, target: "
+                          "{macs: 0.5}}, or use a name like macs-0.5-taylor")
+    return quantize(model, recipe, calib_data, **kwargs)
 
 
 def sparsity_recipe(recipe: Recipe | str | dict) -> Recipe:
@@ -136,12 +171,17 @@ def inspect(qmodel: nn.Module, float_model: nn.Module, inputs: Any) -> CheckRepo
 def run_methods(model: nn.Module, recipe: Recipe, batches: list, *, seed: int = 0,
                 progress: bool = False, float_model: nn.Module | None = None,
                 work_dir: str | Path | None = None,
-                train_batches: list | None = None) -> list[dict[str, Any]]:
-    """Run the recipe's methods in order, each on its config with every ``auto`` resolved.
-    Returns one record per method: name, the resolved config, what ``auto`` became, and the
-    decisions/statistics the method returned (kept in the artifact and metrics.json)."""
+                train_batches: list | None = None, structural: bool = False,
+                on_method: Callable[[str, nn.Module], dict] | None = None
+                ) -> list[dict[str, Any]]:
+    """Run the recipe's methods in order, each on its config with every ``auto`` resolved:
+    the structural ones (``structural=True``) or the others. Returns one record per method:
+    name, the resolved config, what ``auto`` became, and the decisions/statistics the method
+    returned (kept in the artifact and metrics.json)."""
     records = []
     for i, cfg in enumerate(recipe.methods):
+        if cfg.structural != structural:
+            continue
         handler = handler_for(cfg)
         ctx = MethodContext(recipe, batches, seed, progress, float_model,
                             None if work_dir is None else Path(work_dir) / f"{i}-{handler.name}",
@@ -151,6 +191,8 @@ def run_methods(model: nn.Module, recipe: Recipe, batches: list, *, seed: int = 
         records.append({"name": handler.name, "config": resolved.model_dump(mode="json"),
                         "auto": {k: getattr(resolved, k) for k, v in cfg if v == "auto"},
                         "stats": stats})
+        if on_method is not None:
+            records[-1]["eval"] = on_method(handler.name, model)
     return records
 
 

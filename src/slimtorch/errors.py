@@ -63,3 +63,8 @@ class DataFreeError(SlimtorchError):
 class IntegerOnlyError(SlimtorchError):
     """A model cannot run integer-only: an op without an integer kernel, a layout the integer
     kernels do not take (grouped or dilated convs), or an uncalibrated model."""
+
+
+class PruningError(SlimtorchError):
+    """A structured-pruning target or pin that cannot be met, or a model the channel rules
+    cannot prune safely."""

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import RecipeError
 
-METHOD_PACKAGES = ("slimtorch.algorithms", "slimtorch.sparsity")  # where methods live
+METHOD_PACKAGES = ("slimtorch.algorithms", "slimtorch.sparsity", "slimtorch.prune")  # where methods live
 
 
 class MethodConfig(BaseModel):
@@ -43,6 +43,9 @@ class MethodConfig(BaseModel):
     # the method trains weights on training data (``MethodContext.train_batches``): the
     # pipeline loads the task's training split only when a recipe has such a method
     trains: ClassVar[bool] = False
+    # the method changes the model's structure (structured pruning, its recovery): it runs on
+    # the float model before quantization is prepared, and ``slimtorch.load`` replays it
+    structural: ClassVar[bool] = False
 
     @classmethod
     def parse(cls, args: dict[str, Any] | None, method: str) -> "MethodConfig":

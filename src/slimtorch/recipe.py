@@ -168,10 +168,15 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _compresses_something(self) -> "Recipe":
-        if self.weights is None and self.activations is None and not self.masks_weights:
+        structural = [m.structural for m in self.methods]
+        if (self.weights is None and self.activations is None and not self.masks_weights
+                and not any(structural)):
             raise ValueError("the recipe compresses nothing: give `weights:` (e.g. {bits: 4}) "
                              "and/or a sparsity method in `methods:` (e.g. {name: wanda, "
-                             "sparsity: 0.5})")
+                             "sparsity: 0.5}) or a pruning method ({name: prune})")
+        if structural != sorted(structural, reverse=True):
+            raise ValueError("structural methods (prune, recover) change the model's shape "
+                             "and run on the float model first: list them before the others")
         return self
 
     @property
@@ -307,12 +312,13 @@ def builtin_recipe_names() -> list[str]:
 def load_builtin(name: str) -> Recipe:
     path = resources.files("slimtorch") / "recipes" / f"{name}.yaml"
     if not path.is_file():
-        short = sparsity_shorthand(name)
+        short = sparsity_shorthand(name) or pruning_shorthand(name)
         if short is not None:
             return short
         raise RecipeError(f"unknown recipe {name!r}; built-in recipes: "
                           f"{', '.join(builtin_recipe_names())}, sparsity names like 50-wanda "
-                          "or 2:4-sparsegpt, or give a path to a YAML file")
+                          "or 2:4-sparsegpt, pruning names like macs-0.5-taylor, or give a path to a "
+                          "YAML file")
     return load_recipe_text(path.read_text(), source=f"{name}.yaml")
 
 
@@ -337,6 +343,24 @@ def sparsity_shorthand(name: str) -> Recipe | None:
     what = f"N:M {nm}" if nm else f"{pct} % unstructured"
     return Recipe.from_dict({"name": name, "methods": [entry], "weights": None,
                              "description": f"{method} sparsity, {what}, float weights"},
+                            source=name)
+
+
+_SHORT_PRUNING = re.compile(r"(macs|params)-(0?\.\d+)-(magnitude|taylor|random)(-kd)?")
+
+
+def pruning_shorthand(name: str) -> Recipe | None:
+    """``macs-0.5-taylor`` (keep 50 % of MACs, Taylor criterion; ``-kd`` adds a 1-epoch
+    distillation recovery) as a float-weight structured-pruning recipe."""
+    m = _SHORT_PRUNING.fullmatch(name)
+    if m is None:
+        return None
+    metric, ratio, criterion, kd = m.groups()
+    methods = [{"name": "prune", "criterion": criterion, "target": {metric: float(ratio)}}]
+    methods += [{"name": "recover", "epochs": 1}] if kd else []
+    return Recipe.from_dict({"name": name, "methods": methods, "weights": None,
+                             "description": f"structured pruning to {ratio} of the {metric} "
+                             f"({criterion}){', 1 epoch KD recovery' if kd else ''}"},
                             source=name)
 
 

@@ -192,6 +192,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
         model = copy.deepcopy(model)
     model.eval()
     meta = cfg["meta"]
+    if meta.get("pruning"):  # structured pruning: shrink the base model as it was shrunk
+        from ..prune.surgery import replay
+        replay(model, meta["pruning"])
     if meta["decomposed"]:
         decompose_attention(model)
     apply_fold_structure(model, [tuple(p) for p in meta["bn_folds"]])

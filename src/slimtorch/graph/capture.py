@@ -58,6 +58,9 @@ class Node:
     dynamic: bool          # depends on the model input (False for params/constants)
     key: str | None = None  # functional-site name for matmul/sdpa/add
     users: int = 0
+    parts: list[int] = field(default_factory=list)  # which output of each input's producer
+    meta: Any = None        # plain non-tensor arguments of structural ops (cat dim, ...)
+    part_shapes: list[list[int]] | None = None  # every output's shape (multi-output ops)
 
 
 @dataclass
@@ -103,19 +106,25 @@ class _Recorder(TorchFunctionMode):
         self.producer: dict[int, tuple[weakref.ref, int]] = {}
 
     def add(self, kind: str, op: str, inputs: list[int], out: Tensor, dynamic: bool,
-            key: str | None = None) -> int:
+            key: str | None = None, parts: list[int] | None = None, meta: Any = None) -> int:
         node = Node(len(self.nodes), kind, op, self.tracker.current, inputs,
-                    list(out.shape), dynamic, key)
+                    list(out.shape), dynamic, key, parts=parts or [0] * len(inputs),
+                    meta=meta)
         for i in inputs:
             self.nodes[i].users += 1
         self.nodes.append(node)
-        self.producer[id(out)] = (weakref.ref(out), node.idx)
+        self.producer[id(out)] = (weakref.ref(out), node.idx, 0)
         return node.idx
 
     def recorded(self, t: Tensor) -> int | None:
         """The node that produced ``t``, None if it was not recorded."""
         got = self.producer.get(id(t))
         return got[1] if got is not None and got[0]() is t else None
+
+    def part_of(self, t: Tensor) -> int:
+        """Which output of its producer ``t`` is (0 unless a multi-output op made it)."""
+        got = self.producer.get(id(t))
+        return got[2] if got is not None and got[0]() is t else 0
 
     def node_of(self, t: Tensor) -> int:
         idx = self.recorded(t)
@@ -131,14 +140,44 @@ class _Recorder(TorchFunctionMode):
         if not outs:
             return out
         op = getattr(func, "__name__", str(func))
-        ins = [self.node_of(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        parts = [self.part_of(t) for t in tensors]
+        ins = [self.node_of(t) for t in tensors]
         dynamic = any(self.nodes[i].dynamic for i in ins)
         kind = KINDS.get(op, "other")
         key = self.tracker.next_key(kind) if kind in SITE_KINDS else None
-        first = self.add(kind, op, ins, outs[0], dynamic, key)
-        for t in outs[1:]:
-            self.producer[id(t)] = (weakref.ref(t), first)
+        meta = plain_args(args[1:], kwargs) if op in STRUCTURAL else None
+        first = self.add(kind, op, ins, outs[0], dynamic, key, parts, meta)
+        if len(outs) > 1:
+            self.nodes[first].part_shapes = [list(t.shape) for t in outs]
+        for k, t in enumerate(outs[1:], 1):
+            self.producer[id(t)] = (weakref.ref(t), first, k)
         return out
+
+
+# ops whose non-tensor arguments (dims, sizes, indices) channel tracking needs (prune.groups)
+STRUCTURAL = {"cat", "concat", "stack", "split", "chunk", "unbind", "permute", "transpose",
+              "movedim", "__getitem__", "narrow", "select", "mean", "sum", "amax", "amin",
+              "max", "min", "std", "var", "norm", "softmax", "log_softmax", "flatten",
+              "layer_norm", "group_norm", "rms_norm", "tensor_split", "swapaxes"}
+
+
+def plain_args(args: tuple, kwargs: dict) -> Any:
+    """Non-tensor arguments as plain data: ints, tuples, slices as ("slice", a, b, c),
+    Ellipsis as "...", a tensor as "T"."""
+    def conv(x):
+        if isinstance(x, Tensor):
+            return "T"
+        if isinstance(x, slice):
+            return ("slice", x.start, x.stop, x.step)
+        if x is Ellipsis:
+            return "..."
+        if isinstance(x, (tuple, list)):
+            return tuple(conv(v) for v in x)
+        if isinstance(x, (bool, int, float, str)) or x is None:
+            return x
+        return repr(type(x).__name__)
+    return {"args": conv(tuple(args)), "kwargs": {k: conv(v) for k, v in kwargs.items()}}
 
 
 def call_model(model: nn.Module, item: Any, params: dict[str, Any] | None = None) -> Any:

@@ -1,0 +1,31 @@
+"""Structured pruning: dependency groups from the captured graph (``groups``), physically
+smaller modules and a replayable history (``surgery``), criteria (``criteria``: magnitude,
+Taylor, random), selection to a MACs/params target (``select``), the ``prune`` and ``recover``
+methods on the registry (``method``, ``recover``).
+
+``slimtorch.prune(model, "macs-0.5-taylor", data)`` runs them: this package is also that
+function (the package and the verb share the name ``slimtorch.prune``, so the module is made
+callable and forwards to ``slimtorch.api.prune``)."""
+from __future__ import annotations
+
+import sys
+import types
+
+
+def pruning_record(model) -> dict | None:
+    """The ``prune`` method's record of a model ``slimtorch.prune`` returned (params and MACs
+    before/after, groups, excluded layers); None for a model that was not pruned."""
+    from ..quant.prepare import META_ATTR
+    for r in getattr(model, META_ATTR, {}).get("methods", []):
+        if r["name"] == "prune":
+            return r["stats"]
+    return None
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        from ..api import prune
+        return prune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,137 @@
+"""The ``prune`` method: structured pruning to a MACs or parameter target, on the registry.
+
+``{name: prune, criterion: taylor, target: {macs: 0.5}}`` keeps 50 % of the Conv/Linear MACs
+(±``tolerance``): capture the float model's graph on the first calibration batch, derive the
+dependency groups (``groups``), score every unit (``criteria``), remove the globally lowest in
+steps until the target is met (``select``), then shrink the modules (``surgery``). It runs
+before quantization, on the float model (``structural``); the returned ``history`` is what
+``slimtorch.load`` replays on the base model.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..errors import PruningError
+from ..graph.capture import call_model, capture
+from ..methods import MethodConfig, MethodContext, register_method
+from . import criteria
+from .groups import Groups, dependency_groups
+from .select import select_units
+from .surgery import count_macs, kept_indices, layer_costs, shrink
+
+
+class Target(BaseModel):
+    """The fraction of the model's MACs or parameters to keep (one of the two)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    macs: float | None = Field(None, gt=0, lt=1, description="kept fraction of MACs")
+    params: float | None = Field(None, gt=0, lt=1, description="kept fraction of parameters")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.macs is None) == (self.params is None):
+            raise ValueError("give one of macs or params, e.g. target: {macs: 0.5}")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return "macs" if self.macs is not None else "params"
+
+    @property
+    def ratio(self) -> float:
+        return self.macs if self.macs is not None else self.params
+
+
+class PruneConfig(MethodConfig):
+    structural: ClassVar[bool] = True
+    criterion: Literal["magnitude", "taylor", "random"] = Field(
+        "magnitude", description="unit importance (see prune.criteria)")
+    target: Target = Field(default_factory=lambda: Target(macs=0.5),
+                           description="kept fraction of MACs or params")
+    p: Literal[1, 2] = Field(2, description="magnitude: L1 or L2 over the unit's weights")
+    normalize: Literal["mean"] | None = Field(
+        "mean", description="divide scores by their group's mean (Torch-Pruning's default)")
+    tolerance: float = Field(0.02, gt=0, lt=0.5, description="allowed distance to the target")
+    round_to: int | None = Field(8, ge=2, description="keep channel counts multiples of this "
+                                 "where the group allows (None: any count)")
+    max_ratio: float = Field(0.9, gt=0, le=1, description="at most this fraction of a group")
+    keep: list[str] = Field(default_factory=list, description="layers never pruned "
+                            "(fqn or re:regex); a unit touching one stays")
+    taylor_batches: int | None = Field(None, ge=1, description="calibration batches for "
+                                       "Taylor gradients (None: all)")
+
+
+def pinned_units(groups: Groups, names: list[str], keep: list[str]) -> set[int]:
+    """Units touching a layer ``keep`` names; a pattern naming no module is an error."""
+    hits = {}
+    for pat in keep:
+        rx = re.compile(pat[3:]) if pat.startswith("re:") else None
+        hits[pat] = {n for n in names if (rx.fullmatch(n) if rx else n == pat)}
+        if not hits[pat]:
+            raise PruningError(f"keep: {pat!r} names no module of the model (give a module "
+                               "name, e.g. 'layer1.0.conv1', or 're:layer1\\..*')")
+    pinned_layers = set().union(*hits.values()) if hits else set()
+    return {u.uid for u in groups.units if any(f in pinned_layers for f, _, _ in u.where)}
+
+
+def scores_for(model, groups: Groups, cfg: PruneConfig, ctx: MethodContext) -> torch.Tensor:
+    if cfg.criterion == "random":
+        return criteria.random_scores(groups, ctx.seed)
+    if cfg.criterion == "taylor":
+        s = criteria.taylor(model, groups, ctx.batches[:cfg.taylor_batches])
+    else:
+        s = criteria.magnitude(model, groups, cfg.p)
+    return criteria.normalize_mean(s, groups) if cfg.normalize == "mean" else s
+
+
+def prune_model(model, cfg: PruneConfig, ctx: MethodContext) -> dict[str, Any]:
+    """Prune ``model`` in place to ``cfg.target``; returns the record with the history."""
+    t0 = time.perf_counter()
+    example = ctx.batches[0]
+    graph = capture(model, example)
+    groups = dependency_groups(model, graph)
+    if not groups.units:
+        raise PruningError("no channel of this model can be pruned safely: "
+                           + "; ".join(f"{e['layer']}: {e['why']}" for e in groups.excluded[:5]))
+    names = [n for n, _ in model.named_modules()]
+    blocked = pinned_units(groups, names, cfg.keep)
+    scores = scores_for(model, groups, cfg, ctx)
+    total = sum(p.numel() for p in model.parameters())
+    costs = layer_costs(model, graph)
+    macs0 = count_macs(model, graph)
+    pruned, sel = select_units(groups, scores, costs, total, cfg.target.metric,
+                               cfg.target.ratio, cfg.tolerance, cfg.round_to, cfg.max_ratio,
+                               blocked)
+    modules = kept_indices(groups, pruned)
+    shrink(model, modules)
+    try:
+        with torch.no_grad():
+            call_model(model, example)
+        macs1 = count_macs(model, capture(model, example))
+    except RuntimeError as e:
+        raise PruningError(f"the pruned model does not run ({str(e).splitlines()[0]}): an "
+                           "op the channel rules passed through depends on a fixed channel "
+                           "count; pin the layers around it with keep: [...]") from None
+    params1 = sum(p.numel() for p in model.parameters())
+    by_group = {}
+    for u in pruned:
+        by_group.setdefault(groups.units[u].group, []).append(u)
+    history = {"modules": modules,
+               "groups": [{"group": g, "layers": groups.group_layers(g),
+                           "removed": len(us), "of": len(groups.groups[g])}
+                          for g, us in sorted(by_group.items())]}
+    return {"history": history, "criterion": cfg.criterion, "target": cfg.target.model_dump(),
+            "macs": {"before": macs0, "after": macs1, "ratio": round(macs1 / macs0, 4)},
+            "params": {"before": total, "after": params1, "ratio": round(params1 / total, 4)},
+            "selection": sel, "groups": len(groups.groups), "units": len(groups.units),
+            "excluded": groups.excluded, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+@register_method("prune", PruneConfig)
+def apply(model, cfg: PruneConfig, ctx: MethodContext) -> dict[str, Any]:
+    return prune_model(model, cfg, ctx)
