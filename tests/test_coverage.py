@@ -40,6 +40,7 @@ from slimtorch.zoo.coverage_base import calib_and_eval, cosine, output_of
 
 pytestmark = pytest.mark.slow
 LOWERED_COS = 0.999  # slimtorch.lower (int8 Linear layers) against the fake-quant output
+LOWERED_COS_AMPLIFIED = 0.995  # ... where rounding flips are amplified (see the test)
 
 
 
@@ -319,4 +320,9 @@ def test_w8a8_architecture(name, _one_thread):
     # the integer form computes what the fake-quant model does (summation order aside)
     lowered = slimtorch.lower(copy.deepcopy(qmodel))
     low = output_of(ARCHS[name], lowered, eval_item)
-    assert cosine(out, low) >= LOWERED_COS, f"{name}: lowered vs fake quant {cosine(out, low)}"
+    # Where float rounding in the fake-quant path flips a later quantizer's rounding and a deep
+    # random net amplifies it (timm/levit_128s on an Intel AMX CPU: 0.9983), the integer form
+    # must still be as faithful to float as the fake-quant model (error at most 5 % larger)
+    near, err_q, err_low = cosine(out, low), 1 - cos, 1 - cosine(ref, low)
+    assert near >= LOWERED_COS or (near >= LOWERED_COS_AMPLIFIED and err_low <= 1.05 * err_q), \
+        f"{name}: lowered vs fake quant {near}; error to float {err_low:.4f} vs {err_q:.4f}"
