@@ -63,7 +63,7 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
     """
     recipe = resolve_recipe(recipe)
     synthetic: dict[str, Any] = {}
-    if recipe.calib.source == "data-free":
+    if recipe.calib.source != "data":  # data-free / diffusion: made from the float model
         calib_data = _synthesize_for(model, recipe, calib_data, seed, progress, synthetic)
     batches = calibration_batches(calib_data, recipe.calib.batch_size, transform, max_samples)
     train = (None if train_data is None else
@@ -78,6 +78,8 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
             reference = None if inplace else copy.deepcopy(qmodel).eval()
         meta = prepare(qmodel, recipe, batches[0], seed=seed)
         calibrate(qmodel, batches, progress=progress)
+        if recipe.calib.source == "diffusion" and recipe.calib.diffusion.time_layers == "all":
+            synthetic["time_layers"] = _calibrate_time_layers(qmodel, recipe, batches[0])
         meta["methods"] = structural + run_methods(
             qmodel, recipe, batches, seed=seed, progress=progress,
             float_model=None if inplace else reference, work_dir=work_dir, train_batches=train)
@@ -142,16 +144,22 @@ def sparsity_recipe(recipe: Recipe | str | dict) -> Recipe:
     return recipe
 
 def _synthesize_for(model: nn.Module, recipe: Recipe, calib_data: Any, seed: int,
-                    progress: bool, report: dict) -> torch.Tensor:
-    """The recipe's data-free calibration set (``calib: {source: data-free, ...}``)."""
+                    progress: bool, report: dict) -> Any:
+    """The recipe's calibration set made from the float model: synthetic inputs
+    (``calib: {source: data-free, ...}``) or (x_t, t) pairs from a diffusion model's own
+    sampling trajectory (``source: diffusion``, ``diffusion.calibration``)."""
     from .data.synthetic import synthesize
     from .errors import CalibrationDataError
     c = recipe.calib
     if calib_data is not None:
         raise CalibrationDataError(
-            "the recipe asks for data-free calibration (calib.source: data-free) and "
-            "calibration data was given too: pass calib_data=None, or drop `source: data-free` "
-            "to calibrate on the data (a saved synthetic set is such data)")
+            f"the recipe makes its calibration set from the model (calib.source: {c.source}) "
+            "and calibration data was given too: pass calib_data=None, or drop "
+            f"`source: {c.source}` to calibrate on the data (a saved set is such data)")
+    if c.source == "diffusion":
+        from .diffusion.calibration import calibration_set
+        return calibration_set(model, c.diffusion, c.samples, c.batch_size, seed=seed,
+                               shape=c.shape, progress=progress, report=report)
     if c.shape is None:
         raise CalibrationDataError(
             "data-free calibration needs the shape of one input sample: set `calib: {shape: "
@@ -159,6 +167,13 @@ def _synthesize_for(model: nn.Module, recipe: Recipe, calib_data: Any, seed: int
             "slimtorch.data.synthetic.synthesize(model, shape, n) and pass it as calib_data")
     return synthesize(model, c.shape, c.samples, seed=seed, progress=progress, report=report,
                       **c.data_free_args())
+
+
+def _calibrate_time_layers(qmodel: nn.Module, recipe: Recipe, example: Any) -> list[str]:
+    from .diffusion.calibration import calibrate_time_layers
+    from .graph.capture import graph_of
+    return calibrate_time_layers(qmodel, graph_of(qmodel, example), example,
+                                 recipe.calib.diffusion.num_train_timesteps)
 
 
 def inspect(qmodel: nn.Module, float_model: nn.Module, inputs: Any) -> CheckReport:

@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_lower(sub)
     from .cli_mixed import register as register_mixed  # sensitivity, allocate
     register_mixed(sub)
+    from .cli_diffusion import register as register_diffusion  # sample
+    register_diffusion(sub)
     return p
 
 

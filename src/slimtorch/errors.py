@@ -68,3 +68,8 @@ class IntegerOnlyError(SlimtorchError):
 class PruningError(SlimtorchError):
     """A structured-pruning target or pin that cannot be met, or a model the channel rules
     cannot prune safely."""
+
+
+class DiffusionError(SlimtorchError):
+    """A diffusion recipe or sampler asked for something the model or schedule cannot give
+    (a model without a time-step argument, more calibration steps than the schedule has)."""

@@ -49,7 +49,7 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
     recipe_obj = with_calib_source(resolve_recipe(recipe), source, calib_source, calib_size)
     task = with_eval_size(task_for(source, data_dir), eval_size)
     eval_note = {"eval_size": eval_size} if eval_size is not None else {}
-    if recipe_obj.calib.source == "data-free":  # synthesised inside quantize (timed)
+    if recipe_obj.calib.source != "data":  # made from the model inside quantize (timed)
         calib, calib_size = None, recipe_obj.calib.samples
     else:
         if calib_size is None:

@@ -33,6 +33,35 @@ RECIPE_VERSION = 1
 DATA_FREE_KEYS = ("method", "samples", "steps", "lr", "synth_batch_size", "stats", "shape")
 
 
+class DiffusionCalib(_Strict):
+    """Calibration of a diffusion noise predictor from its own sampling trajectory
+    (``diffusion.calibration``): ``timesteps`` single | ptq4dm | uniform picks the (x_t, t)
+    pairs among the steps ``sampler`` (ddim | ddpm) visits in ``steps`` steps of the
+    ``num_train_timesteps`` schedule; ``mu``/``sigma``: PTQ4DM's normal over t/T; ``every``:
+    Q-Diffusion's stride over the sampler's steps; ``time_layers: all`` calibrates the layers
+    that read only t over every time step."""
+    timesteps: Literal["single", "ptq4dm", "uniform"] = "uniform"
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = Field(50, ge=1)
+    num_train_timesteps: int = Field(1000, ge=2)
+    mu: float = 0.4
+    sigma: float = Field(0.4, gt=0)
+    every: int = Field(5, ge=1)
+    time_layers: Literal["all", "calib"] = "all"
+
+    @model_validator(mode="after")
+    def _fits_schedule(self) -> "DiffusionCalib":
+        visited = self.num_train_timesteps if self.sampler == "ddpm" else self.steps
+        if self.steps > self.num_train_timesteps:
+            raise ValueError(f"steps = {self.steps} calibration time steps is more than the "
+                             f"schedule's {self.num_train_timesteps}: lower steps (DDIM "
+                             "typically 50)")
+        if self.timesteps == "uniform" and self.every > visited:
+            raise ValueError(f"every = {self.every} is larger than the sampler's {visited} "
+                             "steps: lower it")
+        return self
+
+
 class CalibConfig(_Strict):
     """Where calibration data comes from and how it is batched. ``source: data-free``
     synthesises it from the float model (``data.synthetic``): ``method`` auto | bn-stats |
@@ -41,7 +70,8 @@ class CalibConfig(_Strict):
     ``synth_batch_size``, BN statistics per ``sample`` (ZeroQ) or per ``batch``."""
     batch_size: int = Field(32, ge=1)
     max_samples_per_quantizer: int = Field(1 << 18, ge=1024)
-    source: Literal["data", "data-free"] = "data"
+    source: Literal["data", "data-free", "diffusion"] = "data"
+    diffusion: DiffusionCalib | None = None  # source: diffusion (None there: the defaults)
     method: Literal["auto", "bn-stats", "psaq"] = "auto"
     samples: int = Field(256, ge=1)
     steps: int | Literal["auto"] = "auto"
@@ -57,6 +87,16 @@ class CalibConfig(_Strict):
         if self.source == "data" and given:
             raise ValueError(f"{', '.join(given)} apply to data-free calibration only: add "
                              "`source: data-free` or drop them")
+        if self.source == "diffusion":
+            extra = [k for k in given if k not in ("samples", "shape")]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} apply to data-free calibration, not to "
+                                 "`source: diffusion`: drop them")
+            if self.diffusion is None:
+                self.diffusion = DiffusionCalib()
+        elif self.diffusion is not None:
+            raise ValueError("`diffusion:` settings need `source: diffusion`: add it or drop "
+                             "them")
         if isinstance(self.steps, int) and self.steps < 1:
             raise ValueError(f"steps must be >= 1 (or auto), got {self.steps}")
         return self
@@ -132,6 +172,9 @@ class Recipe(_Strict):
     quantize_adds: bool = False
     quantize_embeddings: bool = True
     fold_bn: bool = True
+    # a Conv/Linear that reads a channel concatenation gets one layer (own input quantizer and
+    # weight slice) per part: W·cat(x₁, x₂) = W₁x₁ + W₂x₂ (Q-Diffusion's shortcut splitting)
+    split_concat: bool = False
     calib: CalibConfig = Field(default_factory=CalibConfig)
 
     @field_validator("weights")

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import SlimtorchError
+from ..diffusion.task import DiffusionTask
 from ..graph.capture import call_model
 
 
@@ -272,7 +273,7 @@ def _score_surviving(out: dict, fp_out: dict | None) -> dict:
 
 
 TASKS = {"fashion_mnist": FashionMNIST, "imagenet_photos": ImageNetPhotos,
-         "causal_lm": CausalLM}
+         "causal_lm": CausalLM, "diffusion": DiffusionTask}
 
 
 def _next_token_logits(out: Any, ids: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from torch import nn
 from .._version import versions
 from ..errors import ArtifactError
 from ..graph.rewrite import apply_fold_structure, decompose_attention, untie_parameters
+from ..graph.split_concat import split_concat
 from ..quant.prepare import META_ATTR, attach, quant_layers
 from ..quant.quantizer import Mode
 from .compact import compact, expand
@@ -198,6 +199,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     if meta["decomposed"]:
         decompose_attention(model)
     apply_fold_structure(model, [tuple(p) for p in meta["bn_folds"]])
+    split_concat(model, meta.get("split_concat", []))
     untie_parameters(model, meta.get("untied", []))
     attach(model, meta["plan"], seed=meta["seed"])
     _load_state(model, state, cfg["packed"], cfg.get("sparse", {}))

@@ -21,8 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import RecipeError
-from ..graph.capture import QuantGraph, call_model, capture, remember, view_source
+from ..graph.capture import VIEWS, QuantGraph, call_model, capture, remember
 from ..graph.rewrite import decompose_attention, fold_batchnorm, set_submodule
+from ..graph.split_concat import concat_readers, split_concat
 from ..recipe import Recipe, match_override
 from .functional import SITE_ROLES, FunctionalSites
 from .granularity import PerChannel, PerGroup, PerTensor
@@ -91,22 +92,36 @@ _ROLE_INPUT = {"matmul": {"a": 0, "b": 1}, "add": {"a": 0, "b": 1},
                "sdpa": {"q": 0, "k": 1, "v": 2}}
 
 
-def _act_readers(graph: QuantGraph, plan: dict) -> list[tuple[int, str, int, dict]]:
-    """(reading node, reader ref, tensor node, spec) of every planned activation quantizer."""
+def _act_readers(graph: QuantGraph, plan: dict
+                 ) -> list[tuple[int, str, tuple[int, int], dict]]:
+    """(reading node, reader ref, (tensor node, which of its outputs), spec) of every planned
+    activation quantizer."""
     out = []
     for layer in graph.layers:
         spec = _spec_of(plan, layer["fqn"])
+        node = graph.nodes[layer["node"]]
         if spec is not None:
-            out.append((layer["node"], layer["fqn"], graph.nodes[layer["node"]].inputs[0], spec))
+            out.append((layer["node"], layer["fqn"], (node.inputs[0], node.parts[0]), spec))
     for site in graph.functional:
         if site["key"] not in plan["functional"]:
             continue
         node = graph.nodes[site["node"]]
         for role, j in _ROLE_INPUT[site["kind"]].items():
             if j < len(node.inputs):
-                out.append((site["node"], f"{site['key']}#{role}", node.inputs[j],
+                out.append((site["node"], f"{site['key']}#{role}",
+                            (node.inputs[j], node.parts[j]),
                             _spec_of(plan, f"{site['key']}#{role}")))
     return sorted(out, key=lambda r: r[0])
+
+
+def _value_of(graph: QuantGraph, tensor: tuple[int, int]) -> tuple[int, int]:
+    """The (node, output) whose values a reader's input shows, through pure re-layouts: two
+    outputs of one split are different values."""
+    idx, part = tensor
+    while graph.nodes[idx].kind == "other" and graph.nodes[idx].op in VIEWS \
+            and graph.nodes[idx].inputs:
+        idx, part = graph.nodes[idx].inputs[0], graph.nodes[idx].parts[0]
+    return idx, part
 
 
 def shared_readers(graph: QuantGraph, plan: dict) -> dict[str, str]:
@@ -115,7 +130,7 @@ def shared_readers(graph: QuantGraph, plan: dict) -> dict[str, str]:
     shared = {}
     for _, ref, tensor, spec in _act_readers(graph, plan):
         per_tensor = spec.get("granularity") == "per_tensor"
-        key = (view_source(graph.nodes, tensor) if per_tensor else tensor,
+        key = (_value_of(graph, tensor) if per_tensor else tensor,
                json.dumps(spec, sort_keys=True))
         if key in owners:
             shared[ref] = owners[key]
@@ -273,6 +288,12 @@ def prepare(model: nn.Module, recipe: Recipe, example: Any, *, seed: int = 0
     if folds:
         fold_batchnorm(model, folds)
         graph = capture(model, example)
+    splits = []
+    if recipe.split_concat:  # Q-Diffusion's shortcut splitting (graph.split_concat)
+        splits = concat_readers(graph, model)
+        if splits:
+            split_concat(model, splits)
+            graph = capture(model, example)
     plan = make_plan(graph, recipe)
     mixed = None
     if recipe.mixed is not None:  # weight bits per layer from the weights (coding length)
@@ -283,6 +304,8 @@ def prepare(model: nn.Module, recipe: Recipe, example: Any, *, seed: int = 0
     remember(model, graph)  # the methods query this graph instead of capturing again
     meta = {"recipe": recipe.to_dict(), "graph": graph.describe(), "plan": plan,
             "bn_folds": [list(p) for p in folds], "decomposed": decomposed, "seed": seed}
+    if splits:
+        meta["split_concat"] = splits
     if mixed is not None:
         meta["mixed"] = mixed
     setattr(model, META_ATTR, meta)

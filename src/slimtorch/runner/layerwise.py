@@ -43,7 +43,7 @@ from ..methods import MethodContext
 from ..quant.prepare import quant_state
 from .recon_cache import VariableShapeError, _Stop, collect, n_samples, run_items, unit_map
 from ..errors import SharedLayerError
-from .units import Unit, chained, layer_order, partition, unit_fn
+from .units import Unit, chained, layer_order, pack_args, partition, unit_fn
 
 
 class LayerSolver(Protocol):
@@ -185,7 +185,8 @@ def solve_layers(model: nn.Module, mctx: MethodContext, make_solver: SolverFacto
                 if xs is None:
                     reruns += 1
                     try:
-                        xs, _ = collect(model, mod, batches, pool, want_output=False)
+                        xs, _ = collect(model, mod, batches, pool, want_output=False,
+                                        pack=pack_args(unit))
                     except VariableShapeError:  # not cacheable: fed from runs of the model
                         _solve_steps(solvers, sequential,
                                      lambda part: feed(model, part, batches), per_layer)

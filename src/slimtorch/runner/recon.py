@@ -41,7 +41,7 @@ from ..quant.prepare import distinct, quant_layers, quant_state
 from ..quant.quantizer import Mode, Quantizer
 from .learned import LSQ, AdaRound, adaround_of
 from .recon_cache import WorkDir, collect, fingerprint, n_samples, unit_map
-from .units import Unit, chained, unit_fn
+from .units import Unit, chained, pack_args, unit_fn
 
 
 # ============================================================== config
@@ -226,7 +226,8 @@ def _release(pool: CachePool, tensors) -> None:
         pool.release(t)
 
 
-def _inputs(ctx: Context, mod: nn.Module, run, carry) -> tuple[Tensor, Tensor, Tensor, bool]:
+def _inputs(ctx: Context, mod: nn.Module, run, carry, pack=None
+            ) -> tuple[Tensor, Tensor, Tensor, bool]:
     """x_fp, y_fp, x_q of a unit (module ``mod``, run as ``run``: ``units.unit_fn``): from
     the carried inputs, or from runs of the model prefix."""
     model, pool = ctx.model, ctx.pool
@@ -236,8 +237,8 @@ def _inputs(ctx: Context, mod: nn.Module, run, carry) -> tuple[Tensor, Tensor, T
             y_fp = unit_map(run, x_fp, pool, _chunk(ctx))
         return x_fp, y_fp, x_q, True
     with quant_state(model, weights=False, acts=False):
-        x_fp, y_fp = collect(model, mod, ctx.batches, pool, want_output=True)
-    x_q, _ = collect(model, mod, ctx.batches, pool, want_output=False)
+        x_fp, y_fp = collect(model, mod, ctx.batches, pool, want_output=True, pack=pack)
+    x_q, _ = collect(model, mod, ctx.batches, pool, want_output=False, pack=pack)
     return x_fp, y_fp, x_q, False
 
 
@@ -255,7 +256,7 @@ def reconstruct_unit(ctx: Context, unit: Unit, stage: Stage,
     t0 = time.perf_counter()
     model, pool = ctx.model, ctx.pool
     mod, run = model.get_submodule(unit.name), unit_fn(model, unit)
-    x_fp, y_fp, x_q, carried = _inputs(ctx, mod, run, carry)
+    x_fp, y_fp, x_q, carried = _inputs(ctx, mod, run, carry, pack_args(unit))
     st: dict[str, Any] = {"unit": unit.name, "kind": unit.kind, "layers": len(unit.layers),
                           "stage": stage.name, "inputs": "carried" if carried else "collected"}
     y_next = None

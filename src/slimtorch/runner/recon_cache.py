@@ -51,13 +51,15 @@ def run_items(model: nn.Module, batches: list):
 
 @torch.no_grad()
 def collect(model: nn.Module, module: nn.Module, batches: list, pool: CachePool,
-            want_output: bool) -> tuple[Tensor, Tensor | None]:
+            want_output: bool, pack: Callable[[tuple, dict], Tensor] | None = None
+            ) -> tuple[Tensor, Tensor | None]:
     """Cache ``module``'s input (and output) for every calibration sample; stops each forward
-    as soon as it has what it needs."""
+    as soon as it has what it needs. ``pack(args, kwargs)`` (``units.pack_args``): what to
+    cache as the input when the module takes per-sample arguments besides it."""
     got: dict[str, Tensor] = {}
 
-    def pre(m, args):
-        got["x"] = args[0]
+    def pre(m, args, kwargs):
+        got["x"] = args[0] if pack is None else pack(args, kwargs)
         if not want_output:
             raise _Stop
 
@@ -65,7 +67,8 @@ def collect(model: nn.Module, module: nn.Module, batches: list, pool: CachePool,
         got["y"] = out
         raise _Stop
 
-    hooks = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    hooks = [module.register_forward_pre_hook(pre, with_kwargs=True),
+             module.register_forward_hook(post)]
     n, row, xs, ys = n_samples(batches), 0, None, None
     try:
         for _ in run_items(model, batches):

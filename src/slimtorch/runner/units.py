@@ -41,16 +41,47 @@ class Unit:
     kind: str                    # "block" | "layer" | "group"
     per_sample: bool = True      # input and output have one row per calibration sample
     extras: tuple | None = None  # (args after the input, kwargs) shared by all samples
+    # per-sample tensor arguments besides the input (a UNet block's time embedding): each
+    # (where, shape[1:]), where = ("arg", i) | ("kw", name); cached packed with the input
+    packed: tuple | None = None
+    input_shape: tuple | None = None  # the input's shape[1:] when packed
+
+
+def pack_args(unit: Unit) -> Callable[[tuple, dict], Tensor] | None:
+    """(args, kwargs) of a call of ``unit`` -> one [B, D] tensor: the input and each
+    per-sample argument flattened and concatenated (None: the unit takes its input alone)."""
+    if not unit.packed:
+        return None
+
+    def pack(args: tuple, kwargs: dict) -> Tensor:
+        parts = [args[0]] + [args[w[1]] if w[0] == "arg" else kwargs[w[1]]
+                             for w, _ in unit.packed]
+        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], 1)  # [B, D]
+    return pack
 
 
 def unit_fn(model: nn.Module, unit: Unit) -> Callable[[Tensor], Any]:
     """The unit as a function of its (cached) input: its module, with its shared extra
     arguments."""
     mod = model.get_submodule(unit.name)
-    if not unit.extras:
+    if not unit.extras and not unit.packed:
         return mod
-    args, kwargs = unit.extras
-    return lambda x: mod(x, *args, **kwargs)
+    args, kwargs = unit.extras or ((), {})
+    if not unit.packed:
+        return lambda x: mod(x, *args, **kwargs)
+    shapes = [tuple(unit.input_shape)] + [tuple(sh) for _, sh in unit.packed]
+    sizes = [int(torch.Size(sh).numel()) for sh in shapes]
+
+    def run(p: Tensor) -> Any:  # p [B, D]: the input and the per-sample arguments
+        parts = [c.reshape(c.shape[0], *sh) for c, sh in zip(p.split(sizes, 1), shapes)]
+        a, kw = list(args), dict(kwargs)
+        for (where, _), v in zip(unit.packed, parts[1:]):
+            if where[0] == "arg":
+                a[where[1] - 1] = v
+            else:
+                kw[where[1]] = v
+        return mod(parts[0], *a, **kw)
+    return run
 
 
 def _inside(fqn: str, mod: str) -> bool:
@@ -141,10 +172,14 @@ def _checked(model: nn.Module, units: list[Unit], example: Any) -> list[Unit]:
         c = calls[u.name]
         once = len(c) == 1 and len(c[0][0]) >= 1 and isinstance(c[0][0][0], Tensor)
         extras = (tuple(c[0][0][1:]), dict(c[0][1])) if once else None
-        if (once and _rows(c[0][0][0], n) and _rows(outs[u.name][0], n)
-                and _shared(extras, n)):
+        rows = once and _rows(c[0][0][0], n) and _rows(outs[u.name][0], n)
+        packed = _per_sample(extras, n) if rows and not _shared(extras, n) else None
+        if rows and _shared(extras, n):
             out.append(Unit(u.name, u.layers, u.kind,
                             extras=extras if extras[0] or extras[1] else None))
+        elif packed and u.kind != "layer":
+            out.append(Unit(u.name, u.layers, u.kind, extras=packed[0], packed=packed[1],
+                            input_shape=tuple(c[0][0][0].shape[1:])))
         elif u.kind != "layer":
             out += _checked(model, [Unit(f, [f], "layer") for f in u.layers], example)
         elif once:
@@ -176,6 +211,22 @@ def _shared(extras: tuple, n: int) -> bool:
     return True
 
 
+def _per_sample(extras: tuple, n: int) -> tuple | None:
+    """(the shared extras with None where a per-sample float tensor was, the per-sample
+    ones' (where, shape[1:])) when every extra argument is shared or such a tensor."""
+    args, kwargs = extras
+    where = [(("arg", i + 1), a) for i, a in enumerate(args)] + \
+        [(("kw", k), v) for k, v in kwargs.items()]
+    rows = [(w, v) for w, v in where if isinstance(v, Tensor) and _rows(v, n)]
+    if any(not v.is_floating_point() or v.requires_grad for _, v in rows) or n == 1:
+        return None
+    shared_args = tuple(None if _rows(a, n) and isinstance(a, Tensor) else a for a in args)
+    shared_kw = {k: v for k, v in kwargs.items() if not (isinstance(v, Tensor) and _rows(v, n))}
+    if not _shared((shared_args, shared_kw), n):
+        return None
+    return (shared_args, shared_kw), tuple((w, tuple(v.shape[1:])) for w, v in rows)
+
+
 def chained(model: nn.Module, units: list[Unit], example: Any) -> list[bool]:
     """``chained[k]``: unit k is called on unit k−1's output tensor itself (nothing runs in
     between), so its inputs over the calibration set are unit k−1 applied to its cached inputs
@@ -192,5 +243,6 @@ def chained(model: nn.Module, units: list[Unit], example: Any) -> list[bool]:
         hooks.append(mod.register_forward_hook(
             lambda m, a, o, n=u.name: keep(outs, n, o)))
     probe(model, example, hooks)
-    return [k > 0 and u.per_sample and units[k - 1].per_sample and ins.get(u.name) is not None
+    return [k > 0 and u.per_sample and units[k - 1].per_sample and not u.packed
+            and ins.get(u.name) is not None
             and ins.get(u.name) is outs.get(units[k - 1].name) for k, u in enumerate(units)]

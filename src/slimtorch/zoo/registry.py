@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slimtorch.errors import SlimtorchError, UnknownModelError
-from slimtorch.zoo import efficientnet_lite, smollm2
+from slimtorch.zoo import ddpm, efficientnet_lite, smollm2
 from slimtorch.zoo.models import MobileNetV2Small, ResNet20, TinyViT
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -60,6 +60,9 @@ ZOO: dict[str, ZooEntry] = {
                  "(GGUF, projections stored Q4_1); perplexity on Jane Austen", None,
                  load_weights=smollm2.load_weights, task="causal_lm", input_shape=(512,),
                  tokenizer=smollm2.load_tokenizer),
+        ZooEntry("ddpm", ddpm.DDPMUNet, "DDPM noise predictor (diffusers UNet2DModel "
+                 "16/32/64, attention at 7x7), Fashion-MNIST, 1000-step schedule; scored by "
+                 "Frechet distance on resnet20 features", None, task="diffusion"),
     )
 }
 
@@ -102,7 +105,7 @@ def list_models() -> list[dict]:
     rows = []
     for name, entry in ZOO.items():
         trained = weights_path(name).is_file() and card_path(name).is_file()
-        top1 = model_card(name)["test_top1"] if trained else None
+        top1 = model_card(name).get("test_top1") if trained else None
         description = entry.description
         try:
             params = count_params(entry.builder())

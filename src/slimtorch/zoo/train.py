@@ -142,6 +142,9 @@ def train_zoo_model(name: str, *, epochs: int | None = None, seed: int = 0,
 
     Returns the model card that was written next to the weights.
     """
+    if get_entry(name).task == "diffusion":
+        return _train_diffusion(name, epochs=epochs, seed=seed, data_dir=data_dir,
+                                out_dir=out_dir, progress=progress)
     entry, cfg = get_entry(name), RECIPES[name]
     epochs = cfg.epochs if epochs is None else epochs
     if epochs < 1:
@@ -160,6 +163,18 @@ def train_zoo_model(name: str, *, epochs: int | None = None, seed: int = 0,
         "date": datetime.date.today().isoformat(), "params": count_params(model),
         "recipe": {k: v for k, v in vars(cfg).items() if k != "epochs"},
     }
+    save_weights(model, card, Path(out_dir) if out_dir else WEIGHTS_DIR)
+    return card
+
+
+def _train_diffusion(name: str, *, epochs, seed, data_dir, out_dir, progress) -> dict:
+    """zoo:ddpm: its own loss and loop (``zoo.ddpm``); the card's sample metrics are added by
+    ``zoo.ddpm.score_card`` (``bench/diffusion.py --card``)."""
+    from slimtorch.zoo.ddpm import train_ddpm
+    with torch_threads(2), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, card = train_ddpm(epochs=epochs, seed=seed, data_dir=data_dir,
+                                 progress=progress)
     save_weights(model, card, Path(out_dir) if out_dir else WEIGHTS_DIR)
     return card
 
@@ -188,7 +203,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Train a slimtorch zoo model on Fashion-MNIST.")
-    parser.add_argument("name", choices=sorted(RECIPES))
+    parser.add_argument("name", choices=sorted([*RECIPES, "ddpm"]))
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
