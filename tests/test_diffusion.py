@@ -276,3 +276,34 @@ def test_knn_precision_recall_and_fd():
     half = torch.cat([a[:250] + 1e-4, far[:250]])  # half on the real manifold
     p, _ = knn_precision_recall(a, half)
     assert abs(p - 0.5) < 0.02
+
+
+# ---------------------------------------------------------------- end to end on zoo:ddpm
+def _trained():
+    from slimtorch.zoo.registry import weights_path
+    return weights_path("ddpm").is_file()
+
+
+@pytest.mark.skipif(not _trained(), reason="zoo:ddpm not trained")
+def test_cli_quantize_sample_and_reload(tmp_path, capsys):
+    import json
+
+    from slimtorch.cli import main
+    out = tmp_path / "ddpm"
+    assert main(["quantize", "--model", "zoo:ddpm", "--recipe", "w8a8-ptq4dm", "--calib-size",
+                 "64", "--eval-size", "32", "--out", str(out), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["calib_source"] == "diffusion" and m["calib_size"] == 64
+    assert m["methods"][0]["name"] == "rtn"
+    # W8A8 with PTQ4DM calibration stays close to the float model's own samples
+    assert m["q_mse_to_float"] < 0.05 and m["q_fd"] < 2 * m["fp_fd"] + 1
+    png = tmp_path / "grid.png"
+    assert main(["sample", str(out), "--n", "4", "--steps", "10", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    q = slimtorch.load(out)
+    a = sample(q, 4, steps=10, seed=5)
+    b = sample(q, 4, steps=10, seed=5)
+    assert torch.equal(a, b) and a.abs().max() <= 1.0
+    assert main(["sample", str(out), "--n", "4", "--out", str(tmp_path / "grid.jpg")]) == 2
+    assert ".png" in capsys.readouterr().err
+    assert not (tmp_path / "grid.jpg").exists()

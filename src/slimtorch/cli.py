@@ -70,11 +70,14 @@ def _metrics_table(m: dict, title: str) -> Table:
     t = Table(title=title)
     for col in ("", "float", "quantized"):
         t.add_column(col, justify="right" if col else "left")
-    for key in ("top1", "top1_agreement", "kl", "cosine", "retrieval_agreement"):
+    labels = {"top1": "top-1 %", "top1_agreement": "agreement with float %",
+              "kl": "KL(float ‖ quantized)", "cosine": "cosine to float",
+              "retrieval_agreement": "retrieval agreement %",
+              "fd": "FD on resnet20 features (not Inception)", "kid": "KID ×10³",
+              "precision": "precision", "recall": "recall", "is": "classifier IS",
+              "mse_to_float": "MSE to float samples (same noise)"}
+    for key, label in labels.items():
         if f"q_{key}" in m:
-            label = {"top1": "top-1 %", "top1_agreement": "agreement with float %",
-                     "kl": "KL(float ‖ quantized)", "cosine": "cosine to float",
-                     "retrieval_agreement": "retrieval agreement %"}[key]
             t.add_row(label, str(m.get(f"fp_{key}", "")), str(m[f"q_{key}"]))
     sp = m.get("sparsity")
     if sp:
@@ -102,7 +105,8 @@ def cmd_quantize(args) -> None:
                         out=args.out, data_dir=args.data_dir, progress=not args.quiet,
                         resume=args.resume, eval_size=args.eval_size, calib_source=args.calib,
                         train_size=args.train_size)
-    calib = f"{m['calib_size']} data-free" if m["calib_source"] == "data-free" else m["calib_size"]
+    calib = (f"{m['calib_size']} {m['calib_source']}" if m["calib_source"] != "data"
+             else m["calib_size"])
     title = f"{m['model']} · {m['recipe']} · calib {calib} · seed {m['seed']}"
     console.print(_metrics_table(m, title))
     console.print(f"artifact and metrics.json written to [bold]{args.out}[/bold]")
