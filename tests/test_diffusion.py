@@ -63,9 +63,14 @@ def test_ddim_timesteps_and_step_match_diffusers():
         eps = torch.randn(4, 1, 8, 8, generator=gen) * 1.5  # large: the x0 clip matters
         t = ts[k]
         prev = float(abar[ts[k + 1]]) if k + 1 < len(ts) else 1.0
-        ours = ddim_step(x, eps, float(abar[t]), prev, True)
-        theirs = ref.step(eps, t, x, eta=0.0).prev_sample
-        assert torch.allclose(ours, theirs, atol=1e-5), (k, (ours - theirs).abs().max())
+        for clipped in (True, False):
+            ours = ddim_step(x, eps, float(abar[t]), prev, True, clipped_eps=clipped)
+            theirs = ref.step(eps, t, x, eta=0.0, use_clipped_model_output=clipped).prev_sample
+            assert torch.allclose(ours, theirs, atol=1e-5), (k, clipped,
+                                                             (ours - theirs).abs().max())
+        if k == 0:  # the two variants differ where x0 was clipped
+            assert not torch.allclose(ddim_step(x, eps, float(abar[t]), prev, True, True),
+                                      ddim_step(x, eps, float(abar[t]), prev, True, False))
 
 
 def test_ddpm_step_matches_diffusers():

@@ -19,10 +19,10 @@ def fmnist_test():
 
 def test_list_models_names():
     rows = list_models()
-    assert [r["name"] for r in rows] == NAMES + ["efficientnet_lite2", "smollm2-135m"]
+    assert [r["name"] for r in rows] == NAMES + ["efficientnet_lite2", "smollm2-135m", "ddpm"]
     assert all(r["params"] > 10_000 and r["description"] for r in rows)
-    assert [r["task"] for r in rows] == ["fashion_mnist"] * 3 + ["imagenet_photos", "causal_lm"]
-    assert rows[-1]["params"] == 134_515_008  # SmolLM2-135M, LM head tied
+    assert [r["task"] for r in rows] == ["fashion_mnist"] * 3 + ["imagenet_photos", "causal_lm", "diffusion"]
+    assert rows[-2]["params"] == 134_515_008  # SmolLM2-135M, LM head tied
 
 
 def test_unknown_name_lists_known_models():

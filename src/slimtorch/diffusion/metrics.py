@@ -18,6 +18,7 @@ FIDs. Against the 10k test images:
 """
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import torch
@@ -48,6 +49,27 @@ class ClassifierFeatures(nn.Module):
         finally:
             handle.remove()
         return got[0].flatten(1)  # [B, features]
+
+
+class _Given(nn.Module):
+    """Features computed beforehand, passed through (torchmetrics runs its ``feature`` module
+    on what ``update`` gets: the test set's features are then computed once per process)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, f: Tensor) -> Tensor:
+        return f
+
+
+@lru_cache(maxsize=2)
+def _real_features(data_dir=None) -> tuple[Tensor, Tensor]:
+    """(penultimate features, logits) of the 10k test images."""
+    real = test_images(data_dir)
+    feats, logits = ClassifierFeatures(_classifier()), ClassifierFeatures(_classifier(), True)
+    return (torch.cat([feats(b) for b in real.split(1000)]),
+            torch.cat([logits(b) for b in real.split(1000)]))
 
 
 @lru_cache(maxsize=1)
@@ -91,25 +113,27 @@ def score_samples(samples: Tensor, *, reference: Tensor | None = None, seed: int
     from torchmetrics.image.inception import InceptionScore
     from torchmetrics.image.kid import KernelInceptionDistance
     feats, logits = ClassifierFeatures(_classifier()), ClassifierFeatures(_classifier(), True)
-    real, fake = test_images(data_dir), to_unit(samples)
+    real_f, _ = _real_features(data_dir)
+    fake = to_unit(samples)
     n = fake.shape[0]
-    fid = FrechetInceptionDistance(feature=feats)
-    kid = KernelInceptionDistance(feature=feats, subset_size=min(1000, n), subsets=50)
-    for batch in real.split(1000):
-        fid.update(batch, real=True)
-        kid.update(batch, real=True)
-    for batch in fake.split(1000):
-        fid.update(batch, real=False)
-        kid.update(batch, real=False)
+    fake_f = torch.cat([feats(b) for b in fake.split(1000)])  # [n, d]
+    fake_l = torch.cat([logits(b) for b in fake.split(1000)])  # [n, 10]
+    with warnings.catch_warnings():  # "will save all extracted features": 10k x 64 here
+        warnings.simplefilter("ignore", UserWarning)
+        fid = FrechetInceptionDistance(feature=_Given(real_f.shape[1]))
+        kid = KernelInceptionDistance(feature=_Given(real_f.shape[1]),
+                                      subset_size=min(1000, n), subsets=50)
+        inception = InceptionScore(feature=_Given(fake_l.shape[1]), splits=10)
+    for metric in (fid, kid):
+        metric.update(real_f, real=True)
+        metric.update(fake_f, real=False)
     kid_mean, kid_std = kid.compute()
     gen = torch.Generator().manual_seed(seed)
-    sub = real[torch.randperm(real.shape[0], generator=gen)[:n]]
-    precision, recall = knn_precision_recall(feats(sub), feats(fake))
-    inception = InceptionScore(feature=logits, splits=10)
-    inception.update(fake)
+    sub = real_f[torch.randperm(real_f.shape[0], generator=gen)[:n]]
+    precision, recall = knn_precision_recall(sub, fake_f)
+    inception.update(fake_l)
     is_mean, _ = inception.compute()
-    classes = logits(fake).argmax(1)
-    hist = torch.bincount(classes, minlength=10).float() / n * 100
+    hist = torch.bincount(fake_l.argmax(1), minlength=10).float() / n * 100
     out = {"n": n, "fd": round(float(fid.compute()), 3),
            "kid": round(float(kid_mean) * 1e3, 3), "kid_std": round(float(kid_std) * 1e3, 3),
            "precision": round(precision, 4), "recall": round(recall, 4),

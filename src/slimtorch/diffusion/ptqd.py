@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .schedule import DDPMSchedule
 
 
 def ptqd_record(model: nn.Module) -> dict[str, Any] | None:
@@ -21,9 +20,10 @@ def ptqd_record(model: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def hooks(stats: dict[str, Any], schedule: DDPMSchedule
+def hooks(stats: dict[str, Any], schedule: Any
           ) -> tuple[Callable[[int, Tensor, Tensor], Tensor], Callable[[int, float], float]]:
-    """(eps_hook, var_hook) for ``schedule.sample``."""
+    """(eps_hook, var_hook) for ``schedule.sample``; ``schedule`` is its ``DDPMSchedule``
+    (not imported here: ``schedule.sample`` imports this module)."""
     ts = np.asarray(stats["t"], dtype=np.float64)
     k = np.asarray(stats["k"], dtype=np.float64)
     mu = np.asarray(stats["mu"], dtype=np.float64)  # [n_t, C]

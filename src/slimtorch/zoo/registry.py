@@ -60,9 +60,8 @@ ZOO: dict[str, ZooEntry] = {
                  "(GGUF, projections stored Q4_1); perplexity on Jane Austen", None,
                  load_weights=smollm2.load_weights, task="causal_lm", input_shape=(512,),
                  tokenizer=smollm2.load_tokenizer),
-        ZooEntry("ddpm", ddpm.DDPMUNet, "DDPM noise predictor (diffusers UNet2DModel "
-                 "16/32/64, attention at 7x7), Fashion-MNIST, 1000-step schedule; scored by "
-                 "Frechet distance on resnet20 features", None, task="diffusion"),
+        ZooEntry("ddpm", ddpm.DDPMUNet, "DDPM noise predictor (diffusers UNet2DModel), "
+                 "Fashion-MNIST; FD on resnet20 features", None, task="diffusion"),
     )
 }
 
