@@ -283,6 +283,18 @@ def test_knn_precision_recall_and_fd():
     assert abs(p - 0.5) < 0.02
 
 
+def test_sample_scores_are_deterministic():
+    """KID's subsets and IS's splits draw random numbers: one seed, one score."""
+    from slimtorch.diffusion.metrics import score_samples
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.manual_seed(1)
+    a = score_samples(x, reference=x.flip(0))
+    torch.manual_seed(2)
+    b = score_samples(x, reference=x.flip(0))
+    assert a == b and a["n"] == 64 and a["mse_to_float"] > 0
+    assert score_samples(x, seed=1)["kid"] != a["kid"]
+
+
 # ---------------------------------------------------------------- end to end on zoo:ddpm
 def _trained():
     from slimtorch.zoo.registry import weights_path
@@ -302,6 +314,19 @@ def test_cli_quantize_sample_and_reload(tmp_path, capsys):
     assert m["methods"][0]["name"] == "rtn"
     # W8A8 with PTQ4DM calibration stays close to the float model's own samples
     assert m["q_mse_to_float"] < 0.05 and m["q_fd"] < 2 * m["fp_fd"] + 1
+    # the float samples over the quantized ones from the same noise, shown by the report
+    from PIL import Image
+
+    from slimtorch.eval.report import report
+    assert m["files"] == ["samples.png"]
+    grid = Image.open(out / "samples.png")
+    assert grid.size == (16 * 29 + 1, 2 * 29 + 1)  # 16 pairs of 28 px images, 1 px padding
+    html, md = report([out], tmp_path / "r.html")
+    text = md.read_text()
+    assert "## Samples (diffusion)" in text and "FD on resnet20 features" in text
+    assert f"| {m['fp_fd']:.3f} | {m['q_fd']:.3f} |" in text
+    assert f"{m['fp_fd']:.2f} → {m['q_fd']:.2f}" in text  # the summary's headline metric
+    assert "data:image/png;base64," in html.read_text()
     png = tmp_path / "grid.png"
     assert main(["sample", str(out), "--n", "4", "--steps", "10", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -31,11 +31,9 @@ def sample_grid(source: str, out: str | Path, *, n: int = 64, sampler: str = "dd
                 progress: bool = True) -> torch.Tensor:
     """Sample ``n`` images from ``source`` and write them to ``out`` as a PNG grid (written
     atomically); returns the samples in [−1, 1]."""
-    from torchvision.utils import save_image
-
     from .diffusion.calibration import sample_shape
     from .diffusion.schedule import sample
-    from .export.artifact import atomic_path
+    from .diffusion.task import write_grid
     if n < 1:
         raise SlimtorchError(f"--n must be at least 1, got {n}")
     out = Path(out)
@@ -46,8 +44,7 @@ def sample_grid(source: str, out: str | Path, *, n: int = 64, sampler: str = "dd
     model = load_diffusion_model(source)
     x = sample(model, n, sampler=sampler, steps=steps, seed=seed, shape=sample_shape(model),
                ptqd=ptqd, progress=progress)
-    with atomic_path(out, 0o644) as tmp:
-        save_image((x + 1) / 2, tmp, format="png", nrow=int(n ** 0.5 + 0.5), padding=1)
+    write_grid(x, out, nrow=int(n ** 0.5 + 0.5))
     return x
 
 

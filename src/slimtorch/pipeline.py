@@ -97,6 +97,8 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
     if out is not None:
         save(qmodel, out, extra={"task": task.kind, **eval_note})
         shutil.rmtree(work, ignore_errors=True)
+        if hasattr(task, "keep"):  # a task's own view of the outputs (diffusion: samples.png)
+            metrics["files"] = task.keep(out, fp_out, q_out)
         write_json_atomic(Path(out) / "metrics.json", metrics)
     return metrics, qmodel
 

@@ -108,7 +108,8 @@ def score_samples(samples: Tensor, *, reference: Tensor | None = None, seed: int
                   data_dir=None) -> dict:
     """FD, KID, precision/recall, classifier IS and class histogram of ``samples``
     [N, 1, 28, 28] in [−1, 1] against the test set; ``reference`` (the float model's samples
-    from the same noise) adds the paired per-image MSE to them."""
+    from the same noise) adds the paired per-image MSE to them. Deterministic for one ``seed``
+    (KID's random subsets, IS's shuffle, the real subset for precision/recall)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.inception import InceptionScore
     from torchmetrics.image.kid import KernelInceptionDistance
@@ -127,12 +128,14 @@ def score_samples(samples: Tensor, *, reference: Tensor | None = None, seed: int
     for metric in (fid, kid):
         metric.update(real_f, real=True)
         metric.update(fake_f, real=False)
-    kid_mean, kid_std = kid.compute()
+    with torch.random.fork_rng():  # KID's subsets and IS's shuffle draw from the global RNG
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+        inception.update(fake_l)
+        is_mean, _ = inception.compute()
     gen = torch.Generator().manual_seed(seed)
     sub = real_f[torch.randperm(real_f.shape[0], generator=gen)[:n]]
     precision, recall = knn_precision_recall(sub, fake_f)
-    inception.update(fake_l)
-    is_mean, _ = inception.compute()
     hist = torch.bincount(fake_l.argmax(1), minlength=10).float() / n * 100
     out = {"n": n, "fd": round(float(fid.compute()), 3),
            "kid": round(float(kid_mean) * 1e3, 3), "kid_std": round(float(kid_std) * 1e3, 3),

@@ -6,7 +6,9 @@ the 10k test images (FD/KID on resnet20 features, precision/recall, classifier I
 paired MSE to the float samples. Calibration for a recipe that does not make its own
 (``calib.source: data``) is forward-noised training images, x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε at
 uniformly drawn t; diffusion recipes (``calib.source: diffusion``) sample the float model's
-own trajectory instead (``diffusion.calibration``).
+own trajectory instead (``diffusion.calibration``). ``keep`` writes ``DIR/samples.png`` next
+to the artifact: the first float samples over the quantized ones from the same noise, which
+``slimtorch report`` shows.
 """
 from __future__ import annotations
 
@@ -16,6 +18,19 @@ import torch
 from torch import nn
 
 from .schedule import DDPMSchedule, sample
+
+SAMPLES_FILE = "samples.png"   # float row(s) over quantized row(s), same noise
+GRID_COLUMNS = 16
+
+
+def write_grid(images: torch.Tensor, out, nrow: int) -> None:
+    """``images`` in [−1, 1] [B, C, H, W] as a PNG grid of ``nrow`` columns at ``out``,
+    written atomically (a half-written file never appears under its name)."""
+    from torchvision.utils import save_image
+
+    from ..export.artifact import atomic_path
+    with atomic_path(out, 0o644) as tmp:
+        save_image((images.clamp(-1, 1) + 1) / 2, tmp, format="png", nrow=nrow, padding=1)
 
 
 @dataclass
@@ -49,6 +64,14 @@ class DiffusionTask:
         return sample(model, self.n_eval, sampler=self.sampler, steps=self.steps,
                       seed=self.eval_seed, shape=self.shape, batch_size=self.batch_size,
                       progress=progress)
+
+    def keep(self, out_dir, fp_samples: torch.Tensor, q_samples: torch.Tensor) -> list[str]:
+        """Write ``out_dir/samples.png``: up to 16 float samples over the quantized samples
+        from the same noise (paired column by column); returns the file names written."""
+        from pathlib import Path
+        n = min(GRID_COLUMNS, fp_samples.shape[0], q_samples.shape[0])
+        write_grid(torch.cat([fp_samples[:n], q_samples[:n]]), Path(out_dir) / SAMPLES_FILE, n)
+        return [SAMPLES_FILE]
 
     def score(self, samples: torch.Tensor, fp_samples: torch.Tensor | None = None) -> dict:
         from .metrics import score_samples

@@ -28,6 +28,9 @@ METRICS: dict[str, tuple[str, bool]] = {
     "token_agreement": ("next-token agreement with float %", True),
     "ppl_delta_pct": ("Δ perplexity vs float %", False),
     "kl": ("KL(float ‖ quantized)", False),
+    "fd": ("FD on resnet20 features (not Inception)", False),
+    "kid": ("KID ×10³", False),
+    "mse_to_float": ("MSE to float samples (same noise)", False),
 }
 
 

@@ -4,8 +4,8 @@ show for these runs), run in the order of ``SECTIONS``.
 A new family adds its section as one more function and one more entry in ``SECTIONS``, reading
 what its method records (``meta["methods"][i]["stats"]``) or its own file in the artifact
 directory, without touching the others. ``sensitivity`` reads ``DIR/sensitivity.json``
-(``slimtorch sensitivity --out DIR``). Still to come with their families: diffusion sample grids, pruning's kept channels per layer,
-sparsity per layer. No section invents a number: what a run did not measure reads
+(``slimtorch sensitivity --out DIR``); ``samples`` the diffusion task's ``DIR/samples.png``.
+Still to come with their families: pruning's kept channels per layer, sparsity per layer. No section invents a number: what a run did not measure reads
 "not measured" and names the command that measures it.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def summary(runs: Sequence[Run]) -> Section:
         key, m = headline(r), r.metrics or {}
         metric = (f"{METRICS[key][0]}: {_num(m.get(f'fp_{key}', 'nan'))} → "
                   f"{_num(m[f'q_{key}'])}" if key else NOT_MEASURED)
-        others = [f"{METRICS[k][0]} {_num(m[f'q_{k}'], 4 if k in ('cosine', 'kl') else 2)}"
+        others = [f"{METRICS[k][0]} {_num(m[f'q_{k}'], 4 if k in ('cosine', 'kl', 'mse_to_float') else 2)}"
                   for k in METRICS if k != key and f"q_{k}" in m]
         fp_b, q_b = sizes(r)
         size = (f"{_mb(fp_b)} → {_mb(q_b)} ({fp_b / q_b:.2f}× smaller)" if fp_b and q_b
@@ -231,6 +231,30 @@ def sensitivity(runs: Sequence[Run]) -> Section | None:
     return Section("sensitivity", "Per-layer sensitivity", blocks)
 
 
+def samples(runs: Sequence[Run]) -> Section | None:
+    """Diffusion runs: the float samples over the quantized samples from the same noise
+    (``DIR/samples.png``, written by ``slimtorch quantize``) and the sample metrics."""
+    from ..diffusion.task import SAMPLES_FILE
+    blocks = []
+    for r in runs:
+        path = r.path / SAMPLES_FILE
+        if not path.is_file():
+            continue
+        m = r.metrics or {}
+        rows = [[METRICS[k][0], _num(m[f"fp_{k}"], 3) if f"fp_{k}" in m else "—",
+                 _num(m[f"q_{k}"], 4 if k == "mse_to_float" else 3)]
+                for k in ("fd", "kid", "mse_to_float") if f"q_{k}" in m]
+        n = m.get("q_n")
+        blocks.append(Figure(path.read_bytes(), f"{r.label}: float samples (top) and quantized "
+                             "samples from the same noise (bottom)",
+                             Table(["metric" + (f" ({n} samples)" if n else ""), "float",
+                                    "quantized"], rows)))
+    if not blocks:
+        return None
+    return Section("samples", "Samples (diffusion)", blocks)
+
+
 SECTIONS: list[Callable[[Sequence[Run]], Section | None]] = [
     summary, recipe, pareto_size, pareto_latency, speed, sqnr, bits, sensitivity,
+    samples,
 ]

@@ -16,6 +16,10 @@
   consecutive windows of another novel (``data.text.lm_text``), the same for every method.
   Score = perplexity exp(mean next-token NLL); against float also the per-window paired NLL
   difference (mean and standard error) and the next-token top-1 agreement.
+- ``DiffusionTask`` (``diffusion.task``): samples from fixed noise, FD/KID on resnet20 features.
+
+A task may also have ``keep(out_dir, fp_outputs, q_outputs) -> [file names]``: ``slimtorch
+quantize --out DIR`` calls it after saving, for files the report shows (diffusion: sample grid).
 """
 from __future__ import annotations
 
