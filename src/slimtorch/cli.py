@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import SlimtorchError
+from .eval.report_data import METRICS
 
 console = Console()
 
@@ -66,18 +67,21 @@ def cmd_recipes(args) -> None:
     console.print(t)
 
 
+# rows of the quantize/eval table: task metrics named as the report names them
+# (eval.report_data.METRICS), except the short "agreement" and the sample statistics it lacks
+TABLE_METRICS = ("top1", "top1_agreement", "kl", "cosine", "retrieval_agreement", "fd", "kid",
+                 "precision", "recall", "is", "mse_to_float")
+TABLE_LABELS = {"top1_agreement": "agreement with float %", "precision": "precision",
+                "recall": "recall", "is": "classifier IS"}
+
+
 def _metrics_table(m: dict, title: str) -> Table:
     t = Table(title=title)
     for col in ("", "float", "quantized"):
         t.add_column(col, justify="right" if col else "left")
-    labels = {"top1": "top-1 %", "top1_agreement": "agreement with float %",
-              "kl": "KL(float ‖ quantized)", "cosine": "cosine to float",
-              "retrieval_agreement": "retrieval agreement %",
-              "fd": "FD on resnet20 features (not Inception)", "kid": "KID ×10³",
-              "precision": "precision", "recall": "recall", "is": "classifier IS",
-              "mse_to_float": "MSE to float samples (same noise)"}
-    for key, label in labels.items():
+    for key in TABLE_METRICS:
         if f"q_{key}" in m:
+            label = TABLE_LABELS.get(key) or METRICS[key][0]
             t.add_row(label, str(m.get(f"fp_{key}", "")), str(m[f"q_{key}"]))
     sp = m.get("sparsity")
     if sp:

@@ -13,6 +13,7 @@ to the artifact: the first float samples over the quantized ones from the same n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -68,7 +69,6 @@ class DiffusionTask:
     def keep(self, out_dir, fp_samples: torch.Tensor, q_samples: torch.Tensor) -> list[str]:
         """Write ``out_dir/samples.png``: up to 16 float samples over the quantized samples
         from the same noise (paired column by column); returns the file names written."""
-        from pathlib import Path
         n = min(GRID_COLUMNS, fp_samples.shape[0], q_samples.shape[0])
         write_grid(torch.cat([fp_samples[:n], q_samples[:n]]), Path(out_dir) / SAMPLES_FILE, n)
         return [SAMPLES_FILE]

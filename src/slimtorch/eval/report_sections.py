@@ -5,8 +5,9 @@ A new family adds its section as one more function and one more entry in ``SECTI
 what its method records (``meta["methods"][i]["stats"]``) or its own file in the artifact
 directory, without touching the others. ``sensitivity`` reads ``DIR/sensitivity.json``
 (``slimtorch sensitivity --out DIR``); ``samples`` the diffusion task's ``DIR/samples.png``.
-Still to come with their families: pruning's kept channels per layer, sparsity per layer. No section invents a number: what a run did not measure reads
-"not measured" and names the command that measures it.
+Still to come with their families: pruning's kept channels per layer, sparsity per layer. No
+section invents a number: what a run did not measure reads "not measured" and names the
+command that measures it.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .report_data import (METRICS, Run, headline, latency, layer_bits, pareto_se
 from .report_render import Figure, Section, Table, Text
 
 NOT_MEASURED = "not measured"
+FINE = ("cosine", "kl", "mse_to_float")  # metrics shown with 4 decimals
 
 
 def _mb(n: int | None) -> str:
@@ -39,7 +41,7 @@ def summary(runs: Sequence[Run]) -> Section:
         key, m = headline(r), r.metrics or {}
         metric = (f"{METRICS[key][0]}: {_num(m.get(f'fp_{key}', 'nan'))} → "
                   f"{_num(m[f'q_{key}'])}" if key else NOT_MEASURED)
-        others = [f"{METRICS[k][0]} {_num(m[f'q_{k}'], 4 if k in ('cosine', 'kl', 'mse_to_float') else 2)}"
+        others = [f"{METRICS[k][0]} {_num(m[f'q_{k}'], 4 if k in FINE else 2)}"
                   for k in METRICS if k != key and f"q_{k}" in m]
         fp_b, q_b = sizes(r)
         size = (f"{_mb(fp_b)} → {_mb(q_b)} ({fp_b / q_b:.2f}× smaller)" if fp_b and q_b
@@ -242,7 +244,7 @@ def samples(runs: Sequence[Run]) -> Section | None:
             continue
         m = r.metrics or {}
         rows = [[METRICS[k][0], _num(m[f"fp_{k}"], 3) if f"fp_{k}" in m else "—",
-                 _num(m[f"q_{k}"], 4 if k == "mse_to_float" else 3)]
+                 _num(m[f"q_{k}"], 4 if k in FINE else 3)]
                 for k in ("fd", "kid", "mse_to_float") if f"q_{k}" in m]
         n = m.get("q_n")
         blocks.append(Figure(path.read_bytes(), f"{r.label}: float samples (top) and quantized "
