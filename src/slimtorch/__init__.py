@@ -13,6 +13,7 @@
     slimtorch.report(["out/"], "report.html")  # HTML page + report.md: metrics, SQNR, bits
     sens = slimtorch.sensitivity(model, calib_data, held_data, bits=(2, 4, 8))  # per layer
     mixed = slimtorch.allocate(sens, avg_bits=4, recipe="w4a8")  # a Recipe with overrides
+    res = slimtorch.sweep("sweep.yaml", "runs/grid")  # models × recipes × seeds on Ray
 
 The names below are imported on first use (PEP 562), so ``import slimtorch.errors`` or
 ``slimtorch.methods`` does not import torch or the whole package.
@@ -27,7 +28,7 @@ _PUBLIC = {"quantize": "api", "prune": "api", "sparsify": "api", "save": "api", 
            "export_onnx": "api", "inspect": "api", "report": "eval.report", "lower": "intops.lower",
            "integer_only": "intops.integer_artifact", "Recipe": "recipe",
            "resolve_recipe": "recipe", "SlimtorchError": "errors",
-           "sensitivity": "api", "allocate": "api"}
+           "sensitivity": "api", "allocate": "api", "sweep": "sweeps"}
 __all__ = [*_PUBLIC, "__version__"]
 
 

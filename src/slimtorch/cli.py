@@ -1,5 +1,5 @@
 """Command line: ``slimtorch zoo | recipes | quantize | sparsify | eval | inspect | report |
-export | bench | sensitivity | allocate``.
+export | bench | sensitivity | allocate | sample | sweep``.
 
 Bad input ends with one line ``error: ...`` that says what to change (exit status 2), never a
 traceback from inside torch.
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_mixed(sub)
     from .cli_diffusion import register as register_diffusion  # sample
     register_diffusion(sub)
+    from .cli_sweep import register as register_sweep  # sweep
+    register_sweep(sub)
     return p
 
 

@@ -24,7 +24,7 @@ from pydantic import (BaseModel, BeforeValidator, Field, PlainSerializer, Valida
                       field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
-from .errors import RecipeError
+from .errors import RecipeError, SlimtorchError
 from .methods import MethodConfig, config_errors, method_entry, method_handler
 from .quant.spec import LayerOverride, QuantSpec, Strict as _Strict  # noqa: F401 (re-export)
 
@@ -261,7 +261,10 @@ def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dic
     return out
 
 
-def _format_errors(err: ValidationError, source: str, lines: dict | None) -> str:
+def _format_errors(err: ValidationError, source: str, lines: dict | None,
+                   root: type[BaseModel] | None = None, title: str = "invalid recipe") -> str:
+    """One line per error of ``err``, each with its key and YAML line; ``root`` is the model
+    the keys are relative to (None: Recipe)."""
     msgs = []
     for e in err.errors():
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
@@ -273,7 +276,7 @@ def _format_errors(err: ValidationError, source: str, lines: dict | None) -> str
             continue
         if e["type"] == "extra_forbidden":
             what = f"unknown key {key!r}"
-            parent = _model_at(loc[:-1])
+            parent = _model_at(loc[:-1], root or Recipe)
             if parent is not None:
                 what += f" (allowed here: {', '.join(parent.model_fields)})"
         elif e["type"] == "missing":
@@ -281,7 +284,7 @@ def _format_errors(err: ValidationError, source: str, lines: dict | None) -> str
         else:
             what = f"bad value for {key!r}: {e['msg'].removeprefix('Value error, ')}"
         msgs.append(f"{where}: {what}")
-    return "invalid recipe:\n  " + "\n  ".join(msgs)
+    return f"{title}:\n  " + "\n  ".join(msgs)
 
 
 def _line_of(loc: tuple, lines: dict | None) -> int | None:
@@ -313,9 +316,9 @@ def _alias_one_method_form(lines: dict) -> dict:
     return lines
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that sits at ``loc`` inside a Recipe, if any."""
-    model: type[BaseModel] = Recipe
+def _model_at(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
+    """The pydantic model class that sits at ``loc`` inside ``root``, if any."""
+    model: type[BaseModel] = root
     for part in loc:
         field = model.model_fields.get(str(part)) if isinstance(part, str) else None
         if field is None:
@@ -330,21 +333,30 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 def load_recipe_text(text: str, *, source: str = "recipe") -> Recipe:
     """Parse YAML (or JSON) text into a Recipe; errors name the key and line."""
+    return load_yaml_model(text, Recipe, source=source, what="recipe")
+
+
+def load_yaml_model(text: str, cls: type[BaseModel], *, source: str, what: str,
+                    error: type[SlimtorchError] = RecipeError) -> Any:
+    """Parse YAML (or JSON) text into the pydantic model ``cls`` (a Recipe, a sweep spec);
+    every error is one ``error`` naming the key and its line in ``source``."""
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source} line {mark.line + 1}" if mark else source
-        raise RecipeError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        raise error(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe must be a mapping of keys to values, "
-                          f"got {type(data).__name__}")
+        raise error(f"{source}: a {what} must be a mapping of keys to values, "
+                    f"got {type(data).__name__}")
     try:
-        return Recipe.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_format_errors(e, source, _alias_one_method_form(_line_map(node)))
-                          ) from None
+        lines = _line_map(node)
+        if cls is Recipe:
+            lines = _alias_one_method_form(lines)
+        raise error(_format_errors(e, source, lines, cls, f"invalid {what}")) from None
 
 
 def builtin_recipe_names() -> list[str]:

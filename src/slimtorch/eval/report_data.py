@@ -100,8 +100,12 @@ def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
 # ---------------------------------------------------------------- numbers of a run
 def headline(run: Run) -> str | None:
     """The key of the run's headline task metric (``METRICS``), None when none was measured."""
-    m = run.metrics or {}
-    return next((k for k in METRICS if f"q_{k}" in m), None)
+    return headline_key(run.metrics or {})
+
+
+def headline_key(metrics: dict[str, Any]) -> str | None:
+    """The headline task metric (``METRICS``) of a ``metrics.json``, None when it has none."""
+    return next((k for k in METRICS if f"q_{k}" in metrics), None)
 
 
 def value(x: Any) -> float:
