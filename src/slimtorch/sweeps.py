@@ -214,7 +214,9 @@ class _Ray(_Backend):
         self.owned = not ray.is_initialized()
         if self.owned:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local runtime: no token file
-            ray.init(address=address, num_cpus=None if address else workers,
+            # "local": a runtime of our own, never one another process started on this
+            # machine (ray.init() alone would join the latest one it finds)
+            ray.init(address=address or "local", num_cpus=None if address else workers,
                      include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                      object_store_memory=None if address else 256 << 20)
         self.remote = ray.remote(num_cpus=cpus, max_retries=0)(run_trial)
