@@ -52,7 +52,7 @@ def main() -> None:
                         else str(m)), flush=True))
     if res["failures"]:
         raise SystemExit(f"failed trials: {res['failures']}")
-    rows = [{**m, "machine": m.get("machine", machine)} for m in res["rows"]]
+    rows = [{**m, "machine": machine} for m in res["rows"]]
     write(rows, args)
 
 
@@ -67,8 +67,10 @@ def write(rows: list[dict], args) -> None:
 def to_markdown(rows: list[dict]) -> str:
     """One line per model × recipe: top-1 as the mean over its seeds ± the sample standard
     deviation (rows of one seed print the value alone)."""
-    n_seeds = sorted({len([r for r in rows if (r["model"], r["recipe"]) == k])
-                      for k in {(r["model"], r["recipe"]) for r in rows}})
+    groups: dict[tuple, list[dict]] = {}
+    for m in rows:
+        groups.setdefault((m["model"], m["recipe"]), []).append(m)
+    n_seeds = sorted({len(ms) for ms in groups.values()})
     head = (f"| model | recipe | FP top-1 % | quantized top-1 % (seeds: "
             f"{'/'.join(map(str, n_seeds))}) | Δ | FP size | quantized size | "
             "calibration s (median) |\n|---|---|---:|---:|---:|---:|---:|---:|")
@@ -79,9 +81,6 @@ def to_markdown(rows: list[dict]) -> str:
     lines = [*machines, "", "; ".join(setups) + f"; seeds {', '.join(map(str, seeds))} (each "
              "its own calibration subset); first and last layer W8A8; top-1 on the full 10k "
              "test split.", "", head]
-    groups: dict[tuple, list[dict]] = {}
-    for m in rows:
-        groups.setdefault((m["model"], m["recipe"]), []).append(m)
     for (model, recipe), ms in groups.items():
         q = [m["q_top1"] for m in ms]
         sd = f" ± {statistics.stdev(q):.2f}" if len(q) > 1 else ""

@@ -419,6 +419,11 @@ def pruning_shorthand(name: str) -> Recipe | None:
                             source=name)
 
 
+def is_recipe_file(name: "str | Path") -> bool:
+    """Whether ``name`` names a recipe file (YAML or JSON) rather than a built-in recipe."""
+    return Path(name).suffix in (".yaml", ".yml", ".json")
+
+
 def resolve_recipe(recipe: "Recipe | str | Path | dict") -> Recipe:
     """Accept a Recipe, a dict, a built-in name or a YAML file path."""
     if isinstance(recipe, Recipe):
@@ -426,7 +431,7 @@ def resolve_recipe(recipe: "Recipe | str | Path | dict") -> Recipe:
     if isinstance(recipe, dict):
         return Recipe.from_dict(recipe)
     path = Path(recipe)
-    if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
+    if is_recipe_file(path) or path.is_file():
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
         return load_recipe_text(path.read_text(), source=path.name)

@@ -104,12 +104,12 @@ def spec_from(path: "str | os.PathLike | None", **fields: Any) -> SweepSpec:
     """The spec of the file ``path`` (None: none) with ``fields`` that are not None set over
     it — ``slimtorch sweep [SWEEP.yaml] --models ... --seeds ...``. Recipe files named in
     the file stay relative to it."""
+    from .recipe import is_recipe_file
     data: dict[str, Any] = {}
     if path is not None:
         spec, base = load_spec(path)
         data = spec.model_dump(exclude_unset=True)
-        data["recipes"] = [str(base / r) if r.endswith((".yaml", ".yml", ".json")) else r
-                           for r in spec.recipes]
+        data["recipes"] = [str(base / r) if is_recipe_file(r) else r for r in spec.recipes]
     data.update({k: v for k, v in fields.items() if v is not None})
     if "models" not in data or "recipes" not in data:
         raise SweepError("a sweep needs models and recipes: give SWEEP.yaml, or --models and "
@@ -126,7 +126,7 @@ def expand(spec: SweepSpec, base: Path) -> list[dict[str, Any]]:
     ``run_quantize`` settings with an ``id`` (the directory name under ``OUT/trials``) and the
     recipe's fingerprint (an edited recipe file makes a finished trial stale). Every model and
     recipe is checked here, before any trial starts."""
-    from .recipe import recipe_fingerprint, resolve_recipe
+    from .recipe import is_recipe_file, recipe_fingerprint, resolve_recipe
     from .zoo.registry import get_entry
     for source in spec.models:
         scheme, _, name = source.partition(":")
@@ -137,7 +137,7 @@ def expand(spec: SweepSpec, base: Path) -> list[dict[str, Any]]:
             get_entry(name)  # UnknownModelError naming the known models
     recipes = {}
     for r in spec.recipes:
-        path = (base / r) if r.endswith((".yaml", ".yml", ".json")) else None
+        path = (base / r) if is_recipe_file(r) else None
         recipe = resolve_recipe(str(path) if path is not None else r)
         label = path.stem if path is not None else r
         if _slug(label) in {_slug(k) for k in recipes}:
@@ -318,10 +318,9 @@ def _num(x: Any) -> str:
     return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
 
-def sweep(spec: "SweepSpec | dict | str | os.PathLike",
-              out: str | os.PathLike | None = None, *,
-              address: str | None = None, serial: bool = False, workers: int | None = None,
-              on_event: Callable[[str, dict, dict], None] | None = None) -> dict[str, Any]:
+def sweep(spec: "SweepSpec | dict | str | os.PathLike", out: str | os.PathLike | None = None,
+          *, address: str | None = None, serial: bool = False, workers: int | None = None,
+          on_event: Callable[[str, dict, dict], None] | None = None) -> dict[str, Any]:
     """Run every trial of ``spec`` not finished in ``out`` (None: ``runs/NAME``) yet; see the
     module docstring.
 
@@ -349,7 +348,6 @@ def sweep(spec: "SweepSpec | dict | str | os.PathLike",
         todo = [t for t in trials if t["id"] not in finished]
         backend = (_Ray(str(out), data_dir, spec.cpus_per_trial, address, workers)
                    if use_ray and todo else _Serial(str(out), data_dir, threads))
-        by_id = {t["id"]: t for t in trials}
         metrics = {tid: json.loads((out / "trials" / tid / "metrics.json").read_text())
                    for tid in finished}
         failures: dict[str, str] = {}
@@ -382,7 +380,7 @@ def sweep(spec: "SweepSpec | dict | str | os.PathLike",
                     attempts[tid] += 1
                     if on_event:
                         on_event("retry", trial, {"error": _error_text(exc)})
-                    backend.submit(by_id[tid])
+                    backend.submit(trial)
                 else:
                     failures[tid] = result["error"] if result is not None else _error_text(exc)
                     if on_event:
