@@ -17,7 +17,7 @@ class _Stream:
         self.ended = self.total = 0
 
     def __call__(self, kind: str, trial: dict, info: dict) -> None:
-        from .eval.report_data import METRICS, headline_key
+        from .eval.report_data import headline_cells
         if kind == "start":
             self.ended, self.total = info["finished"], info["trials"]
             console.print(f"sweep: {info['trials']} trials, {info['finished']} finished "
@@ -30,9 +30,8 @@ class _Stream:
             return
         self.ended += 1
         if kind == "done":
-            key = headline_key(info)
-            score = (f"{METRICS[key][0]} {info.get(f'fp_{key}')} → {info[f'q_{key}']}" if key
-                     else "no task metric")
+            label, fp, q = headline_cells(info)
+            score = f"{label} {fp} → {q}" if q is not None else "no task metric"
             text = (f"done   {what}: {score}, {info['q_size_bytes'] / 1e3:.1f} KB, "
                     f"{info['calib_seconds']:.0f} s")
         else:
@@ -58,11 +57,10 @@ def cmd_sweep(args) -> None:
               f"failed · {res['backend']}")
     for col in ("model", "recipe", "seed", "metric", "float", "compressed", "size KB"):
         t.add_column(col, justify="left" if col in ("model", "recipe", "metric") else "right")
-    from .eval.report_data import METRICS, headline_key
+    from .eval.report_data import cell, headline_cells
     for m in res["rows"]:
-        key = headline_key(m)
-        t.add_row(m["model"], m["recipe_label"], str(m["seed"]), METRICS[key][0] if key else "-",
-                  str(m.get(f"fp_{key}", "-")), str(m.get(f"q_{key}", "-")),
+        label, fp, q = headline_cells(m)
+        t.add_row(m["model"], m["recipe_label"], str(m["seed"]), label, cell(fp), cell(q),
                   f"{m['q_size_bytes'] / 1e3:.1f}")
     console.print(t)
     console.print(f"results in [bold]{res['out']}/results.md[/bold] (and .json); artifacts in "

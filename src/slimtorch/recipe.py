@@ -239,10 +239,7 @@ class Recipe(_Strict):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "recipe") -> "Recipe":
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise RecipeError(_format_errors(e, source, None)) from None
+        return validate_model(data, cls, source=source, what="recipe")
 
 
 # ---------------------------------------------------------------- YAML with line numbers
@@ -350,12 +347,19 @@ def load_yaml_model(text: str, cls: type[BaseModel], *, source: str, what: str,
     if not isinstance(data, dict):
         raise error(f"{source}: a {what} must be a mapping of keys to values, "
                     f"got {type(data).__name__}")
+    lines = _line_map(node)
+    if cls is Recipe:
+        lines = _alias_one_method_form(lines)
+    return validate_model(data, cls, source=source, what=what, error=error, lines=lines)
+
+
+def validate_model(data: Any, cls: type[BaseModel], *, source: str, what: str,
+                   error: type[SlimtorchError] = RecipeError, lines: dict | None = None) -> Any:
+    """``cls.model_validate(data)``; every validation error is one ``error`` naming the key
+    (and its YAML line when ``lines`` maps key paths to lines)."""
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        lines = _line_map(node)
-        if cls is Recipe:
-            lines = _alias_one_method_form(lines)
         raise error(_format_errors(e, source, lines, cls, f"invalid {what}")) from None
 
 

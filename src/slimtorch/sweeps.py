@@ -84,15 +84,10 @@ def load_spec(spec: "SweepSpec | dict | str | os.PathLike") -> tuple[SweepSpec, 
     file; errors name the key and line."""
     if isinstance(spec, SweepSpec):
         return spec, Path.cwd()
+    from .recipe import load_yaml_model, validate_model
     if isinstance(spec, dict):
-        from pydantic import ValidationError
-        from .recipe import _format_errors
-        try:
-            return SweepSpec.model_validate(spec), Path.cwd()
-        except ValidationError as e:
-            raise SweepError(_format_errors(e, "sweep", None, SweepSpec,
-                                            "invalid sweep")) from None
-    from .recipe import load_yaml_model
+        return (validate_model(spec, SweepSpec, source="sweep", what="sweep", error=SweepError),
+                Path.cwd())
     path = Path(spec)
     if not path.is_file():
         raise SweepError(f"sweep file {str(path)!r} does not exist")
@@ -262,12 +257,16 @@ def _lock(out: Path) -> Iterator[None]:
         yield
 
 
-def _check_stale(out: Path, trials: list[dict]) -> set[str]:
+def _known(out: Path) -> dict[str, dict]:
+    """The settings of every trial ever started in ``out`` (``OUT/sweep.json``), by id."""
+    path = out / "sweep.json"
+    return json.loads(path.read_text())["trials"] if path.is_file() else {}
+
+
+def _finished(out: Path, trials: list[dict]) -> set[str]:
     """Ids of the finished trials; a finished trial whose settings differ from the spec's is
     an error (its numbers would be mixed into the table as if they were the spec's)."""
-    from .export.artifact import write_json_atomic
-    known_path = out / "sweep.json"
-    known = json.loads(known_path.read_text())["trials"] if known_path.is_file() else {}
+    known = _known(out)
     finished = set()
     for t in trials:
         if not (out / "trials" / t["id"] / "metrics.json").is_file():
@@ -279,24 +278,27 @@ def _check_stale(out: Path, trials: list[dict]) -> set[str]:
                              f"({', '.join(diff)}); use another --out, or delete that trial "
                              "directory to run it again")
         finished.add(t["id"])
-    known.update({t["id"]: t for t in trials})
-    write_json_atomic(known_path, {"trials": known})
     return finished
+
+
+def _record(out: Path, trials: list[dict]) -> None:
+    """Add the settings of ``trials`` to ``OUT/sweep.json`` before any of them runs."""
+    from .export.artifact import write_json_atomic
+    write_json_atomic(out / "sweep.json", {"trials": {**_known(out),
+                                                     **{t["id"]: t for t in trials}}})
 
 
 def rows_markdown(rows: list[dict], failures: dict[str, str], name: str) -> str:
     """The sweep's table: one row per trial (grid order), then mean ± standard deviation of
     each model × recipe over its seeds, then the failures."""
-    from .eval.report_data import METRICS, headline_key
+    from .eval.report_data import cell, headline_cells
     out = [f"# sweep {name}", "", "| model | recipe | seed | metric | float | compressed | "
            "size KB | calibration s |", "|---|---|---:|---|---:|---:|---:|---:|"]
     groups: dict[tuple, list[float]] = {}
     for m in rows:
-        key = headline_key(m)
-        label = METRICS[key][0] if key else "-"
-        fp, q = (m.get(f"fp_{key}"), m.get(f"q_{key}")) if key else (None, None)
+        label, fp, q = headline_cells(m)
         out.append(f"| {m['model']} | {m['recipe_label']} | {m['seed']} | {label} | "
-                   f"{_num(fp)} | {_num(q)} | {m['q_size_bytes'] / 1e3:.1f} | "
+                   f"{cell(fp)} | {cell(q)} | {m['q_size_bytes'] / 1e3:.1f} | "
                    f"{m['calib_seconds']:.1f} |")
         if q is not None:
             groups.setdefault((m["model"], m["recipe_label"], label), []).append(float(q))
@@ -312,10 +314,6 @@ def rows_markdown(rows: list[dict], failures: dict[str, str], name: str) -> str:
         out += [f"- `{tid}`: {err.splitlines()[0] if err else ''}" for tid, err in
                 failures.items()]
     return "\n".join(out) + "\n"
-
-
-def _num(x: Any) -> str:
-    return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
 
 def sweep(spec: "SweepSpec | dict | str | os.PathLike", out: str | os.PathLike | None = None,
@@ -342,7 +340,8 @@ def sweep(spec: "SweepSpec | dict | str | os.PathLike", out: str | os.PathLike |
             "'slimtorch[sweep]'") + "; drop --address to run serially here")
     out = Path("runs") / _slug(spec.name) if out is None else Path(out)
     with _lock(out):
-        finished = _check_stale(out, trials)
+        finished = _finished(out, trials)
+        _record(out, trials)
         data_dir = spec.data_dir
         threads = spec.cpus_per_trial if use_ray else (workers or os.cpu_count() or 1)
         todo = [t for t in trials if t["id"] not in finished]
@@ -398,8 +397,7 @@ def _error_text(exc: BaseException | None) -> str:
     the worker's traceback, whose last line is the original error)."""
     if exc is None:
         return ""
-    text = str(exc).strip() or type(exc).__name__
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    last = lines[-1] if lines else text
-    head = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[0]
-    return last if type(exc).__module__.startswith("ray") else head
+    if type(exc).__module__.startswith("ray"):
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        return lines[-1].strip() if lines else type(exc).__name__
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[0]

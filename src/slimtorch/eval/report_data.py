@@ -108,9 +108,26 @@ def headline_key(metrics: dict[str, Any]) -> str | None:
     return next((k for k in METRICS if f"q_{k}" in metrics), None)
 
 
+def headline_cells(metrics: dict[str, Any]) -> tuple[str, Any, Any]:
+    """(metric label, float value, compressed value) of the headline task metric of a
+    ``metrics.json``; ("-", None, None) when it has none — one row of a sweep table."""
+    key = headline_key(metrics)
+    if key is None:
+        return "-", None, None
+    return METRICS[key][0], metrics.get(f"fp_{key}"), metrics.get(f"q_{key}")
+
+
 def value(x: Any) -> float:
     """A number from JSON, where the self-check writes ±inf/nan as strings."""
     return float(x)
+
+
+def cell(x: Any, digits: int = 2) -> str:
+    """A number from ``metrics.json`` as a table cell: '-' when absent, '∞' for inf."""
+    if x is None:
+        return "-"
+    v = value(x)
+    return "∞" if v == math.inf else f"{v:.{digits}f}"
 
 
 def sizes(run: Run) -> tuple[int | None, int | None]:

@@ -12,12 +12,11 @@ command that measures it.
 from __future__ import annotations
 
 import json
-import math
 from typing import Callable, Sequence
 
 from . import report_plots as plots
-from .report_data import (METRICS, Run, headline, latency, layer_bits, pareto_sets, sizes,
-                          sqnr_layers, value)
+from .report_data import (METRICS, Run, cell, headline, latency, layer_bits, pareto_sets,
+                          sizes, sqnr_layers, value)
 from .report_render import Figure, Section, Table, Text
 
 NOT_MEASURED = "not measured"
@@ -28,20 +27,15 @@ def _mb(n: int | None) -> str:
     return NOT_MEASURED if n is None else f"{n / 1e6:.3f} MB"
 
 
-def _num(x, digits: int = 2) -> str:
-    v = value(x)
-    return "∞" if v == math.inf else f"{v:.{digits}f}"
-
-
 # ---------------------------------------------------------------- summary
 def summary(runs: Sequence[Run]) -> Section:
     """Model, recipe, task metric, size and latency of each run against its float model."""
     rows = []
     for r in runs:
         key, m = headline(r), r.metrics or {}
-        metric = (f"{METRICS[key][0]}: {_num(m.get(f'fp_{key}', 'nan'))} → "
-                  f"{_num(m[f'q_{key}'])}" if key else NOT_MEASURED)
-        others = [f"{METRICS[k][0]} {_num(m[f'q_{k}'], 4 if k in FINE else 2)}"
+        metric = (f"{METRICS[key][0]}: {cell(m.get(f'fp_{key}', 'nan'))} → "
+                  f"{cell(m[f'q_{key}'])}" if key else NOT_MEASURED)
+        others = [f"{METRICS[k][0]} {cell(m[f'q_{k}'], 4 if k in FINE else 2)}"
                   for k in METRICS if k != key and f"q_{k}" in m]
         fp_b, q_b = sizes(r)
         size = (f"{_mb(fp_b)} → {_mb(q_b)} ({fp_b / q_b:.2f}× smaller)" if fp_b and q_b
@@ -51,7 +45,7 @@ def summary(runs: Sequence[Run]) -> Section:
                  f"{lat.label})"
                  if lat else NOT_MEASURED)
         check = r.self_check
-        sq = f"{_num(check['output_sqnr_db'], 1)} dB" if check else NOT_MEASURED
+        sq = f"{cell(check['output_sqnr_db'], 1)} dB" if check else NOT_MEASURED
         rows.append([r.label, r.model, r.recipe, metric, "; ".join(others) or "—", size,
                      speed, sq])
     blocks = [Table(["run", "model", "recipe", "task metric (float → quantized)",
@@ -133,7 +127,7 @@ def sqnr(runs: Sequence[Run]) -> Section:
         png = plots.barh(names, {"own": own, "cumulative": cum}, xlabel="SQNR to float (dB)",
                          title=f"{r.label}: per-layer SQNR ({r.model}, {r.recipe})")
         table = Table(["layer", "type", "own dB", "cumulative dB"], [
-            [l["name"], l.get("type", ""), _num(o, 1), _num(c, 1)]
+            [l["name"], l.get("type", ""), cell(o, 1), cell(c, 1)]
             for l, o, c in zip(rows, own, cum)])
         blocks.append(Figure(png, f"{r.label}: per-layer SQNR to float, own and cumulative "
                              "(dB; higher is closer to float)", table))
@@ -224,7 +218,7 @@ def sensitivity(runs: Sequence[Run]) -> Section | None:
         blocks.append(Figure(png, f"{r.label}: ΔKL to float with only this layer's weights "
                              f"quantized, on {sens['held_samples']} held images", table))
         blocks.append(Table(["proxy", *[f"ρ W{b}" for b in bits], "ρ pooled"], [
-            [name, *[_num(row[f"w{b}"], 3) for b in bits], _num(row["pooled"], 3)]
+            [name, *[cell(row[f"w{b}"], 3) for b in bits], cell(row["pooled"], 3)]
             for name, row in sens["spearman"].items()]))
     if not blocks:
         return None
@@ -243,8 +237,8 @@ def samples(runs: Sequence[Run]) -> Section | None:
         if not path.is_file():
             continue
         m = r.metrics or {}
-        rows = [[METRICS[k][0], _num(m[f"fp_{k}"], 3) if f"fp_{k}" in m else "—",
-                 _num(m[f"q_{k}"], 4 if k in FINE else 3)]
+        rows = [[METRICS[k][0], cell(m[f"fp_{k}"], 3) if f"fp_{k}" in m else "—",
+                 cell(m[f"q_{k}"], 4 if k in FINE else 3)]
                 for k in ("fd", "kid", "mse_to_float") if f"q_{k}" in m]
         n = m.get("q_n")
         blocks.append(Figure(path.read_bytes(), f"{r.label}: float samples (top) and quantized "
