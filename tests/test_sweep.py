@@ -35,6 +35,26 @@ def test_expand_is_the_grid_and_checks_everything_first(tmp_path):
     assert sw.expand(spec, base)[3]["recipe_fingerprint"] != fp  # an edit makes it stale
 
 
+def test_inline_recipes_run_as_written(tmp_path, monkeypatch):
+    """A recipe written out in the spec is labelled by its name; the trial gets the recipe
+    itself; a bad one is the recipe's own clear error, before anything runs."""
+    calls = _fake_runs(monkeypatch, {})
+    inline = {"name": "w5a8-long", "weights": {"bits": 5}, "activations": {"bits": 8},
+              "methods": [{"name": "adaround", "iters": 7}]}
+    res = sw.sweep({**SPEC, "models": ["zoo:vit"], "recipes": ["w8a8", inline],
+                    "seeds": [0]}, tmp_path / "o")
+    assert res["failures"] == {}
+    assert [r["trial"] for r in res["rows"]] == ["zoo-vit__w8a8__seed0",
+                                                 "zoo-vit__w5a8-long__seed0"]
+    sent = calls[1][1]
+    assert sent["weights"]["bits"] == 5 and sent["methods"][0]["iters"] == 7
+    with pytest.raises(SlimtorchError, match="unknown method 'adaroud'"):
+        sw.sweep({**SPEC, "recipes": [{**inline, "methods": ["adaroud"]}]}, tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
+    with pytest.raises(sw.SweepError, match="both named 'w8a8'"):
+        sw.sweep({**SPEC, "recipes": ["w8a8", {**inline, "name": "w8a8"}]}, tmp_path / "o3")
+
+
 @pytest.mark.parametrize("text, needle", [
     ("models: [zoo:resnet2]\nrecipes: [w8a8]\n", "Known models"),
     ("models: [zoo:resnet20]\nrecipes: [w8a9]\n", "unknown recipe 'w8a9'"),
@@ -59,7 +79,8 @@ def _fake_runs(monkeypatch, behaviour: dict):
 
     def fake(model, recipe, *, out, seed, calib_size, **kw):
         calls.append((model, recipe, seed))
-        todo = behaviour.get((model, recipe, seed), [])
+        label = recipe if isinstance(recipe, str) else recipe["name"]  # inline: a dict
+        todo = behaviour.get((model, label, seed), [])
         if todo:
             raise todo.pop(0)
         m = {"model": model, "recipe": recipe, "seed": seed, "calib_size": calib_size,
@@ -158,4 +179,6 @@ def test_cli_sweep_on_ray_resumes_after_kill(tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["q_top1"] > r["fp_top1"] - 1.5 for r in rows)
     assert all(r["threads"] == 1 for r in rows)  # cpus_per_trial threads in each worker
+    # each trial ran in a worker of its own: its peak RSS is recorded (torch alone is >100 MB)
+    assert all(100 < r["peak_rss_mb"] < 8000 for r in rows)
     assert "Over seeds" in (out / "results.md").read_text()

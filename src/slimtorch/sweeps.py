@@ -6,6 +6,8 @@ A spec (``SWEEP.yaml``, a dict or a ``SweepSpec``)::
     name: baseline
     models: [zoo:resnet20, zoo:mobilenetv2]
     recipes: [w8a8, w4a8, my-recipe.yaml]   # built-in names or files (relative to the spec)
+    # ... or a recipe written out inline (a mapping, labelled by its name):
+    #   - {name: w4a4-qdrop-long, methods: [{name: qdrop, iters: 20000}], ...}
     seeds: [0, 1, 2]
     calib_size: 256                         # optional, as `slimtorch quantize --calib-size`
     cpus_per_trial: 1                       # Ray CPUs of a trial = its torch threads
@@ -61,7 +63,7 @@ class SweepSpec(BaseModel):
 
     name: str = "sweep"
     models: list[str] = Field(min_length=1)
-    recipes: list[str] = Field(min_length=1)
+    recipes: list[str | dict[str, Any]] = Field(min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
     calib_size: int | None = Field(default=None, ge=1)
     eval_size: int | None = Field(default=None, ge=1)
@@ -104,7 +106,8 @@ def spec_from(path: "str | os.PathLike | None", **fields: Any) -> SweepSpec:
     if path is not None:
         spec, base = load_spec(path)
         data = spec.model_dump(exclude_unset=True)
-        data["recipes"] = [str(base / r) if is_recipe_file(r) else r for r in spec.recipes]
+        data["recipes"] = [str(base / r) if isinstance(r, str) and is_recipe_file(r) else r
+                           for r in spec.recipes]
     data.update({k: v for k, v in fields.items() if v is not None})
     if "models" not in data or "recipes" not in data:
         raise SweepError("a sweep needs models and recipes: give SWEEP.yaml, or --models and "
@@ -130,14 +133,20 @@ def expand(spec: SweepSpec, base: Path) -> list[dict[str, Any]]:
                              "evaluates zoo:NAME models and minilm (`slimtorch zoo list`)")
         if scheme == "zoo" and name != "minilm":
             get_entry(name)  # UnknownModelError naming the known models
-    recipes = {}
+    from .recipe import Recipe
+    recipes: dict[str, tuple[str | dict, str]] = {}
     for r in spec.recipes:
-        path = (base / r) if is_recipe_file(r) else None
-        recipe = resolve_recipe(str(path) if path is not None else r)
-        label = path.stem if path is not None else r
+        if isinstance(r, dict):  # inline: run as written, labelled by its name
+            recipe = Recipe.from_dict(r, source=f"sweep recipe {r.get('name', '(no name)')!r}")
+            label, ref = recipe.name, recipe.to_dict()
+        else:
+            path = (base / r) if is_recipe_file(r) else None
+            recipe = resolve_recipe(str(path) if path is not None else r)
+            label, ref = (path.stem, str(path)) if path is not None else (r, r)
         if _slug(label) in {_slug(k) for k in recipes}:
-            raise SweepError(f"two sweep recipes are both named {label!r}: rename one file")
-        recipes[label] = (str(path) if path is not None else r, recipe_fingerprint(recipe))
+            raise SweepError(f"two sweep recipes are both named {label!r}: rename one (a "
+                             "file's label is its stem, an inline recipe's its name)")
+        recipes[label] = (ref, recipe_fingerprint(recipe))
     trials = []
     for model in spec.models:
         for label, (recipe, fingerprint) in recipes.items():
@@ -154,12 +163,16 @@ def expand(spec: SweepSpec, base: Path) -> list[dict[str, Any]]:
 _SETTINGS = ("model", "recipe_fingerprint", "seed", "calib_size", "eval_size", "calib")
 
 
-def run_trial(trial: dict[str, Any], out: str, data_dir: str | None, threads: int
-              ) -> dict[str, Any]:
+def run_trial(trial: dict[str, Any], out: str, data_dir: str | None, threads: int,
+              fresh: bool = False) -> dict[str, Any]:
     """Run one trial into ``OUT/trials/ID`` (in a Ray worker or in this process). Returns
     ``{"status": "done", "metrics": ...}``, or ``{"status": "error", "error": ...}`` for bad
-    input; any other exception propagates, and the driver runs the trial again."""
+    input; any other exception propagates, and the driver runs the trial again. ``fresh``: this
+    process runs this trial only (a Ray worker of ``max_calls=1``), so its peak resident
+    memory is the trial's: recorded as ``peak_rss_mb`` in the metrics (and metrics.json)."""
+    import resource
     import torch
+    from .export.artifact import write_json_atomic
     from .pipeline import run_quantize
     torch.set_num_threads(threads)
     directory = Path(out) / "trials" / trial["id"]
@@ -170,6 +183,9 @@ def run_trial(trial: dict[str, Any], out: str, data_dir: str | None, threads: in
             calib_source=trial["calib"], resume=(directory / "recon-state").exists())
     except SlimtorchError as e:
         return {"status": "error", "error": f"{type(e).__name__}: {e}"}
+    if fresh:
+        metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        write_json_atomic(directory / "metrics.json", metrics)
     return {"status": "done", "metrics": metrics}
 
 
@@ -214,10 +230,12 @@ class _Ray(_Backend):
             ray.init(address=address or "local", num_cpus=None if address else workers,
                      include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                      object_store_memory=None if address else 256 << 20)
-        self.remote = ray.remote(num_cpus=cpus, max_retries=0)(run_trial)
+        # max_calls=1: every trial in a process of its own — the memory of one is back before
+        # the next starts, and its peak RSS is its own
+        self.remote = ray.remote(num_cpus=cpus, max_retries=0, max_calls=1)(run_trial)
 
     def submit(self, trial: dict) -> None:
-        self.pending[self.remote.remote(trial, *self.args)] = trial
+        self.pending[self.remote.remote(trial, *self.args, fresh=True)] = trial
 
     def results(self):
         while self.pending:
@@ -293,13 +311,13 @@ def rows_markdown(rows: list[dict], failures: dict[str, str], name: str) -> str:
     each model × recipe over its seeds, then the failures."""
     from .eval.report_data import cell, headline_cells
     out = [f"# sweep {name}", "", "| model | recipe | seed | metric | float | compressed | "
-           "size KB | calibration s |", "|---|---|---:|---|---:|---:|---:|---:|"]
+           "size KB | calibration s | peak RSS MB |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     groups: dict[tuple, list[float]] = {}
     for m in rows:
         label, fp, q = headline_cells(m)
         out.append(f"| {m['model']} | {m['recipe_label']} | {m['seed']} | {label} | "
                    f"{cell(fp)} | {cell(q)} | {m['q_size_bytes'] / 1e3:.1f} | "
-                   f"{m['calib_seconds']:.1f} |")
+                   f"{m['calib_seconds']:.1f} | {cell(m.get('peak_rss_mb'), 0)} |")
         if q is not None:
             groups.setdefault((m["model"], m["recipe_label"], label), []).append(float(q))
     if any(len(v) > 1 for v in groups.values()):
