@@ -44,8 +44,11 @@ def main() -> None:
     spec = {"name": "ptq_baseline", "models": [f"zoo:{m}" for m in args.models],
             "recipes": args.recipes, "seeds": args.seeds, "calib_size": args.calib_size,
             "cpus_per_trial": args.threads}
+    import torch
+    torch.set_num_threads(args.threads)  # the machine line says what each trial runs with
     machine = machine_markdown()
     res = sweep(spec, args.runs, serial=args.serial, address=args.address,
+                workers=args.threads if args.serial else None,
                 on_event=lambda kind, t, m: print(
                     f"{kind:6s} {t.get('id', '')} " + (
                         f"fp {m['fp_top1']:6.2f} q {m['q_top1']:6.2f}" if kind == "done"
