@@ -102,8 +102,9 @@ def _fmnist_subset(root: Path, n_train: int = 512, n_test: int = 1000) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two real ResNet-20 runs as `slimtorch quantize` writes them (W8A8 and W4A4, calibration
-    64, scored on 1000 real test images), `bench speed` on the first; and a custom CNN saved
-    from Python (no metrics.json)."""
+    64, scored on 1000 real test images), `bench speed` on the first; a pruned and a sparse
+    ResNet-20 (macs-0.5-taylor, 50-wanda); and a custom CNN saved from Python (no
+    metrics.json)."""
     if not weights_path("resnet20").is_file():
         pytest.skip("zoo weights not trained")
     from slimtorch.cli import main
@@ -115,7 +116,7 @@ def runs(tmp_path_factory):
         pytest.skip(str(e))
     cache = {}
     with torch_threads(1):  # 2 threads on a shared, loaded machine are many times slower
-        for recipe in ("w8a8", "w4a4"):
+        for recipe in ("w8a8", "w4a4", "macs-0.5-taylor", "50-wanda"):
             run_quantize("zoo:resnet20", recipe, calib_size=64, out=root / f"r20-{recipe}",
                          fp_cache=cache, data_dir=str(data))
         assert main(["bench", "speed", str(root / "r20-w8a8"), "--batches", "1", "--repeats",
@@ -164,6 +165,39 @@ def test_report_numbers_are_the_runs_numbers(runs, tmp_path):
     assert n_fig == 1 + 2 + 2 and len(re.findall(r"<img ", page)) == n_fig
     assert len(re.findall(r'<img src="data:image/png;base64,', page)) == n_fig
     assert not re.search(r"(src|href)=\"(?!data:|#)", page) and "<script" not in page
+
+
+def test_pruning_and_sparsity_sections_are_the_saved_model(runs, tmp_path):
+    """Kept channels per layer are the output channels of the pruned model's saved weights
+    (float: the zoo model's); sparsity per layer is the fraction of zeros of the saved weights;
+    runs that neither pruned nor sparsified get neither section."""
+    from slimtorch.zoo.sources import load_model
+    dirs = [runs / "r20-macs-0.5-taylor", runs / "r20-50-wanda", runs / "r20-w8a8"]
+    _, md_path = report(dirs, tmp_path / "p.html")
+    md = md_path.read_text()
+    fp = {n: m.weight.shape[0] for n, m in load_model("zoo:resnet20").named_modules()
+          if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    pruned = {n: m.weight for n, m in slimtorch.load(dirs[0]).named_modules()
+              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    smaller = 0
+    for fqn, w in pruned.items():
+        kept = w.shape[0]
+        assert f"| {fqn} | {fp[fqn]} | {kept} | {100 * kept / fp[fqn]:.0f} |" in md
+        smaller += kept < fp[fqn]
+    assert smaller >= 10  # a real pruning: most layers lost channels
+    total = (sum(fp.values()), sum(w.shape[0] for w in pruned.values()))
+    assert f"r20-macs-0.5-taylor: {total[1]} of {total[0]} output channels kept" in md
+    sparse = {n: m.weight for n, m in slimtorch.load(dirs[1]).named_modules()
+              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    sec = md[md.index("## Sparsity per layer"):]
+    for fqn, w in sparse.items():
+        zeros = (w == 0).float().mean().item()
+        row = re.search(rf"^\| {re.escape(fqn)} \| ([^|]+) \|", sec, re.M)
+        assert row, fqn
+        shown = 0.0 if "dense" in row.group(1) else float(row.group(1))
+        assert abs(shown - 100 * zeros) < 0.1, (fqn, shown, zeros)
+    assert "| stem.0 | 0 (dense) | first layer" in sec
+    assert md.count("r20-w8a8: channels per layer") == 0 and "r20-w8a8: sparsity" not in md
 
 
 def test_run_saved_from_python_reads_not_measured_and_inspect_fills_every_layer(runs, tmp_path):

@@ -191,6 +191,27 @@ def layer_bits(run: Run) -> list[LayerBits]:
     return out
 
 
+def kept_channels(run: Run) -> list[tuple[str, int, int]] | None:
+    """(layer, output channels before, after) of every prunable layer, in model order, from
+    the last ``prune`` method of the recipe; None when the run pruned nothing. [] when it pruned
+    with a slimtorch that did not record the counts yet."""
+    stats = [m.get("stats", {}) for m in run.meta.get("methods", []) if m.get("name") == "prune"]
+    if not stats:
+        return None
+    return [(f, b, a) for f, (b, a) in stats[-1].get("channels", {}).items()]
+
+
+def layer_sparsity(run: Run) -> tuple[dict[str, float], dict[str, str]] | None:
+    """({layer: fraction of zero weights}, {layer left dense: why}) after the recipe's last
+    sparsity method (the model's sparsity summary it records); None when none ran."""
+    stats = [m.get("stats", {}) for m in run.meta.get("methods", [])
+             if isinstance(m.get("stats", {}).get("summary"), dict)
+             and "layers" in m["stats"]["summary"]]
+    if not stats:
+        return None
+    return dict(stats[-1]["summary"]["layers"]), dict(stats[-1].get("skipped", {}))
+
+
 def sqnr_layers(run: Run) -> tuple[list[dict], str]:
     """Per-layer SQNR rows (name, type, cumulative_sqnr_db, own_sqnr_db) and where they come
     from: every layer when ``run.layers`` was recomputed, else what quantize's self-check kept

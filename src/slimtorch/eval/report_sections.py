@@ -5,8 +5,8 @@ A new family adds its section as one more function and one more entry in ``SECTI
 what its method records (``meta["methods"][i]["stats"]``) or its own file in the artifact
 directory, without touching the others. ``sensitivity`` reads ``DIR/sensitivity.json``
 (``slimtorch sensitivity --out DIR``); ``samples`` the diffusion task's ``DIR/samples.png``.
-Still to come with their families: pruning's kept channels per layer, sparsity per layer. No
-section invents a number: what a run did not measure reads "not measured" and names the
+``pruning`` and ``sparsity`` read what the prune and sparsity methods record. No section
+invents a number: what a run did not measure reads "not measured" and names the
 command that measures it.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import json
 from typing import Callable, Sequence
 
 from . import report_plots as plots
-from .report_data import (METRICS, Run, cell, headline, latency, layer_bits, pareto_sets,
-                          sizes, sqnr_layers, value)
+from .report_data import (METRICS, Run, cell, headline, kept_channels, latency, layer_bits,
+                          layer_sparsity, pareto_sets, sizes, sqnr_layers, value)
 from .report_render import Figure, Section, Table, Text
 
 NOT_MEASURED = "not measured"
@@ -160,6 +160,57 @@ def bits(runs: Sequence[Run]) -> Section:
     return Section("bits", "Bits per layer", blocks)
 
 
+def pruning(runs: Sequence[Run]) -> Section | None:
+    """Structured pruning: output channels of every prunable layer before and after."""
+    blocks = []
+    for r in runs:
+        layers = kept_channels(r)
+        if layers is None:
+            continue
+        if not layers:
+            blocks.append(Text(f"{r.label}: kept channels {NOT_MEASURED} (pruned by a slimtorch "
+                               "that did not record them; prune again to see them)."))
+            continue
+        stats = [m["stats"] for m in r.meta["methods"] if m.get("name") == "prune"][-1]
+        before, after = sum(b for _, b, _ in layers), sum(a for _, _, a in layers)
+        ratios = "; ".join(f"{k} ×{stats[k]['ratio']:.2f} of float" for k in ("macs", "params")
+                           if isinstance(stats.get(k), dict) and "ratio" in stats[k])
+        blocks.append(Text(f"{r.label}: {after} of {before} output channels kept "
+                           f"({after / before:.0%}) over {len(layers)} layers"
+                           + (f"; {ratios}" if ratios else "") + "."))
+        png = plots.barh([f for f, _, _ in layers], {"float": [b for _, b, _ in layers],
+                                                     "kept": [a for _, _, a in layers]},
+                         xlabel="output channels", title=f"{r.label}: channels per layer "
+                         f"({r.recipe})")
+        table = Table(["layer", "channels (float)", "kept", "kept %"], [
+            [f, str(b), str(a), f"{100 * a / b:.0f}"] for f, b, a in layers])
+        blocks.append(Figure(png, f"{r.label}: output channels of each prunable layer, float "
+                             "and kept", table))
+    return Section("pruning", "Kept channels per layer (pruning)", blocks) if blocks else None
+
+
+def sparsity(runs: Sequence[Run]) -> Section | None:
+    """Sparse weights: the fraction of zero weights of every masked layer."""
+    blocks = []
+    for r in runs:
+        found = layer_sparsity(r)
+        if found is None:
+            continue
+        layers, dense = found
+        order = [l.name for l in layer_bits(r)]  # the plan's layers are in model order
+        names = sorted({*layers, *dense}, key=lambda f: (order.index(f) if f in order
+                                                         else len(order), f))
+        png = plots.barh(names, {"zero weights %": [100 * layers.get(f, 0.0) for f in names]},
+                         xlabel="zero weights %", title=f"{r.label}: sparsity per layer "
+                         f"({r.recipe})")
+        table = Table(["layer", "zero weights %", "note"], [
+            [f, f"{100 * layers[f]:.1f}" if f in layers else "0 (dense)", dense.get(f, "")]
+            for f in names])
+        blocks.append(Figure(png, f"{r.label}: fraction of zero weights per layer (layers left "
+                             "dense show 0, with the reason)", table))
+    return Section("sparsity", "Sparsity per layer", blocks) if blocks else None
+
+
 # ---------------------------------------------------------------- Pareto fronts
 def _pareto(runs: Sequence[Run], axis: str, what: str, how: str) -> Section | None:
     sets = pareto_sets(runs, axis)
@@ -251,6 +302,6 @@ def samples(runs: Sequence[Run]) -> Section | None:
 
 
 SECTIONS: list[Callable[[Sequence[Run]], Section | None]] = [
-    summary, recipe, pareto_size, pareto_latency, speed, sqnr, bits, sensitivity,
-    samples,
+    summary, recipe, pareto_size, pareto_latency, speed, sqnr, bits, pruning, sparsity,
+    sensitivity, samples,
 ]

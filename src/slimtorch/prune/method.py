@@ -121,6 +121,10 @@ def prune_model(model, cfg: PruneConfig, ctx: MethodContext) -> dict[str, Any]:
     by_group = {}
     for u in pruned:
         by_group.setdefault(groups.units[u].group, []).append(u)
+    # output channels of every prunable layer, before and after: the report's kept-channel chart
+    outs = {fqn: n for (fqn, role), n in groups.sizes.items() if role == "out"}
+    channels = {fqn: [outs[fqn], len(modules.get(fqn, {}).get("out", range(outs[fqn])))]
+                for fqn in names if fqn in outs}  # in model order
     history = {"modules": modules,
                "groups": [{"group": g, "layers": groups.group_layers(g),
                            "removed": len(us), "of": len(groups.groups[g])}
@@ -128,6 +132,7 @@ def prune_model(model, cfg: PruneConfig, ctx: MethodContext) -> dict[str, Any]:
     return {"history": history, "criterion": cfg.criterion, "target": cfg.target.model_dump(),
             "macs": {"before": macs0, "after": macs1, "ratio": round(macs1 / macs0, 4)},
             "params": {"before": total, "after": params1, "ratio": round(params1 / total, 4)},
+            "channels": channels,
             "selection": sel, "groups": len(groups.groups), "units": len(groups.units),
             "excluded": groups.excluded, "seconds": round(time.perf_counter() - t0, 2)}
 
