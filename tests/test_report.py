@@ -198,6 +198,9 @@ def test_pruning_and_sparsity_sections_are_the_saved_model(runs, tmp_path):
         assert abs(shown - 100 * zeros) < 0.1, (fqn, shown, zeros)
     assert "| stem.0 | 0 (dense) | first layer" in sec
     assert md.count("r20-w8a8: channels per layer") == 0 and "r20-w8a8: sparsity" not in md
+    # a pruned-only run has no quantization noise: its SQNR cell says so, not "∞ dB"
+    row = next(l for l in md.splitlines() if l.startswith("| r20-macs-0.5-taylor |"))
+    assert "pruned only" in row and "∞" not in row
 
 
 def test_run_saved_from_python_reads_not_measured_and_inspect_fills_every_layer(runs, tmp_path):

@@ -45,7 +45,12 @@ def summary(runs: Sequence[Run]) -> Section:
                  f"{lat.label})"
                  if lat else NOT_MEASURED)
         check = r.self_check
-        sq = f"{cell(check['output_sqnr_db'], 1)} dB" if check else NOT_MEASURED
+        changed = (any(l.weights or l.activations for l in layer_bits(r))
+                   or layer_sparsity(r) is not None)
+        # the self-check compares the model as compressed with its own float/dense path: a
+        # pruned-only run has no such noise, and "∞ dB" beside its accuracy drop would mislead
+        sq = ("— (pruned only: nothing quantized or sparse)" if check and not changed else
+              f"{cell(check['output_sqnr_db'], 1)} dB" if check else NOT_MEASURED)
         rows.append([r.label, r.model, r.recipe, metric, "; ".join(others) or "—", size,
                      speed, sq])
     blocks = [Table(["run", "model", "recipe", "task metric (float → quantized)",
@@ -142,6 +147,10 @@ def bits(runs: Sequence[Run]) -> Section:
         layers = layer_bits(r)
         if not layers:
             blocks.append(Text(f"{r.label}: the artifact holds no layer plan."))
+            continue
+        if not any(l.weights or l.activations for l in layers):
+            blocks.append(Text(f"{r.label}: every layer is float (the recipe quantizes "
+                               "nothing)."))
             continue
         sites = r.meta.get("plan", {}).get("functional", {})
         site_bits = sorted({str(s["spec"]["bits"]) for s in sites.values() if s.get("spec")})
