@@ -7,7 +7,10 @@ Loss = ``kd_weight``·T²·KL(softmax(t/T) ‖ softmax(s/T)) + ``ce_weight``·CE
 training split has no labels in this path (``MethodContext.train_batches`` holds images), so
 the "task" cross-entropy uses the float model's hard predictions; ``ce_weight: 0`` (default)
 is pure distillation. SGD with momentum, cosine decay over the budget (``epochs``, or
-``steps`` when given); the student trains in train mode (BatchNorm batch statistics, the
+``steps`` when given), the gradient's global norm clipped to ``max_grad_norm`` (a pruned net
+fine-tuned at a high rate on few images can otherwise blow up within a few steps; a loss that
+still turns non-finite restores the weights from before recovery and is an error naming the
+fix); the student trains in train mode (BatchNorm batch statistics, the
 standard fine-tuning setting), the teacher runs in eval mode. Data: the training split when
 the pipeline loaded it (``trains``), else the calibration batches (the stats say which).
 """
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..errors import RecipeError
+from ..errors import PruningError, RecipeError
 from ..graph.capture import call_model
 from ..methods import MethodConfig, MethodContext, register_method
 from ..sparsity.srste import distill_loss, epoch_batches, epoch_steps
@@ -40,6 +43,8 @@ class RecoverConfig(MethodConfig):
     temperature: float = Field(4.0, gt=0, description="distillation temperature T")
     kd_weight: float = Field(1.0, ge=0, description="weight of T²·KL")
     ce_weight: float = Field(0.0, ge=0, description="weight of CE against the teacher's top-1")
+    max_grad_norm: float | None = Field(5.0, gt=0, description="clip the gradient's global "
+                                        "L2 norm to this (None: no clipping)")
 
 
 def recovery_loss(student, teacher, cfg: RecoverConfig) -> torch.Tensor:
@@ -69,6 +74,7 @@ def apply(model, cfg: RecoverConfig, ctx: MethodContext) -> dict[str, Any]:
     batches = itertools.chain.from_iterable(
         epoch_batches(data, cfg.batch_size, gen) for _ in itertools.count())
     t0, history, run = time.perf_counter(), [], 0.0
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     was, teacher_was = model.training, teacher.training
     model.train(), teacher.eval()
     bar = tqdm(range(total), disable=not ctx.progress, desc="recover (KD)", leave=False)
@@ -78,8 +84,16 @@ def apply(model, cfg: RecoverConfig, ctx: MethodContext) -> dict[str, Any]:
             with torch.no_grad():
                 target = call_model(teacher, item)
             loss = recovery_loss(call_model(model, item), target, cfg)
+            if not torch.isfinite(loss):
+                model.load_state_dict(start)
+                raise PruningError(
+                    f"recovery diverged at step {step + 1} of {total} (loss {loss.item()}); "
+                    f"the weights from before recovery are back. Lower lr (now {cfg.lr}) or "
+                    f"max_grad_norm (now {cfg.max_grad_norm}) in the recover method")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
             run = loss.item() if step == 0 else 0.98 * run + 0.02 * loss.item()
