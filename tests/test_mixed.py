@@ -188,3 +188,50 @@ def test_layer_override_dump_keeps_missing_keys_missing():
     again = Recipe.from_dict(Recipe.from_dict(d).to_dict())
     assert again.first_layer.model_fields_set == {"activations"}  # weights inherit, not float
     assert again.to_dict()["first_layer"] == {"activations": 8}
+
+
+def test_block_sensitivity_is_the_units_weights_quantized_together(tmp_path):
+    """Per block: the reconstruction units of several layers (ResNet-20's residual blocks);
+    ΔKL = KL(float ‖ block's weights at b, activations A8) − KL(float ‖ activations only),
+    recomputed here by switching exactly those layers' weight quantizers on."""
+    from slimtorch.zoo.registry import weights_path
+    if not weights_path("resnet20").is_file():
+        pytest.skip("zoo weights not trained")
+    from slimtorch.data.calibration import calibration_batches
+    from slimtorch.eval.sensitivity import _kl, _logits, _prepared, sensitivity_recipe
+    from slimtorch.quant.prepare import quant_layers, quant_state
+    from slimtorch.quant.quantizer import Mode
+    from slimtorch.zoo.sources import load_model
+    model = load_model("zoo:resnet20")
+    x = torch.randn(48, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    sens = layer_sensitivity(model, x[:24], x[24:], bits=(2,), probes=1, hessian_samples=8)
+    blocks = {b["name"]: b for b in sens["blocks"]}
+    assert list(blocks) == [f"layers.{i}" for i in range(9)]
+    assert blocks["layers.3"]["layers"] == ["layers.3.shortcut.0", "layers.3.conv1",
+                                            "layers.3.conv2"]
+    qm = _prepared(model, sensitivity_recipe(resolve_recipe("w4a8"), 2),
+                   calibration_batches(x[:24], 32), 0)
+    held = calibration_batches(x[24:], 32)
+    with torch.no_grad(), quant_state(qm, weights=False, acts=False):
+        ref = _logits(qm, held)
+
+    def kl_with(on):
+        for f, m in quant_layers(qm):
+            m.weight_quantizer.mode = Mode.QUANT if f in on else Mode.OFF
+        return _kl(ref, _logits(qm, held))
+    for name in ("layers.1", "layers.6"):
+        want = kl_with(set(blocks[name]["layers"])) - kl_with(set())
+        assert blocks[name]["kl"][2] == pytest.approx(want, rel=1e-6, abs=1e-9)
+        per_layer = {l["fqn"]: l["kl"][2] for l in sens["layers"]}
+        assert blocks[name]["sum_of_layers_kl"][2] == pytest.approx(
+            sum(per_layer[f] for f in blocks[name]["layers"]))
+    # the report shows the block table from sensitivity.json
+    import json
+
+    import slimtorch
+    slimtorch.save(slimtorch.quantize(model, "w4a8", x[:24], self_check=False), tmp_path / "a")
+    (tmp_path / "a" / "sensitivity.json").write_text(json.dumps(sens))
+    _, md = slimtorch.report([tmp_path / "a"], tmp_path / "r.html")
+    b6 = blocks["layers.6"]
+    assert (f"| layers.6 | 3 | {b6['params']} | {b6['kl'][2]:.2e} "
+            f"({b6['sum_of_layers_kl'][2]:.2e}) |") in md.read_text()

@@ -72,6 +72,15 @@ def sensitivity_markdown(sens: dict[str, Any]) -> str:
     for name, row in sens["spearman"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[f'w{b}']:.3f}" for b in bits)
                      + f" | {row['pooled']:.3f} |")
+    if sens.get("blocks"):
+        lines += ["", "Per block (a reconstruction unit's layers quantized together): ΔKL, and "
+                  "in brackets the sum of its layers' own ΔKL:", "",
+                  "| block | layers | params | " + " | ".join(f"W{b}" for b in bits) + " |",
+                  "|---|---:|---:|" + "---:|" * len(bits)]
+        for blk in sens["blocks"]:
+            lines.append(f"| {blk['name']} | {len(blk['layers'])} | {blk['params']} | " + " | ".join(
+                f"{at(blk['kl'], b):.2e} ({at(blk['sum_of_layers_kl'], b):.2e})"
+                for b in bits) + " |")
     return "\n".join(lines)
 
 

@@ -280,6 +280,13 @@ def sensitivity(runs: Sequence[Run]) -> Section | None:
         blocks.append(Table(["proxy", *[f"ρ W{b}" for b in bits], "ρ pooled"], [
             [name, *[cell(row[f"w{b}"], 3) for b in bits], cell(row["pooled"], 3)]
             for name, row in sens["spearman"].items()]))
+        if sens.get("blocks"):  # older sensitivity.json files have none
+            blocks.append(Text(f"{r.label}: per block (a reconstruction unit's layers quantized "
+                               "together), ΔKL and, in brackets, the sum of its layers' own:"))
+            blocks.append(Table(["block", "layers", "params", *[f"ΔKL W{b}" for b in bits]], [
+                [blk["name"], str(len(blk["layers"])), str(blk["params"]),
+                 *[f"{blk['kl'][b]:.2e} ({blk['sum_of_layers_kl'][b]:.2e})" for b in bits]]
+                for blk in sens["blocks"]]))
     if not blocks:
         return None
     blocks.append(Text("Spearman ρ of each proxy with the measured ΔKL (`slimtorch "

@@ -26,6 +26,10 @@ Proxies, each computed without running the model once per (ℓ, b):
 * ``coding_length``: Attention Round's lossy coding length L(W_ℓ) (``quant.allocate``) with the
   rate–distortion model L·2^(−2b) (our choice, see docs/mixed-precision.md).
 
+Per block: the same ΔKL with the weights of all layers of one reconstruction unit quantized
+(``blocks``: residual blocks and module groups of ``runner.units.partition``), next to the sum
+of its layers' own ΔKL — how far per-layer sensitivities add up.
+
 ``spearman`` holds the rank correlation of each proxy with ``kl``, per bit width (across layers)
 and pooled over all (layer, bit width) pairs.
 """
@@ -94,28 +98,29 @@ def _agreement(ref: Tensor, test: Tensor) -> float:
     return 100.0 * (ref.argmax(1) == test.argmax(1)).float().mean().item()
 
 
-def _only(model: nn.Module, fqn: str | None) -> None:
-    """Weight quantizer of ``fqn`` on (None: none), every other weight quantizer off."""
+def _only(model: nn.Module, fqns: "set[str] | frozenset[str]") -> None:
+    """Weight quantizers of the layers ``fqns`` on, every other weight quantizer off."""
     for f, m in quant_layers(model):
         if m.weight_quantizer is not None:
-            m.weight_quantizer.mode = Mode.QUANT if f == fqn else Mode.OFF
+            m.weight_quantizer.mode = Mode.QUANT if f in fqns else Mode.OFF
 
 
-def measured(models: dict[int, nn.Module], layers: list[str], held: list, ref: Tensor
-             ) -> tuple[dict, dict]:
-    """(baseline {kl, agreement}, {fqn: {b: {kl, agreement_drop}}}) — see module docstring."""
+def measured(models: dict[int, nn.Module], units: dict[str, list[str]], held: list,
+             ref: Tensor) -> tuple[dict, dict]:
+    """(baseline {kl, agreement}, {unit: {b: {kl, agreement_drop}}}) with the weights of each
+    unit's layers (one layer, or a block's) quantized at b — see module docstring."""
     any_model = next(iter(models.values()))
-    _only(any_model, None)
+    _only(any_model, frozenset())
     base_out = _logits(any_model, held)
     base = {"kl": _kl(ref, base_out), "agreement": _agreement(ref, base_out)}
-    out: dict[str, dict] = {f: {} for f in layers}
+    out: dict[str, dict] = {u: {} for u in units}
     for b, qm in models.items():
-        for f in layers:
-            _only(qm, f)
+        for u, fqns in units.items():
+            _only(qm, set(fqns))
             y = _logits(qm, held)
-            out[f][b] = {"kl": _kl(ref, y) - base["kl"],
+            out[u][b] = {"kl": _kl(ref, y) - base["kl"],
                          "agreement_drop": base["agreement"] - _agreement(ref, y)}
-        _only(qm, None)
+        _only(qm, frozenset())
     return base, out
 
 
@@ -254,7 +259,7 @@ def layer_sensitivity(model: nn.Module, calib_data: Any, held_data: Any, *,
         raise SlimtorchError(f"recipe {base.name!r} quantizes no layer weights of this model")
     with torch.no_grad(), quant_state(any_m, weights=False, acts=False):
         ref = _logits(any_m, held)  # the float model (BN folded), on the held images
-    baseline, true = measured(models, layers, held, ref)
+    baseline, true = measured(models, {f: [f] for f in layers}, held, ref)
     noise = {f: _weight_noise(models, f) for f in layers}
     sq = sqnr_proxy(any_m, noise, held)
     h_batches = [torch.cat(calibration_batches(calib_data, base.calib.batch_size,
@@ -275,7 +280,28 @@ def layer_sensitivity(model: nn.Module, calib_data: Any, held_data: Any, *,
             "hawq": {b: 0.5 * traces[f] / n * noise[f][b].square().sum().item() for b in bits},
             "sqnr": {b: sq[f][b] for b in bits},
             "sqnr_db": {b: -10 * math.log10(max(sq[f][b], 1e-30)) for b in bits}})
+    blocks = block_sensitivity(models, any_m, calib, held, ref, baseline, rows)
     return {"recipe": base.to_dict(), "bits": bits, "seed": seed, "probes": probes,
             "calib_samples": sum(len(b) for b in calib), "held_samples": len(ref),
             "hessian_samples": sum(len(b) for b in h_batches), "baseline": baseline,
-            "layers": rows, "spearman": rank_correlations(rows, bits)}
+            "layers": rows, "blocks": blocks, "spearman": rank_correlations(rows, bits)}
+
+
+def block_sensitivity(models: dict[int, nn.Module], any_m: nn.Module, calib: list, held: list,
+                      ref: Tensor, baseline: dict, layers: list[dict]) -> list[dict]:
+    """ΔKL with all weights of one reconstruction unit of several layers (a residual block, a
+    group: ``runner.units.partition``, the units BRECQ-style methods reconstruct) at b bits,
+    beside the sum of its layers' own ΔKL (their interaction: > 1 compounds, < 1 cancels)."""
+    from ..runner.units import partition
+    with torch.no_grad():
+        units = [u for u in partition(any_m, calib[0]) if len(u.layers) > 1]
+    if not units:
+        return []
+    _, true = measured(models, {u.name: u.layers for u in units}, held, ref)
+    by = {l["fqn"]: l for l in layers}
+    return [{"name": u.name, "kind": u.kind, "layers": u.layers,
+             "params": sum(by[f]["params"] for f in u.layers if f in by),
+             "kl": {b: v["kl"] for b, v in true[u.name].items()},
+             "agreement_drop": {b: v["agreement_drop"] for b, v in true[u.name].items()},
+             "sum_of_layers_kl": {b: sum(by[f]["kl"][b] for f in u.layers if f in by)
+                                  for b in true[u.name]}} for u in units]
