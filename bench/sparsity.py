@@ -18,7 +18,9 @@ paired per-window columns; ``--models smollm2-135m`` here runs the same cells.
         [--recover EPOCHS] [--train-size N] [--from-json FILE ...] [--out PREFIX]
         (re-render only: --models --from-json FILE ...)
 
-``--seeds`` repeats the data-dependent methods (Wanda, SparseGPT, random) on other calibration
+A method ``M-rd`` (``magnitude-rd``, ``sparsegpt-rd``, ...) runs M with per-layer ratios from the
+rate-distortion DP (``allocation: rd``, unstructured patterns only; ``random-rd``: random masks at
+those ratios, its floor). ``--seeds`` repeats the data-dependent methods (Wanda, SparseGPT, random) on other calibration
 subsets for the patterns in ``--seed-patterns``; the table shows mean (min..max).
 ``--recover EPOCHS`` appends SR-STE recovery (``srste``, distilled from the dense model on the
 train split, ``--train-size`` images; default all 60k) to every recipe: rows ``METHOD + srste``.
@@ -45,8 +47,10 @@ LLM = "smollm2-135m"
 def recipe_for(model: str, method: str, pattern: str, recover: int | None = None) -> dict:
     """The one-method float-weight recipe of a grid cell (an LLM prunes its first layer too,
     as the SparseGPT/Wanda protocol does), with SR-STE recovery for ``recover`` epochs."""
-    entry = {"name": method, **({"pattern": pattern} if ":" in pattern
-                                else {"sparsity": int(pattern) / 100})}
+    base, _, alloc = method.partition("-")  # "sparsegpt-rd": layer-adaptive ratios (rd DP)
+    entry = {"name": base, **({"pattern": pattern} if ":" in pattern
+                              else {"sparsity": int(pattern) / 100}),
+             **({"allocation": alloc} if alloc else {})}
     if model == LLM:
         entry["dense_first"] = False
     methods = [entry] + ([{"name": "srste", "epochs": recover}] if recover else [])
@@ -79,7 +83,10 @@ def main() -> None:
         calib = args.calib_size or (16 if model == LLM else 1024)
         for pattern in args.patterns:
             for method in args.methods:
-                seeds = (args.seeds if method in SEEDED and pattern in args.seed_patterns
+                if method.endswith("-rd") and ":" in pattern:
+                    continue  # rd spreads an unstructured sparsity; N:M has one ratio
+                seeded = method.partition("-")[0] in SEEDED or method.endswith("-rd")
+                seeds = (args.seeds if seeded and pattern in args.seed_patterns
                          else args.seeds[:1])
                 for seed in seeds:
                     recipe = recipe_for(model, method, pattern, args.recover)
@@ -180,11 +187,12 @@ def cell_of(row: dict) -> tuple[str, str]:
         return row["recipe"], f"{round(100 * row['sparsity']['sparsity_masked'])}"
     cfg = rec["config"]
     pattern = cfg["pattern"] or f"{round(100 * cfg['sparsity'])}"
+    name = rec["name"] + ("-rd" if cfg.get("allocation") == "rd" else "")
     recover = [m for m in row["methods"] if m["name"] == "srste"]
     if recover and len(row["methods"]) == 2:
-        return f"{rec['name']} + srste {recover[0]['config']['epochs']} ep", pattern
-    short = {f"{pattern}-{rec['name']}", f"llm-{pattern.replace(':', 'of')}-{rec['name']}"}
-    label = rec["name"] if row["recipe"] in short else row["recipe"]
+        return f"{name} + srste {recover[0]['config']['epochs']} ep", pattern
+    short = {f"{pattern}-{name}", f"llm-{pattern.replace(':', 'of')}-{name}"}
+    label = name if row["recipe"] in short else row["recipe"]
     return label, pattern
 
 

@@ -381,25 +381,28 @@ def load_builtin(name: str) -> Recipe:
     return load_recipe_text(path.read_text(), source=f"{name}.yaml")
 
 
-_SHORT_SPARSITY = re.compile(r"(?:(\d+(?:\.\d+)?)|(\d+:\d+))-([a-z][a-z0-9_]*)")
+_SHORT_SPARSITY = re.compile(r"(?:(\d+(?:\.\d+)?)|(\d+:\d+))-([a-z][a-z0-9_]*?)(-rd)?")
 
 
 def sparsity_shorthand(name: str) -> Recipe | None:
     """``PCT-METHOD`` (unstructured, e.g. ``50-wanda``) or ``N:M-METHOD`` (``2:4-sparsegpt``)
-    as a float-weight recipe running that sparsity method with its defaults; None when the
-    name is not of that form or METHOD is not a sparsity method."""
+    as a float-weight recipe running that sparsity method with its defaults, ``-rd`` appended
+    for layer-adaptive ratios (``50-sparsegpt-rd``: ``allocation: rd``); None when the name is
+    not of that form or METHOD is not a sparsity method."""
     m = _SHORT_SPARSITY.fullmatch(name)
     if m is None:
         return None
-    pct, nm, method = m.groups()
+    pct, nm, method, rd = m.groups()
     try:
         handler = method_handler(method)
     except RecipeError:
         return None
     if not handler.config.masks_weights:
         return None
-    entry = {"name": method, **({"pattern": nm} if nm else {"sparsity": float(pct) / 100})}
-    what = f"N:M {nm}" if nm else f"{pct} % unstructured"
+    entry = {"name": method, **({"pattern": nm} if nm else {"sparsity": float(pct) / 100}),
+             **({"allocation": "rd"} if rd else {})}
+    what = (f"N:M {nm}" if nm else f"{pct} % unstructured") + (
+        ", layer-adaptive ratios (rate-distortion DP)" if rd else "")
     return Recipe.from_dict({"name": name, "methods": [entry], "weights": None,
                              "description": f"{method} sparsity, {what}, float weights"},
                             source=name)

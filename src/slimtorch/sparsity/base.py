@@ -3,7 +3,7 @@ ratios) and the record it returns."""
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -30,6 +30,11 @@ class SparsityConfig(MethodConfig):
     exclude: list[str] = Field(default_factory=list, description="layers left dense")
     ratios: dict[str, float] = Field(default_factory=dict,
                                      description="per-layer sparsity (unstructured)")
+    allocation: Literal["uniform", "rd"] = Field(
+        "uniform", description="uniform: every pruned layer at `sparsity`; rd: per-layer ratios "
+        "by the rate-distortion DP (sparsity/rd.py) under the same global sparsity, written "
+        "into `ratios` (and `exclude` for layers it leaves dense) when the method runs")
+    rd_samples: int = Field(256, ge=1, description="calibration inputs rd measures on")
 
     @field_validator("sparsity")
     @classmethod
@@ -52,11 +57,25 @@ class SparsityConfig(MethodConfig):
         if self.ratios and self.pattern not in (None, "unstructured"):
             raise ValueError("per-layer ratios apply to unstructured sparsity; an N:M pattern "
                              "has one ratio (1 - N/M)")
+        if self.allocation == "rd" and (self.sparsity is None
+                                        or self.pattern not in (None, "unstructured")):
+            raise ValueError("allocation: rd spreads one unstructured sparsity over the layers: "
+                             "give sparsity: S (e.g. 0.5) and no N:M pattern")
         if self.sparsity is None and self.pattern in (None, "unstructured") and not self.ratios:
             raise ValueError("give a sparsity (e.g. sparsity: 0.5) or a pattern (e.g. "
                              "pattern: '2:4')")
         parse_pattern(self.sparsity if self.sparsity is not None else 0.5, self.pattern)
         return self
+
+    def auto_values(self, model, ctx: MethodContext) -> dict[str, Any]:
+        """``allocation: rd`` without ratios yet: the DP's per-layer ratios (layers it leaves
+        dense go to ``exclude``); a resolved config (ratios given) runs as it is."""
+        if self.allocation != "rd" or self.ratios:
+            return {}
+        from .rd import rd_ratios
+        ratios, _ = rd_ratios(model, self, ctx)
+        return {"ratios": {f: r for f, r in ratios.items() if r > 0},
+                "exclude": [*self.exclude, *(f for f, r in ratios.items() if r == 0)]}
 
     def pattern_obj(self) -> Pattern:
         default = self.sparsity if self.sparsity is not None else 0.5

@@ -22,7 +22,8 @@ class MagnitudeConfig(SparsityConfig):
 
     @model_validator(mode="after")
     def _global_unstructured(self):
-        if self.scope == "global" and (self.pattern not in (None, "unstructured") or self.ratios):
+        if self.scope == "global" and (self.pattern not in (None, "unstructured") or self.ratios
+                                       or self.allocation != "uniform"):
             raise ValueError("scope: global sets every layer's ratio from one threshold: it "
                              "takes one unstructured sparsity, no pattern or ratios")
         return self

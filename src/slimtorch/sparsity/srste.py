@@ -51,7 +51,8 @@ from ..errors import RecipeError
 from ..graph.capture import call_model
 from ..methods import MethodConfig, MethodContext, register_method
 from .base import SparsityConfig, record
-from .masks import Pattern, mask_sparsity, nm_mask, parse_pattern, targets
+from .masks import (Pattern, compute_layers, mask_sparsity, masks_of, nm_mask, parse_pattern,
+                    targets)
 
 _INHERITED = ("sparsity", "pattern", "dense_first", "dense_last", "dense_depthwise", "exclude",
               "ratios")
@@ -91,7 +92,13 @@ class SRSTEConfig(SparsityConfig):
             raise RecipeError("srste has no pattern or sparsity and no sparsity method runs "
                               "before it in the recipe: give one (pattern: '2:4' or sparsity: "
                               "0.5), or put e.g. {name: sparsegpt, pattern: '2:4'} before it")
-        return {k: getattr(prev, k) for k in _INHERITED if k not in self.model_fields_set}
+        got = {k: getattr(prev, k) for k in _INHERITED if k not in self.model_fields_set}
+        if getattr(prev, "allocation", "uniform") == "rd" and "ratios" not in self.model_fields_set:
+            # the ratios rd chose are in the model's masks, not in the recipe's config
+            masks = masks_of(model)
+            got["ratios"] = {f: mask_sparsity(m) for f, m in masks.items()}
+            got["exclude"] = [f for f, _ in compute_layers(model) if f not in masks]
+        return got
 
 
 def previous_sparsity(cfg: MethodConfig, methods: list) -> MethodConfig | None:
