@@ -22,11 +22,12 @@ class _Stream:
             self.ended, self.total = info["finished"], info["trials"]
             console.print(f"sweep: {info['trials']} trials, {info['finished']} finished "
                           f"earlier (kept); running the rest on {info['backend']}",
-                          highlight=False)
+                          highlight=False, soft_wrap=True)
             return
         what = f"{trial['model']} · {trial['recipe_label']} · seed {trial['seed']}"
         if kind == "retry":
-            console.print(f"retry  {what}: {info['error']}", highlight=False, markup=False)
+            console.print(f"retry  {what}: {info['error']}", highlight=False, markup=False,
+                          soft_wrap=True)
             return
         self.ended += 1
         if kind == "done":
@@ -36,7 +37,9 @@ class _Stream:
                     f"{info['calib_seconds']:.0f} s")
         else:
             text = f"failed {what}: {info['error']}"
-        console.print(f"[{self.ended}/{self.total}] {text}", highlight=False, markup=False)
+        # soft_wrap: one line per trial however narrow the terminal (or a log file: 80)
+        console.print(f"[{self.ended}/{self.total}] {text}", highlight=False, markup=False,
+                      soft_wrap=True)
 
 
 def cmd_sweep(args) -> None:
