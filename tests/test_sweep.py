@@ -181,4 +181,23 @@ def test_cli_sweep_on_ray_resumes_after_kill(tmp_path):
     assert all(r["threads"] == 1 for r in rows)  # cpus_per_trial threads in each worker
     # each trial ran in a worker of its own: its peak RSS is recorded (torch alone is >100 MB)
     assert all(100 < r["peak_rss_mb"] < 8000 for r in rows)
+    # the float model was evaluated once and its outputs shared through the disk cache
+    assert len(list(out.glob("float-outputs/zoo-vit__all__*.pt"))) == 1
+    assert len({r["fp_top1"] for r in rows}) == 1
     assert "Over seeds" in (out / "results.md").read_text()
+
+
+def test_float_outputs_are_computed_once_per_model_and_read_safely(tmp_path):
+    """The sweep's disk cache of the float model's outputs: what one trial stores the next
+    reads (tensors and dicts of them, weights_only); a broken file is computed again."""
+    import torch
+    cache = sw.FloatOutputs(tmp_path / "f", None)
+    assert cache and cache.get("zoo:vit") is None  # truthy when empty: `fp_cache or {}`
+    out = {"nll": torch.randn(3, 5), "mask": torch.ones(3, 5, dtype=torch.bool)}
+    cache["zoo:vit"] = out
+    again = sw.FloatOutputs(tmp_path / "f", None).get("zoo:vit")
+    assert again.keys() == out.keys() and all(torch.equal(again[k], out[k]) for k in out)
+    assert sw.FloatOutputs(tmp_path / "f", 100).get("zoo:vit") is None  # other eval size
+    (f,) = (tmp_path / "f").glob("*.pt")
+    f.write_bytes(b"not a tensor file")
+    assert cache.get("zoo:vit") is None

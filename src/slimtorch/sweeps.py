@@ -19,6 +19,8 @@ What ``sweep`` leaves in ``OUT``:
 - ``OUT/results.md`` / ``results.json``: one table of every trial and a summary over seeds,
   rewritten (atomically) each time a trial finishes — results stream in as trials end;
 - ``OUT/failures.json``: trials that failed after their retries, with the error verbatim;
+- ``OUT/float-outputs/``: the float model's task outputs, computed once per model
+  (``FloatOutputs``) and read by every other trial of it;
 - ``OUT/sweep.json``: the settings of every trial, so a rerun can tell a finished trial it may
   keep from one that was run with other settings.
 
@@ -180,13 +182,56 @@ def run_trial(trial: dict[str, Any], out: str, data_dir: str | None, threads: in
         metrics, _ = run_quantize(
             trial["model"], trial["recipe"], calib_size=trial["calib_size"], seed=trial["seed"],
             out=directory, data_dir=data_dir, eval_size=trial["eval_size"],
-            calib_source=trial["calib"], resume=(directory / "recon-state").exists())
+            calib_source=trial["calib"], resume=(directory / "recon-state").exists(),
+            fp_cache=FloatOutputs(Path(out) / "float-outputs", trial["eval_size"]))
     except SlimtorchError as e:
         return {"status": "error", "error": f"{type(e).__name__}: {e}"}
     if fresh:
         metrics["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         write_json_atomic(directory / "metrics.json", metrics)
     return {"status": "done", "metrics": metrics}
+
+
+class FloatOutputs(dict):
+    """``run_quantize``'s float-output cache on disk, shared by every trial of a sweep: the
+    float model's task outputs depend on the model and the evaluation size only, so they are
+    computed by the first trial of each model and read (``weights_only``) by the others —
+    trials run in worker processes of their own, which share no memory."""
+
+    def __init__(self, root: Path, eval_size: int | None):
+        super().__init__()
+        self.root, self.tag = root, "all" if eval_size is None else str(eval_size)
+
+    def _file(self, source: str) -> Path:
+        # a retrained zoo model (new weights file) must not read its old model's outputs
+        stamp = ""
+        if source.startswith("zoo:") and source != "zoo:minilm":
+            from .zoo.registry import weights_path
+            w = weights_path(source[4:])
+            if w.is_file():
+                st = w.stat()
+                stamp = f"__{st.st_size}-{st.st_mtime_ns}"
+        return self.root / f"{_slug(source)}__{self.tag}{stamp}.pt"
+
+    def __bool__(self) -> bool:  # ``fp_cache or {}`` must keep us even when nothing is loaded
+        return True
+
+    def get(self, source: str, default: Any = None) -> Any:
+        import torch
+        f = self._file(source)
+        if not f.is_file():
+            return default
+        try:
+            return torch.load(f, weights_only=True)
+        except Exception:  # noqa: BLE001 — unreadable: computed again and rewritten
+            return default
+
+    def __setitem__(self, source: str, outputs: Any) -> None:
+        import torch
+        from .export.artifact import atomic_path
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self._file(source)) as tmp:
+            torch.save(outputs, tmp)
 
 
 class _Backend:
