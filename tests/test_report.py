@@ -103,7 +103,7 @@ def _fmnist_subset(root: Path, n_train: int = 512, n_test: int = 1000) -> Path:
 def runs(tmp_path_factory):
     """Two real ResNet-20 runs as `slimtorch quantize` writes them (W8A8 and W4A4, calibration
     64, scored on 1000 real test images), `bench speed` on the first; a pruned and a sparse
-    ResNet-20 (macs-0.5-taylor, 50-wanda); and a custom CNN saved from Python (no
+    ResNet-20 (macs-0.5-taylor, 50-sparsegpt); and a custom CNN saved from Python (no
     metrics.json)."""
     if not weights_path("resnet20").is_file():
         pytest.skip("zoo weights not trained")
@@ -116,7 +116,7 @@ def runs(tmp_path_factory):
         pytest.skip(str(e))
     cache = {}
     with torch_threads(1):  # 2 threads on a shared, loaded machine are many times slower
-        for recipe in ("w8a8", "w4a4", "macs-0.5-taylor", "50-wanda"):
+        for recipe in ("w8a8", "w4a4", "macs-0.5-taylor", "50-sparsegpt"):
             run_quantize("zoo:resnet20", recipe, calib_size=64, out=root / f"r20-{recipe}",
                          fp_cache=cache, data_dir=str(data))
         assert main(["bench", "speed", str(root / "r20-w8a8"), "--batches", "1", "--repeats",
@@ -172,7 +172,7 @@ def test_pruning_and_sparsity_sections_are_the_saved_model(runs, tmp_path):
     (float: the zoo model's); sparsity per layer is the fraction of zeros of the saved weights;
     runs that neither pruned nor sparsified get neither section."""
     from slimtorch.zoo.sources import load_model
-    dirs = [runs / "r20-macs-0.5-taylor", runs / "r20-50-wanda", runs / "r20-w8a8"]
+    dirs = [runs / "r20-macs-0.5-taylor", runs / "r20-50-sparsegpt", runs / "r20-w8a8"]
     _, md_path = report(dirs, tmp_path / "p.html")
     md = md_path.read_text()
     fp = {n: m.weight.shape[0] for n, m in load_model("zoo:resnet20").named_modules()
