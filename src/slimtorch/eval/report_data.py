@@ -191,14 +191,20 @@ def layer_bits(run: Run) -> list[LayerBits]:
     return out
 
 
+def prune_stats(run: Run) -> dict[str, Any] | None:
+    """The stats of the recipe's last ``prune`` method; None when the run pruned nothing."""
+    stats = [m.get("stats", {}) for m in run.meta.get("methods", []) if m.get("name") == "prune"]
+    return stats[-1] if stats else None
+
+
 def kept_channels(run: Run) -> list[tuple[str, int, int]] | None:
     """(layer, output channels before, after) of every prunable layer, in model order, from
-    the last ``prune`` method of the recipe; None when the run pruned nothing. [] when it pruned
-    with a slimtorch that did not record the counts yet."""
-    stats = [m.get("stats", {}) for m in run.meta.get("methods", []) if m.get("name") == "prune"]
-    if not stats:
+    ``prune_stats``; None when the run pruned nothing, [] when it pruned with a slimtorch that
+    did not record the counts yet."""
+    stats = prune_stats(run)
+    if stats is None:
         return None
-    return [(f, b, a) for f, (b, a) in stats[-1].get("channels", {}).items()]
+    return [(f, b, a) for f, (b, a) in stats.get("channels", {}).items()]
 
 
 def layer_sparsity(run: Run) -> tuple[dict[str, float], dict[str, str]] | None:

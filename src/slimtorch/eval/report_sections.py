@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from . import report_plots as plots
 from .report_data import (METRICS, Run, cell, headline, kept_channels, latency, layer_bits,
-                          layer_sparsity, pareto_sets, sizes, sqnr_layers, value)
+                          layer_sparsity, pareto_sets, prune_stats, sizes, sqnr_layers, value)
 from .report_render import Figure, Section, Table, Text
 
 NOT_MEASURED = "not measured"
@@ -180,7 +180,7 @@ def pruning(runs: Sequence[Run]) -> Section | None:
             blocks.append(Text(f"{r.label}: kept channels {NOT_MEASURED} (pruned by a slimtorch "
                                "that did not record them; prune again to see them)."))
             continue
-        stats = [m["stats"] for m in r.meta["methods"] if m.get("name") == "prune"][-1]
+        stats = prune_stats(r)
         before, after = sum(b for _, b, _ in layers), sum(a for _, _, a in layers)
         ratios = "; ".join(f"{k} ×{stats[k]['ratio']:.2f} of float" for k in ("macs", "params")
                            if isinstance(stats.get(k), dict) and "ratio" in stats[k])
@@ -206,9 +206,8 @@ def sparsity(runs: Sequence[Run]) -> Section | None:
         if found is None:
             continue
         layers, dense = found
-        order = [l.name for l in layer_bits(r)]  # the plan's layers are in model order
-        names = sorted({*layers, *dense}, key=lambda f: (order.index(f) if f in order
-                                                         else len(order), f))
+        order = {l.name: i for i, l in enumerate(layer_bits(r))}  # the plan: model order
+        names = sorted({*layers, *dense}, key=lambda f: (order.get(f, len(order)), f))
         png = plots.barh(names, {"zero weights %": [100 * layers.get(f, 0.0) for f in names]},
                          xlabel="zero weights %", title=f"{r.label}: sparsity per layer "
                          f"({r.recipe})")
