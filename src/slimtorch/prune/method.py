@@ -3,7 +3,8 @@
 ``{name: prune, criterion: taylor, target: {macs: 0.5}}`` keeps 50 % of the Conv/Linear MACs
 (±``tolerance``): capture the float model's graph on the first calibration batch, derive the
 dependency groups (``groups``), score every unit (``criteria``), remove the globally lowest in
-steps until the target is met (``select``), then shrink the modules (``surgery``). It runs
+steps until the target is met (``select``; or, with ``allocation: rd``, how much of each group
+goes by the rate-distortion DP, ``rd``), then shrink the modules (``surgery``). It runs
 before quantization, on the float model (``structural``); the returned ``history`` is what
 ``slimtorch.load`` replays on the base model.
 """
@@ -21,6 +22,7 @@ from ..graph.capture import call_model, capture
 from ..methods import MethodConfig, MethodContext, register_method
 from . import criteria
 from .groups import Groups, dependency_groups
+from .rd import rd_select
 from .select import select_units
 from .surgery import count_macs, kept_indices, layer_costs, shrink
 
@@ -62,6 +64,12 @@ class PruneConfig(MethodConfig):
     max_ratio: float = Field(0.9, gt=0, le=1, description="at most this fraction of a group")
     keep: list[str] = Field(default_factory=list, description="layers never pruned "
                             "(fqn or re:regex); a unit touching one stays")
+    allocation: Literal["global", "rd"] = Field(
+        "global", description="global: remove the globally lowest-scored chunks (select); rd: "
+        "how much of each group goes by the rate-distortion DP over measured output "
+        "distortions (prune/rd.py), under the same target")
+    rd_samples: int = Field(256, ge=1, description="rd: calibration inputs it measures on")
+    rd_levels: int = Field(20, ge=2, description="rd: candidate levels per group")
     taylor_batches: int | None = Field(None, ge=1, description="calibration batches for "
                                        "Taylor gradients (None: all)")
 
@@ -104,9 +112,12 @@ def prune_model(model, cfg: PruneConfig, ctx: MethodContext) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     costs = layer_costs(model, graph)
     macs0 = count_macs(model, graph)
-    pruned, sel = select_units(groups, scores, costs, total, cfg.target.metric,
-                               cfg.target.ratio, cfg.tolerance, cfg.round_to, cfg.max_ratio,
-                               blocked)
+    if cfg.allocation == "rd":
+        pruned, sel = rd_select(model, groups, scores, costs, total, cfg, ctx, blocked)
+    else:
+        pruned, sel = select_units(groups, scores, costs, total, cfg.target.metric,
+                                   cfg.target.ratio, cfg.tolerance, cfg.round_to,
+                                   cfg.max_ratio, blocked)
     modules = kept_indices(groups, pruned)
     shrink(model, modules)
     try:

@@ -25,32 +25,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ..errors import SlimtorchError
-from ..graph.capture import call_model
+from ..eval.distortion import OutputDistortion
 from ..quant.allocate import allocate
 from ..quant.prepare import quant_state
 from .masks import parse_pattern, select, targets
 
 RD_GRID = tuple(range(0, 100, 5))  # candidate per-layer sparsity, in percent
-
-
-def _flat(out: Any) -> Tensor:
-    """Every floating tensor of a model output, flattened per sample and concatenated."""
-    if isinstance(out, Tensor):
-        return out.float().reshape(out.shape[0], -1)
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        parts = [_flat(o) for o in out if isinstance(o, (Tensor, dict, list, tuple))]
-        parts = [p for p in parts if p.numel()]
-        if parts:
-            return torch.cat(parts, 1)
-    if hasattr(out, "to_tuple"):  # Hugging Face ModelOutput
-        return _flat(out.to_tuple())
-    raise SlimtorchError(f"allocation: rd measures the distortion of the model's output, which "
-                         f"is a {type(out).__name__} with no tensor: return the logits")
 
 
 @torch.no_grad()
@@ -63,15 +45,9 @@ def rd_ratios(model, cfg, ctx) -> tuple[dict[str, float], dict[str, Any]]:
     layers, _ = targets(model, cfg)
     if not layers:
         raise SlimtorchError("allocation: rd found no layer to prune")
-    batches, n = [], 0
-    for b in ctx.batches:
-        batches.append(b)
-        n += len(b) if isinstance(b, Tensor) else 1
-        if n >= cfg.rd_samples:
-            break
     flat = parse_pattern(0.5, None)
     with quant_state(model, weights=False, acts=False):
-        ref = [_flat(call_model(model, b)) for b in batches]
+        delta = OutputDistortion(model, ctx.batches, cfg.rd_samples)
         curves = []
         for _, layer, _ in layers:
             w0 = layer.weight.detach().clone()
@@ -80,10 +56,10 @@ def rd_ratios(model, cfg, ctx) -> tuple[dict[str, float], dict[str, Any]]:
             for pct in RD_GRID:
                 if pct:
                     layer.weight.copy_(w0 * select(score, flat, pct / 100))
-                curve[pct] = sum(((_flat(call_model(model, b)) - r) ** 2).sum().item()
-                                 for b, r in zip(batches, ref)) / n
+                curve[pct] = delta()
             layer.weight.copy_(w0)
             curves.append(curve)
+    n = delta.n
     sizes = [layer.weight.numel() for _, layer, _ in layers]
     costs = [{pct: round(size * (100 - pct) / 100) for pct in RD_GRID} for size in sizes]
     budget = int((1 - cfg.sparsity) * sum(sizes))
