@@ -12,7 +12,7 @@ from torch import nn
 import slimtorch
 from slimtorch.errors import PruningError, RecipeError, SlimtorchError
 from slimtorch.graph.capture import capture
-from slimtorch.methods import MethodContext
+from slimtorch.methods import MethodContext, handler_for
 from slimtorch.prune import criteria, pruning_record
 from slimtorch.prune.groups import dependency_groups
 from slimtorch.prune.surgery import count_macs, kept_indices, mask_model, replay, shrink
@@ -102,10 +102,18 @@ def test_groups_follow_residuals_concat_depthwise_and_flatten():
     g2 = dependency_groups(joined, capture(joined, x))
     # without it: the add over cat(a, b) joins c's output with a's and b's position by
     # position, the depthwise conv and the SE gate's output carry the same channels
-    # (c's first 8 channels with a's, its last 8 with b's: the cat offset)
+    # (c's first 8 channels with a's, its last 8 with b's: the cat offset), and chunk(2)
+    # joins channel i with channel 8 + i (torch re-splits the pruned width in equal halves)
     got = {tuple(g2.group_layers(g)): g for g in range(len(g2.groups))}
-    assert ("a", "c", "dw", "se2") in got and ("b", "c", "dw", "se2") in got
-    assert len(g2.groups[got[("a", "c", "dw", "se2")]]) == 8
+    assert ("a", "b", "c", "dw", "se2") in got
+    stream = g2.groups[got[("a", "b", "c", "dw", "se2")]]
+    assert len(stream) == 8
+    pos = {(f, r): p.tolist() for f, r, p in g2.units[stream[3]].where}
+    assert pos[("c", "out")] == [3, 11] and pos[("a", "out")] == [3] == pos[("b", "out")]
+    # one unit of it removed: the model still runs (left/right each lose one input)
+    small = copy.deepcopy(joined)
+    shrink(small, kept_indices(g2, {stream[3]}))
+    assert small(x).shape == (2, 10) and small.left.in_channels == 7
     assert ("left",) in layers and ("right",) in layers and ("fc1",) in layers
     unit = next(u for u in groups.units if any(f == "left" for f, _, _ in u.where))
     pos = {(f, r): p.tolist() for f, r, p in unit.where}
@@ -116,6 +124,24 @@ def test_groups_follow_residuals_concat_depthwise_and_flatten():
     pos = {(f, r): p.tolist() for f, r, p in unit.where}
     c = pos[("right", "out")][0]  # concat offset: right's channels come after left's 6
     assert pos[("fc1", "in")] == list(range((6 + c) * 16, (6 + c) * 16 + 16))
+
+
+def test_split_with_constant_sizes_blocks_its_channels():
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.l, self.r = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            p, q = self.a(x).split([4, 4], 1)
+            return self.fc(torch.cat([self.l(p), self.r(q)], 1).mean((2, 3)))
+
+    model = Split().eval()
+    groups = dependency_groups(model, capture(model, torch.randn(2, 3, 8, 8)))
+    why = {e["layer"]: e["why"] for e in groups.excluded}
+    assert "constants of the model's code" in why["a"]
+    assert not any(f == "a" for u in groups.units for f, _, _ in u.where)
 
 
 def test_resnet_residual_stream_is_one_group():
@@ -271,3 +297,68 @@ def test_macs_count(resnet):
             del hw
     want += 64 * 10
     assert macs == want
+
+
+def test_rd_allocation_curves_are_the_pruned_models_distortion():
+    """allocation: rd (prune/rd.py): each curve point is δ = mean_x ‖f(x) − f'(x)‖² of the
+    model with that group's lowest chunks physically removed; the choice meets the target; the
+    predicted distortion is Σ of the chosen levels' δ; the measured one is the pruned model's."""
+    from types import SimpleNamespace
+
+    from slimtorch.prune.method import PruneConfig, Target
+    from slimtorch.prune.rd import rd_select
+    from slimtorch.prune.select import chunks_of
+    from slimtorch.prune.surgery import count_macs, layer_costs
+    model = _realistic(Mixed(grouped=False))
+    batches = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i))
+               for i in range(3)]
+    graph = capture(model, batches[0])
+    groups = dependency_groups(model, graph)
+    scores = criteria.magnitude(model, groups, 2)
+    cfg = PruneConfig(target=Target(macs=0.6), round_to=None, allocation="rd", rd_levels=20,
+                      tolerance=0.06)  # one unit of this toy model is ~6 % of its MACs
+    total = sum(p.numel() for p in model.parameters())
+    ctx = SimpleNamespace(batches=batches)
+    with torch.no_grad():
+        ref = [model(b) for b in batches]
+
+    def delta_of(units):
+        pm = copy.deepcopy(model)
+        shrink(pm, kept_indices(groups, set(units)))
+        with torch.no_grad():
+            return sum(((pm(b) - r) ** 2).sum().item() for b, r in zip(batches, ref)) / 24, pm
+
+    pruned, rec = rd_select(model, groups, scores, layer_costs(model, graph), total, cfg, ctx,
+                            set())
+    assert rec["samples"] == 24 and rec["curves"]
+    g, curve = next((g, c) for g, c in rec["curves"].items() if len(c) > 2)
+    chunks = chunks_of(groups.groups[int(g)], scores, None, cfg.max_ratio)
+    assert len(curve) == len(chunks) + 1 and curve["0"] == 0.0
+    for removed, d in curve.items():
+        units = [u for c in chunks for u in c][:int(removed)]
+        assert d == pytest.approx(delta_of(units)[0], rel=1e-5, abs=1e-9)
+    chosen = sum(rec["curves"][g][str(v["removed"])] for g, v in rec["levels"].items())
+    assert rec["distortion_predicted"] == pytest.approx(chosen)
+    measured, pm = delta_of(pruned)
+    assert rec["distortion_measured"] == pytest.approx(measured, rel=1e-5)
+    macs = count_macs(pm, capture(pm, batches[0])) / count_macs(model, graph)
+    assert 0.6 - cfg.tolerance <= macs <= 0.6 and rec["ratio"] == pytest.approx(macs, abs=1e-3)
+    # 3 measured levels per group: the levels between are interpolated, the target still met
+    coarse = cfg.model_copy(update={"rd_levels": 3})
+    _, rec3 = rd_select(model, groups, scores, layer_costs(model, graph), total, coarse, ctx,
+                        set())
+    assert all(len(c) <= 3 for c in rec3["curves"].values())
+    assert 0.6 - cfg.tolerance <= rec3["ratio"] <= 0.6
+
+
+def test_rd_shorthand_and_unreachable_target(resnet, calib):
+    r = slimtorch.resolve_recipe("macs-0.5-taylor-rd-kd")
+    assert r.methods[0].allocation == "rd" and r.methods[0].criterion == "taylor"
+    assert handler_for(r.methods[1]).name == "recover"
+    pm = slimtorch.prune(resnet, "macs-0.5-magnitude-rd", calib, self_check=False)
+    sel = pruning_record(pm)["selection"]
+    assert sel["allocation"] == "rd" and abs(pruning_record(pm)["macs"]["ratio"] - 0.5) <= 0.02
+    bad = {"name": "p", "weights": None, "methods": [
+        {"name": "prune", "target": {"macs": 0.05}, "allocation": "rd"}]}
+    with pytest.raises(PruningError, match="cannot be met"):
+        slimtorch.prune(resnet, bad, calib, self_check=False)

@@ -17,7 +17,9 @@ The rules, one per op family (``_RULES``):
 * reshape/flatten: a channel axis merged with the axes after it (flatten into a Linear) maps
   channel c to its block of features; a channel axis split (heads) is not followed.
 * cat / split / chunk along a channel axis shift and slice the ids (offsets); along other
-  axes they pass ids through (cat joins the operands' ids).
+  axes they pass ids through (cat joins the operands' ids). ``chunk`` into equal parts joins
+  position i of every part (torch recomputes the parts from the pruned width); ``split`` and
+  ``tensor_split`` along channels, whose sizes are constants of the code, block them.
 * permute/transpose move axes; pools, pads and reductions over other axes keep them.
 Anything else (LayerNorm/GroupNorm/softmax over channels, matmul, indexing a channel axis,
 an op the rules do not know, the network output) *blocks* the channels it reads, with a reason.
@@ -407,10 +409,22 @@ class _Walker:
             dim = kw.get("dim", args[0] if args else 0) % len(s)
         else:
             dim = kw.get("dim", args[1] if len(args) > 1 else 0) % len(s)
+        widths = [1 if n.op == "unbind" else shape[dim] for shape in shapes]
+        if dim in inp and n.op != "unbind":
+            ids = inp[dim]
+            if n.op == "chunk" and len(set(widths)) == 1:
+                # chunk recomputes equal parts from the pruned width: position i of every
+                # part goes together
+                w = widths[0]
+                for j in range(1, len(widths)):
+                    self.join(ids[:w], ids[j * w:(j + 1) * w], f"chunk in {n.module}")
+            else:
+                why = ("chunk into unequal parts" if n.op == "chunk" else
+                       f"{n.op} with sizes that are constants of the model's code")
+                self.uf.block(ids, f"{why} along the channels in {n.module or 'the root'}")
         outs: list[Axes] = []
         start = 0
-        for shape in shapes:
-            width = 1 if n.op == "unbind" else shape[dim]
+        for width in widths:
             part: Axes = {}
             for a, ids in inp.items():
                 if a == dim:
