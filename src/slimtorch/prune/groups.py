@@ -382,6 +382,8 @@ class _Walker:
         pieces = []
         for k in range(len(n.inputs)):
             shape, axes = self.shape_of(n, k), self.val(n, k)
+            if not stack and len(shape) != nd:  # torch.cat skips a 1-D empty tensor
+                continue
             for a, ids in axes.items():
                 oa = a + (1 if stack and a >= dim else 0)
                 if oa == dim and not stack:
