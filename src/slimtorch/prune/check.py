@@ -24,6 +24,7 @@ from .surgery import count_macs, kept_indices, mask_model, shrink
 
 @dataclass
 class PruneCheck:
+    model: nn.Module                 # the float model
     groups: Groups
     pruned_units: set[int]
     small: nn.Module                 # physically pruned copy
@@ -54,7 +55,7 @@ def prune_each_group(model: nn.Module, example: Any, fraction: float = 0.3) -> P
              "params_ratio": sum(p.numel() for p in small.parameters()) / params,
              "macs_before": count_macs(model, graph),
              "excluded": groups.excluded}
-    return PruneCheck(groups, pruned, small, masked, stats)
+    return PruneCheck(model, groups, pruned, small, masked, stats)
 
 
 def flat(out: Any) -> Tensor:
@@ -64,13 +65,17 @@ def flat(out: Any) -> Tensor:
 
 @torch.no_grad()
 def compare(check: PruneCheck, item: Any) -> dict[str, Any]:
-    """Run both copies on ``item``: MACs ratio, output shape and max |small − masked| relative
-    to the output's scale."""
+    """Run both copies on ``item``: MACs ratio, output shape, max |small − masked| relative
+    to the output's scale (``rel_err``), and the same for masked against float (``rel_change``:
+    the pruning did change the output, so the check is not vacuous)."""
     a = flat(call_model(check.small, item))
     b = flat(call_model(check.masked, item))
+    f = flat(call_model(check.model, item))
     out = {"shape_ok": a.shape == b.shape}
+    scale = b.abs().max().clamp_min(1e-12)
     if out["shape_ok"]:
-        out["rel_err"] = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+        out["rel_err"] = float((a - b).abs().max() / scale)
+    out["rel_change"] = float((b - f).abs().max() / scale)
     out["macs_ratio"] = (count_macs(check.small, capture(check.small, item))
                          / check.stats["macs_before"])
     return out
