@@ -362,3 +362,24 @@ def test_rd_shorthand_and_unreachable_target(resnet, calib):
         {"name": "prune", "target": {"macs": 0.05}, "allocation": "rd"}]}
     with pytest.raises(PruningError, match="cannot be met"):
         slimtorch.prune(resnet, bad, calib, self_check=False)
+
+
+def test_cli_prune_writes_pruning_metrics(tmp_path, capsys):
+    """``slimtorch prune``: metrics.json has params/MACs before and after and the score before
+    recovery; a recipe without a prune method is a one-line error."""
+    import json
+
+    from slimtorch.cli import main
+    out = tmp_path / "p"
+    assert main(["prune", "--model", "zoo:resnet20", "--recipe", "macs-0.5-magnitude-kd",
+                 "--calib-size", "64", "--train-size", "256", "--out", str(out),
+                 "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    pr = m["pruning"]
+    assert abs(pr["macs"]["after"] / pr["macs"]["before"] - 0.5) <= 0.02
+    assert pr["params"]["after"] < pr["params"]["before"] and pr["criterion"] == "magnitude"
+    assert set(pr["before_recovery"]) >= {"top1", "top1_agreement"}
+    assert "before recovery" in capsys.readouterr().out
+    assert main(["prune", "--model", "zoo:resnet20", "--recipe", "w8a8", "--out",
+                 str(tmp_path / "q")]) == 2
+    assert "no prune method" in capsys.readouterr().err

@@ -124,12 +124,17 @@ def prune(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = None,
     gradients; ``train_data=`` feeds ``recover`` (distillation from ``model``). The pruning
     history is in the artifact (``slimtorch.save``); ``slimtorch.load`` replays it on the
     base model. ``slimtorch.prune.pruning_record(model)`` gives params, MACs and groups."""
+    return quantize(model, pruning_recipe(recipe), calib_data, **kwargs)
+
+
+def pruning_recipe(recipe: Recipe | str | dict) -> Recipe:
+    """The recipe, if it has a structural ``prune`` method; else a RecipeError."""
     recipe = resolve_recipe(recipe)
     if not any(m.structural and handler_for(m).name == "prune" for m in recipe.methods):
         raise RecipeError(f"recipe {recipe.name!r} has no prune method (its methods: "
                           f"{', '.join(recipe.method_names)}): add {{name: prune, target: "
                           "{macs: 0.5}}, or use a name like macs-0.5-taylor")
-    return quantize(model, recipe, calib_data, **kwargs)
+    return recipe
 
 
 def sparsity_recipe(recipe: Recipe | str | dict) -> Recipe:

@@ -1,4 +1,4 @@
-"""Command line: ``slimtorch zoo | recipes | quantize | sparsify | eval | inspect | report |
+"""Command line: ``slimtorch zoo | recipes | quantize | sparsify | prune | eval | inspect | report |
 export | bench | sensitivity | allocate | sample | sweep``.
 
 Bad input ends with one line ``error: ...`` that says what to change (exit status 2), never a
@@ -88,6 +88,16 @@ def _metrics_table(m: dict, title: str) -> Table:
         t.add_row("sparsity", "0 %", f"{100 * sp['sparsity_masked']:.1f} % of "
                   f"{sp['masked_layers']} layers ({100 * sp['sparsity_all']:.1f} % of all "
                   "Conv/Linear weights)")
+    pr = m.get("pruning")
+    if pr:
+        for key in ("macs", "params"):
+            v = pr[key]
+            t.add_row(f"{key} (pruned, {pr['criterion']})", f"{v['before']:,.0f}",
+                      f"{v['after']:,.0f} ({v['before'] / v['after']:.2f}× fewer)")
+        for key, val in pr.get("before_recovery", {}).items():
+            if key in TABLE_METRICS:
+                t.add_row(f"{TABLE_LABELS.get(key) or METRICS[key][0]} before recovery", "",
+                          str(val))
     if "fp_size_bytes" in m:
         ratio = m["fp_size_bytes"] / m["q_size_bytes"]
         t.add_row("size", _mb(m["fp_size_bytes"]), f"{_mb(m['q_size_bytes'])} ({ratio:.1f}× "
@@ -103,6 +113,9 @@ def cmd_quantize(args) -> None:
     if args.command == "sparsify":
         from .api import sparsity_recipe
         sparsity_recipe(args.recipe)
+    if args.command == "prune":
+        from .api import pruning_recipe
+        pruning_recipe(args.recipe)
     if args.threads:
         torch.set_num_threads(args.threads)
     m, _ = run_quantize(args.model, args.recipe, calib_size=args.calib_size, seed=args.seed,
@@ -193,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, what, recipe_help in (
             ("quantize", "quantize", "built-in name or YAML file"),
             ("sparsify", "prune the weights of", "sparsity name (50-wanda, 2:4-sparsegpt, "
-             "70-magnitude...), built-in name or YAML file with a sparsity method")):
+             "70-magnitude...), built-in name or YAML file with a sparsity method"),
+            ("prune", "structurally prune (physically smaller)", "pruning name "
+             "(macs-0.5-taylor, macs-0.5-taylor-rd-kd, params-0.6-magnitude...), built-in name "
+             "or YAML file with a prune method")):
         q = sub.add_parser(verb, help=f"{what} a model, evaluate it, write an artifact")
         _compress_args(q, recipe_help)
 

@@ -15,6 +15,7 @@ from .errors import SlimtorchError
 from .eval.size import fp_size_bytes, quantized_size_bytes
 from .eval.tasks import task_for
 from .export.artifact import save, write_json_atomic
+from .prune import pruning_record
 from .quant.prepare import META_ATTR
 from .recipe import resolve_recipe
 from .sparsity.masks import sparsity_summary
@@ -57,15 +58,26 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
         calib = task.calibration(calib_size, seed, recipe_obj.calib.batch_size)
     train, train_note = training_data(task, recipe_obj, train_size, seed)
     model = load_model(source)
-    t0 = time.perf_counter()
-    qmodel = quantize(model, recipe_obj, calib, seed=seed, progress=progress, work_dir=work,
-                      train_data=train)
-    calib_seconds = time.perf_counter() - t0
     fp_out = (fp_cache or {}).get(source)
     if fp_out is None:
         fp_out = task.outputs(model, progress)
         if fp_cache is not None:
             fp_cache[source] = fp_out
+    oneshot = {}
+
+    def before_recovery(name, m):  # the pruned model's score before `recover` trains it
+        if name == "prune" and "recover" in recipe_obj.method_names:
+            t = time.perf_counter()
+            was = m.training
+            oneshot.update(task.score(task.outputs(m.eval()), fp_out))
+            m.train(was)
+            spent[0] += time.perf_counter() - t
+        return {}
+    spent = [0.0]
+    t0 = time.perf_counter()
+    qmodel = quantize(model, recipe_obj, calib, seed=seed, progress=progress, work_dir=work,
+                      train_data=train, on_method=before_recovery)
+    calib_seconds = time.perf_counter() - t0 - spent[0]
     t0 = time.perf_counter()
     q_out = task.outputs(qmodel, progress)
     eval_seconds = time.perf_counter() - t0
@@ -89,6 +101,11 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
     check = getattr(qmodel, META_ATTR, {}).get("self_check")
     if check:
         metrics["self_check"] = check  # output SQNR/cosine on a calibration batch, worst layers
+    pruned = pruning_record(qmodel)
+    if pruned is not None:  # structured pruning: params, MACs, the score before recovery
+        metrics["pruning"] = {"params": pruned["params"], "macs": pruned["macs"],
+                              "criterion": pruned["criterion"],
+                              **({"before_recovery": oneshot} if oneshot else {})}
     sparse = sparsity_summary(qmodel)
     if sparse is not None:  # masked layers: sparsity per layer and over the model
         metrics["sparsity"] = sparse
