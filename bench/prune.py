@@ -71,16 +71,18 @@ def latency_ms(models: dict, threads: int, source: str) -> dict[str, float]:
 
 
 def ours(fp, task, calib, train, crit: str, target: float, epochs: int, seed: int, progress):
-    """``crit`` is a criterion, or CRITERION-rd for the rate-distortion allocation."""
+    """``crit`` is a criterion, CRITERION-rd for the rate-distortion allocation, or lowrank
+    (SVD factorisation, ranks by the DP)."""
     base, rd = crit.removesuffix("-rd"), crit.endswith("-rd")
+    first = ({"name": "lowrank", "target": {"macs": target}} if crit == "lowrank" else
+             {"name": "prune", "criterion": base, "target": {"macs": target},
+              "allocation": "rd" if rd else "global"})
     recipe = {"name": f"macs-{target}-{crit}", "weights": None,
-              "methods": [{"name": "prune", "criterion": base, "target": {"macs": target},
-                           "allocation": "rd" if rd else "global"},
-                          {"name": "recover", "epochs": epochs}]}
+              "methods": [first, {"name": "recover", "epochs": epochs}]}
     seen = {}
 
     def on_method(name, model):
-        if name == "prune":
+        if name in ("prune", "lowrank"):
             was = model.training
             seen["oneshot"] = top1(task, model.eval())
             model.train(was)
@@ -89,7 +91,7 @@ def ours(fp, task, calib, train, crit: str, target: float, epochs: int, seed: in
     model = slimtorch.prune(fp, recipe, calib, train_data=train, seed=seed, progress=progress,
                             on_method=on_method, self_check=False)
     rec = pruning_record(model)
-    sel = rec["selection"]
+    sel = rec.get("selection", {})
     extra = {"distortion": sel["distortion_measured"],
              "global_ranking_distortion": sel["global_ranking_distortion"]} if rd else {}
     return model, {"oneshot_top1": seen["oneshot"], "pruned_seconds": rec["seconds"], **extra,
@@ -190,7 +192,8 @@ def main() -> None:
         train = task.training(args.train_size, seed)
         for target in args.targets:
             for crit in args.criteria:
-                for tool in tools if not crit.endswith("-rd") else ["slimtorch"]:
+                for tool in (tools if crit in ("magnitude", "taylor", "random")
+                             else ["slimtorch"]):
                     try:
                         row = run_row(args, fp, task, calib, train, tool, crit, target)
                     except Exception as e:  # a peer's failure is recorded verbatim

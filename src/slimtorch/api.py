@@ -85,8 +85,7 @@ def quantize(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = No
             float_model=None if inplace else reference, work_dir=work_dir, train_batches=train)
         if structural:
             meta["pruning"] = {"steps": [r["stats"]["history"] for r in structural
-                                         if "history" in r["stats"]
-                                         and "modules" in r["stats"]["history"]]}
+                                         if "history" in r["stats"]]}
     if synthetic:
         meta["calibration"] = synthetic  # data-free: resolved settings, final losses
     sync_shared(qmodel, meta["plan"])
@@ -128,12 +127,15 @@ def prune(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = None,
 
 
 def pruning_recipe(recipe: Recipe | str | dict) -> Recipe:
-    """The recipe, if it has a structural ``prune`` method; else a RecipeError."""
+    """The recipe, if it has a structural ``prune`` or ``lowrank`` method; else a
+    RecipeError."""
     recipe = resolve_recipe(recipe)
-    if not any(m.structural and handler_for(m).name == "prune" for m in recipe.methods):
+    if not any(m.structural and handler_for(m).name in ("prune", "lowrank")
+               for m in recipe.methods):
         raise RecipeError(f"recipe {recipe.name!r} has no prune method (its methods: "
                           f"{', '.join(recipe.method_names)}): add {{name: prune, target: "
-                          "{macs: 0.5}}, or use a name like macs-0.5-taylor")
+                          "{macs: 0.5}}, or use a name like macs-0.5-taylor or "
+                          "macs-0.5-lowrank")
     return recipe
 
 

@@ -104,7 +104,7 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
     pruned = pruning_record(qmodel)
     if pruned is not None:  # structured pruning: params, MACs, the score before recovery
         metrics["pruning"] = {"params": pruned["params"], "macs": pruned["macs"],
-                              "criterion": pruned["criterion"],
+                              "criterion": pruned.get("criterion", "lowrank"),
                               **({"before_recovery": oneshot} if oneshot else {})}
     sparse = sparsity_summary(qmodel)
     if sparse is not None:  # masked layers: sparsity per layer and over the model

@@ -408,19 +408,26 @@ def sparsity_shorthand(name: str) -> Recipe | None:
                             source=name)
 
 
-_SHORT_PRUNING = re.compile(r"(macs|params)-(0?\.\d+)-(magnitude|taylor|random)(-rd)?(-kd)?")
+_SHORT_PRUNING = re.compile(
+    r"(macs|params)-(0?\.\d+)-(magnitude|taylor|random|lowrank)(-rd)?(-kd)?")
 
 
 def pruning_shorthand(name: str) -> Recipe | None:
-    """``macs-0.5-taylor`` (keep 50 % of MACs, Taylor criterion; ``-rd`` chooses per-group
+    """``macs-0.5-taylor`` (keep 50 % of MACs, Taylor criterion; ``macs-0.5-lowrank``: SVD
+    factorisation, ranks by the rate-distortion DP; ``-rd`` chooses per-group
     amounts by the rate-distortion DP; ``-kd`` adds a 1-epoch
     distillation recovery) as a float-weight structured-pruning recipe."""
     m = _SHORT_PRUNING.fullmatch(name)
     if m is None:
         return None
     metric, ratio, criterion, rd, kd = m.groups()
-    methods = [{"name": "prune", "criterion": criterion, "target": {metric: float(ratio)},
-                **({"allocation": "rd"} if rd else {})}]
+    if criterion == "lowrank":  # ranks always by the DP; -rd is not a variant of it
+        if rd:
+            return None
+        methods = [{"name": "lowrank", "target": {metric: float(ratio)}}]
+    else:
+        methods = [{"name": "prune", "criterion": criterion, "target": {metric: float(ratio)},
+                    **({"allocation": "rd"} if rd else {})}]
     methods += [{"name": "recover", "epochs": 1}] if kd else []
     return Recipe.from_dict({"name": name, "methods": methods, "weights": None,
                              "description": f"structured pruning to {ratio} of the {metric} "

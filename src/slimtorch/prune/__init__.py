@@ -13,11 +13,12 @@ import types
 
 
 def pruning_record(model) -> dict | None:
-    """The ``prune`` method's record of a model ``slimtorch.prune`` returned (params and MACs
-    before/after, groups, excluded layers); None for a model that was not pruned."""
+    """The ``prune`` (or ``lowrank``) method's record of a model ``slimtorch.prune`` returned
+    (params and MACs before/after; groups and excluded layers, or ranks); None for a model that
+    was not pruned. With both in one recipe, the first."""
     from ..quant.prepare import META_ATTR
     for r in getattr(model, META_ATTR, {}).get("methods", []):
-        if r["name"] == "prune":
+        if r["name"] in ("prune", "lowrank"):
             return r["stats"]
     return None
 

@@ -82,9 +82,14 @@ def _shrink_one(mod: nn.Module, fqn: str, role: str, keep: Tensor) -> None:
 
 
 def replay(model: nn.Module, history: dict[str, Any]) -> nn.Module:
-    """Apply a pruning history (``prune_model``'s) to ``model`` in place; returns it."""
+    """Apply a pruning history (``prune_model``'s channel removals, ``lowrank``'s
+    factorisations) to ``model`` in place, in order; returns it."""
     for step in history.get("steps", []):
-        shrink(model, step["modules"])
+        if "modules" in step:
+            shrink(model, step["modules"])
+        if "lowrank" in step:
+            from .lowrank import factorise
+            factorise(model, step["lowrank"], init=False)
     return model
 
 
