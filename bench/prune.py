@@ -1,12 +1,14 @@
 """Structured pruning of a zoo CNN (ResNet-20 or MobileNetV2, Fashion-MNIST) to a MACs target:
-ours (magnitude, Taylor, random; each also with the rate-distortion allocation, ``-rd``) vs Torch-Pruning 1.6.1 (MetaPruner with its GroupMagnitude / GroupTaylor /
-Random importance), one-shot and after the same recovery budget (KD from the float model,
+ours (magnitude, Taylor, random; each also with the rate-distortion allocation, ``-rd``; and
+``lowrank``, SVD factorisation) vs Torch-Pruning 1.6.1 (MetaPruner with its GroupMagnitude /
+GroupTaylor / Random importance), one-shot and after the same recovery budget (KD from the float model,
 ``slimtorch.prune.recover``, the same loop and data for every row), accuracy on the full test
 set, params, MACs (Conv/Linear, our count from the captured graph for every row), onnxruntime
 fp32 latency at batch 64 (dense vs pruned, median of interleaved rounds).
 
-    python bench/prune.py [--model zoo:resnet20] [--targets 0.5] [--epochs 1] [--threads 1] [--latency-threads 2]
-        [--criteria magnitude taylor random] [--peers] [--seed 0] [--out PREFIX]
+    python bench/prune.py [--model zoo:resnet20] [--targets 0.5] [--epochs 1] [--threads 1]
+        [--latency-threads 2] [--criteria magnitude taylor random magnitude-rd lowrank]
+        [--peers] [--seed 0 | --seeds 0 1 2] [--out PREFIX]
 
 Rows are appended to PREFIX.json after each run (a crash loses at most one row); the table
 (PREFIX.md) is re-rendered from the JSON each time.

@@ -12,7 +12,8 @@ import slimtorch
 from slimtorch.errors import PruningError, RecipeError
 from slimtorch.graph.capture import capture
 from slimtorch.prune import pruning_record
-from slimtorch.prune.lowrank import break_even, energy_rank, factor_macs, factorised
+from slimtorch.prune.lowrank import break_even, energy_rank, factor_macs
+from slimtorch.prune.surgery import factorised
 from slimtorch.prune.surgery import count_macs, layer_costs
 from slimtorch.zoo.sources import load_model
 

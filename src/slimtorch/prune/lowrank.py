@@ -3,7 +3,8 @@ et al., IJCAI 2019, after Zhang et al.'s channel-wise scheme): a layer's weight 
 W ∈ R^{out × in·k·k} is truncated to rank r by SVD, W ≈ (U_r·√S_r)(√S_r·V_rᵀ), and the layer
 becomes two smaller ones run in sequence — a k×k conv in → r (no bias, the original stride,
 padding and dilation) and a 1×1 conv r → out with the bias (a Linear: in → r, r → out) — as a
-plain ``nn.Sequential``, so the artifact reloads without our code path (``replay``).
+plain ``nn.Sequential``, so the artifact reloads without our code path (``surgery.replay``;
+the factorisation itself, ``surgery.factorise``, lives there).
 
 Rank per layer:
 * ``energy: e`` — the smallest r keeping a fraction e of Σσ² (TRP's energy criterion);
@@ -35,7 +36,7 @@ from ..graph.capture import call_model, capture
 from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.allocate import allocate
 from .method import Target
-from .surgery import count_macs, layer_costs
+from .surgery import matrix_dims, weight_matrix, count_macs, factorise, layer_costs
 
 
 class LowRankConfig(MethodConfig):
@@ -56,25 +57,15 @@ class LowRankConfig(MethodConfig):
         return self
 
 
-def _matrix(mod: nn.Module) -> Tensor:
-    return mod.weight.detach().reshape(mod.weight.shape[0], -1).double()
-
-
-def _dims(mod: nn.Module) -> tuple[int, int]:
-    """(out, in·k·k) of the weight matrix."""
-    w = mod.weight
-    return w.shape[0], w[0].numel()
-
-
 def break_even(mod: nn.Module) -> int:
     """The largest rank whose factorisation has fewer MACs (and weights) than the layer."""
-    out, ink = _dims(mod)
+    out, ink = matrix_dims(mod)
     return math.ceil(out * ink / (ink + out)) - 1
 
 
 def factor_macs(layer_macs: float, mod: nn.Module, rank: int) -> float:
     """MACs of the factorised layer: per output position r·in·k² + out·r instead of out·in·k²."""
-    out, ink = _dims(mod)
+    out, ink = matrix_dims(mod)
     return layer_macs / (out * ink) * (rank * ink + out * rank)
 
 
@@ -91,53 +82,8 @@ def candidates(model: nn.Module, exclude: list[str]) -> dict[str, nn.Module]:
     return out
 
 
-def factors(mod: nn.Module, rank: int) -> tuple[Tensor, Tensor]:
-    """(first [r, in·k·k], second [out, r]) with second @ first the rank-r truncation."""
-    u, s, vh = torch.linalg.svd(_matrix(mod), full_matrices=False)
-    root = s[:rank].sqrt()
-    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
-
-
-def factorised(mod: nn.Module, rank: int, init: bool = True) -> nn.Sequential:
-    """The two-layer replacement of ``mod`` (weights from the SVD when ``init``)."""
-    if isinstance(mod, nn.Linear):
-        first = nn.Linear(mod.in_features, rank, bias=False)
-        second = nn.Linear(rank, mod.out_features, bias=mod.bias is not None)
-    else:
-        first = nn.Conv2d(mod.in_channels, rank, mod.kernel_size, mod.stride, mod.padding,
-                          mod.dilation, bias=False, padding_mode=mod.padding_mode)
-        second = nn.Conv2d(rank, mod.out_channels, 1, bias=mod.bias is not None)
-    seq = nn.Sequential(first, second).to(mod.weight.dtype)
-    if init:
-        a, b = factors(mod, rank)
-        with torch.no_grad():
-            first.weight.copy_(a.reshape(first.weight.shape))
-            second.weight.copy_(b.reshape(second.weight.shape))
-            if mod.bias is not None:
-                second.bias.copy_(mod.bias)
-    return seq
-
-
-def _set(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent, _, name = fqn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, new)
-
-
-def factorise(model: nn.Module, ranks: dict[str, int], init: bool = True) -> nn.Module:
-    """Replace every ``{fqn: rank}`` layer by its factorisation, in place (``init=False``:
-    shapes only, for ``replay`` before the artifact's tensors are loaded)."""
-    named = dict(model.named_modules())
-    for fqn, rank in ranks.items():
-        mod = named.get(fqn)
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
-            raise PruningError(f"the low-rank history names {fqn!r}, which is not a Conv2d/"
-                               "Linear of this model: replay it on the model it was made from")
-        _set(model, fqn, factorised(mod, rank, init))
-    return model
-
-
 def energy_rank(mod: nn.Module, energy: float) -> int:
-    s2 = torch.linalg.svdvals(_matrix(mod)) ** 2
+    s2 = torch.linalg.svdvals(weight_matrix(mod)) ** 2
     return int((torch.cumsum(s2, 0) / s2.sum() < energy - 1e-12).sum()) + 1
 
 
@@ -161,9 +107,9 @@ def rd_ranks(model: nn.Module, layers: dict[str, nn.Module], target: Target,
             continue  # not run by the forward pass
         macs = costs_all[fqn]["macs"]
         w0 = mod.weight.detach().clone()
-        u, s, vh = torch.linalg.svd(_matrix(mod), full_matrices=False)
+        u, s, vh = torch.linalg.svd(weight_matrix(mod), full_matrices=False)
         cost, value = {0: macs if target.metric == "macs" else float(w0.numel())}, {0: 0.0}
-        out, ink = _dims(mod)
+        out, ink = matrix_dims(mod)
         for r in _rank_levels(break_even(mod), levels):
             mod.weight.copy_(((u[:, :r] * s[:r]) @ vh[:r]).reshape(w0.shape).to(w0.dtype))
             value[r] = delta()
@@ -206,7 +152,7 @@ def apply(model, cfg: LowRankConfig, ctx: MethodContext) -> dict[str, Any]:
                  if (r := energy_rank(m, cfg.energy)) <= break_even(m)}
     else:
         ranks, extra = rd_ranks(model, layers, cfg.target, ctx, cfg.levels, cfg.samples)
-    shapes = {f: list(_dims(layers[f])) for f in ranks}
+    shapes = {f: list(matrix_dims(layers[f])) for f in ranks}
     factorise(model, ranks)
     with torch.no_grad():
         call_model(model, example)

@@ -88,7 +88,6 @@ def replay(model: nn.Module, history: dict[str, Any]) -> nn.Module:
         if "modules" in step:
             shrink(model, step["modules"])
         if "lowrank" in step:
-            from .lowrank import factorise
             factorise(model, step["lowrank"], init=False)
     return model
 
@@ -108,6 +107,63 @@ def mask_model(model: nn.Module, groups: Groups, pruned: set[int]) -> nn.Module:
             elif role == "norm":
                 mod.weight[pos] = 0
                 mod.bias[pos] = 0
+    return model
+
+
+# ------------------------------------------------------------------ low-rank factorisation
+# (the ``lowrank`` method's layers, here so that ``replay`` rebuilds them)
+def weight_matrix(mod: nn.Module) -> Tensor:
+    return mod.weight.detach().reshape(mod.weight.shape[0], -1).double()
+
+
+def matrix_dims(mod: nn.Module) -> tuple[int, int]:
+    """(out, in·k·k) of the weight matrix."""
+    w = mod.weight
+    return w.shape[0], w[0].numel()
+
+
+def factors(mod: nn.Module, rank: int) -> tuple[Tensor, Tensor]:
+    """(first [r, in·k·k], second [out, r]) with second @ first the rank-r truncation."""
+    u, s, vh = torch.linalg.svd(weight_matrix(mod), full_matrices=False)
+    root = s[:rank].sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
+
+
+def factorised(mod: nn.Module, rank: int, init: bool = True) -> nn.Sequential:
+    """The two-layer replacement of ``mod`` (weights from the SVD when ``init``)."""
+    if isinstance(mod, nn.Linear):
+        first = nn.Linear(mod.in_features, rank, bias=False)
+        second = nn.Linear(rank, mod.out_features, bias=mod.bias is not None)
+    else:
+        first = nn.Conv2d(mod.in_channels, rank, mod.kernel_size, mod.stride, mod.padding,
+                          mod.dilation, bias=False, padding_mode=mod.padding_mode)
+        second = nn.Conv2d(rank, mod.out_channels, 1, bias=mod.bias is not None)
+    seq = nn.Sequential(first, second).to(mod.weight.dtype)
+    if init:
+        a, b = factors(mod, rank)
+        with torch.no_grad():
+            first.weight.copy_(a.reshape(first.weight.shape))
+            second.weight.copy_(b.reshape(second.weight.shape))
+            if mod.bias is not None:
+                second.bias.copy_(mod.bias)
+    return seq
+
+
+def _set(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent, _, name = fqn.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+def factorise(model: nn.Module, ranks: dict[str, int], init: bool = True) -> nn.Module:
+    """Replace every ``{fqn: rank}`` layer by its factorisation, in place (``init=False``:
+    shapes only, for ``replay`` before the artifact's tensors are loaded)."""
+    named = dict(model.named_modules())
+    for fqn, rank in ranks.items():
+        mod = named.get(fqn)
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            raise SlimtorchError(f"the low-rank history names {fqn!r}, which is not a Conv2d/"
+                               "Linear of this model: replay it on the model it was made from")
+        _set(model, fqn, factorised(mod, rank, init))
     return model
 
 
