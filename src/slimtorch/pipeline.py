@@ -63,7 +63,7 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
         fp_out = task.outputs(model, progress)
         if fp_cache is not None:
             fp_cache[source] = fp_out
-    oneshot = {}
+    oneshot, spent = {}, [0.0]
 
     def before_recovery(name, m):  # the pruned model's score before `recover` trains it
         if name == "prune" and "recover" in recipe_obj.method_names:
@@ -73,7 +73,6 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
             m.train(was)
             spent[0] += time.perf_counter() - t
         return {}
-    spent = [0.0]
     t0 = time.perf_counter()
     qmodel = quantize(model, recipe_obj, calib, seed=seed, progress=progress, work_dir=work,
                       train_data=train, on_method=before_recovery)

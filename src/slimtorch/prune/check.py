@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..eval.distortion import flat_output
 from ..graph.capture import call_model, capture
 from . import criteria
 from .groups import Groups, dependency_groups
@@ -59,7 +60,6 @@ def prune_each_group(model: nn.Module, example: Any, fraction: float = 0.3) -> P
 
 
 def flat(out: Any) -> Tensor:
-    from ..eval.distortion import flat_output
     return flat_output(out).double()
 
 

@@ -36,7 +36,7 @@ from ..graph.capture import call_model, capture
 from ..methods import MethodConfig, MethodContext, register_method
 from ..quant.allocate import allocate
 from .method import Target
-from .surgery import matrix_dims, weight_matrix, count_macs, factorise, layer_costs
+from .surgery import count_macs, factorise, layer_costs, matrix_dims, weight_matrix
 
 
 class LowRankConfig(MethodConfig):
@@ -92,12 +92,10 @@ def _rank_levels(top: int, levels: int) -> list[int]:
 
 
 @torch.no_grad()
-def rd_ranks(model: nn.Module, layers: dict[str, nn.Module], target: Target,
+def rd_ranks(model: nn.Module, layers: dict[str, nn.Module], costs_all: dict, target: Target,
              ctx: MethodContext, levels: int, samples: int) -> tuple[dict[str, int], dict]:
-    """Ranks by the DP (module docstring); 0 = keep dense. Returns (ranks, record)."""
-    example = ctx.batches[0]
-    graph = capture(model, example)
-    costs_all = layer_costs(model, graph)
+    """Ranks by the DP (module docstring); 0 = keep dense. ``costs_all``: the model's
+    ``layer_costs``. Returns (ranks, record)."""
     base = sum(c["macs"] for c in costs_all.values())
     params0 = sum(p.numel() for p in model.parameters())
     delta = OutputDistortion(model, ctx.batches, samples)
@@ -143,7 +141,8 @@ def rd_ranks(model: nn.Module, layers: dict[str, nn.Module], target: Target,
 def apply(model, cfg: LowRankConfig, ctx: MethodContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     example = ctx.batches[0]
-    macs0 = count_macs(model, capture(model, example))
+    costs0 = layer_costs(model, capture(model, example))
+    macs0 = sum(c["macs"] for c in costs0.values())
     params0 = sum(p.numel() for p in model.parameters())
     layers = candidates(model, cfg.exclude)
     extra: dict[str, Any] = {}
@@ -151,7 +150,8 @@ def apply(model, cfg: LowRankConfig, ctx: MethodContext) -> dict[str, Any]:
         ranks = {f: r for f, m in layers.items()
                  if (r := energy_rank(m, cfg.energy)) <= break_even(m)}
     else:
-        ranks, extra = rd_ranks(model, layers, cfg.target, ctx, cfg.levels, cfg.samples)
+        ranks, extra = rd_ranks(model, layers, costs0, cfg.target, ctx, cfg.levels,
+                                cfg.samples)
     shapes = {f: list(matrix_dims(layers[f])) for f in ranks}
     factorise(model, ranks)
     with torch.no_grad():

@@ -38,7 +38,7 @@ from ..eval.distortion import OutputDistortion
 from ..quant.allocate import allocate
 from .groups import Groups
 from .select import chunks_of, select_units
-from .surgery import cost_after, mask_model
+from .surgery import cost_after, mask_model, removed_counts
 
 MAX_STATES = 1 << 15  # DP resolution: the kept budget in ≤ 32k cost units
 BISECT_STEPS = 18
@@ -63,14 +63,6 @@ def _interpolate(curve: dict[int, float], ks: list[int]) -> dict[int, float]:
     return out
 
 
-def _removed(groups: Groups, units: list[int]) -> dict[tuple[str, str], int]:
-    out: dict[tuple[str, str], int] = {}
-    for u in units:
-        for fqn, role, pos in groups.units[u].where:
-            out[(fqn, role)] = out.get((fqn, role), 0) + len(pos)
-    return out
-
-
 @torch.no_grad()
 def _masked_delta(model, groups: Groups, units: list[int], delta: OutputDistortion) -> float:
     """δ of the model with ``units`` masked; the model is restored afterwards."""
@@ -87,14 +79,19 @@ def _masked_delta(model, groups: Groups, units: list[int], delta: OutputDistorti
                 p.copy_(v)
 
 
+def _units_at(chunks: dict, gids: list[int], levels: list[int]) -> list[int]:
+    """The units of the first ``levels[i]`` chunks of every group ``gids[i]``."""
+    return [u for g, k in zip(gids, levels) for c in chunks[g][:k] for u in c]
+
+
 def _fill(levels: list[int], chunks: dict, gids: list[int], values: list[dict], costs: dict,
           groups: Groups, total_params: int, idx: int, base: float, target: float):
     """Give chunks back while the real ratio stays at or under the target: each time the one
     whose return lowers the predicted δ most per unit of cost regained (the bisection lands
     below the target when the real cost jumps between budgets)."""
     def real_of(lv):
-        units = [u for g, k in zip(gids, lv) for c in chunks[g][:k] for u in c]
-        return units, cost_after(costs, groups, _removed(groups, units), total_params)[idx] / base
+        units = _units_at(chunks, gids, lv)
+        return units, cost_after(costs, groups, removed_counts(groups, units), total_params)[idx] / base
     units, real = real_of(levels)
     while True:
         best = None
@@ -131,8 +128,8 @@ def rd_select(model, groups: Groups, scores: Tensor, costs: dict, total_params: 
     gids, reduction, curves, values = list(chunks), [], [], []
     for g in gids:
         ks = list(range(len(chunks[g]) + 1))
-        units_at = [[u for c in chunks[g][:k] for u in c] for k in ks]
-        reduction.append({k: base - cost_after(costs, groups, _removed(groups, units_at[k]),
+        units_at = [_units_at(chunks, [g], [k]) for k in ks]
+        reduction.append({k: base - cost_after(costs, groups, removed_counts(groups, units_at[k]),
                                                total_params)[idx] for k in ks})
         curve = {k: _masked_delta(model, groups, units_at[k], delta) if k else 0.0
                  for k in _levels(len(chunks[g]), cfg.rd_levels)}
@@ -144,8 +141,8 @@ def rd_select(model, groups: Groups, scores: Tensor, costs: dict, total_params: 
 
     def solve(budget: int) -> tuple[list[int], list[int], float]:
         res = allocate(kept_costs, values, budget, max_states=MAX_STATES)
-        units = [u for g, k in zip(gids, res["bits"]) for c in chunks[g][:k] for u in c]
-        real = cost_after(costs, groups, _removed(groups, units), total_params)[idx] / base
+        units = _units_at(chunks, gids, res["bits"])
+        real = cost_after(costs, groups, removed_counts(groups, units), total_params)[idx] / base
         return res["bits"], units, real
 
     hi = int(target * base - floor)

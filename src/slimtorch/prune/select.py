@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import PruningError
 from .groups import Groups
-from .surgery import cost_after
+from .surgery import cost_after, removed_counts
 
 
 def chunks_of(units: list[int], scores: Tensor, round_to: int | None,
@@ -55,10 +55,7 @@ def select_units(groups: Groups, scores: Tensor, costs: dict, total_params: int,
     ratio, steps = 1.0, 0
     while heap and ratio > target:
         _, g, k = heapq.heappop(heap)
-        trial = dict(removed)
-        for u in chunks[g][k]:
-            for fqn, role, pos in groups.units[u].where:
-                trial[(fqn, role)] = trial.get((fqn, role), 0) + len(pos)
+        trial = removed_counts(groups, chunks[g][k], removed)
         new = cost_after(costs, groups, trial, total_params)[idx] / base[idx]
         if new < target - tolerance:
             continue  # too coarse a cut here: this group is done

@@ -187,6 +187,16 @@ def layer_costs(model: nn.Module, graph: QuantGraph) -> dict[str, dict[str, floa
     return out
 
 
+def removed_counts(groups: Groups, units, into: dict | None = None
+                   ) -> dict[tuple[str, str], int]:
+    """{(fqn, role): positions removed} when ``units`` go (added to ``into``'s counts)."""
+    out = dict(into or {})
+    for u in units:
+        for fqn, role, pos in groups.units[u].where:
+            out[(fqn, role)] = out.get((fqn, role), 0) + len(pos)
+    return out
+
+
 def cost_after(costs: dict[str, dict[str, float]], groups: Groups,
                removed: dict[tuple[str, str], int], total_params: int) -> tuple[float, float]:
     """(MACs, params) of the Conv/Linear layers after ``removed[(fqn, role)]`` positions go
