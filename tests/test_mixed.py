@@ -235,3 +235,14 @@ def test_block_sensitivity_is_the_units_weights_quantized_together(tmp_path):
     b6 = blocks["layers.6"]
     assert (f"| layers.6 | 3 | {b6['params']} | {b6['kl'][2]:.2e} "
             f"({b6['sum_of_layers_kl'][2]:.2e}) |") in md.read_text()
+
+
+def test_dp_with_more_than_127_options_per_layer():
+    """A layer may have hundreds of options (structured pruning levels, one per channel): the
+    choice index must not overflow (it was int8)."""
+    gen = torch.Generator().manual_seed(3)
+    costs = [{k: k for k in range(200)}, {k: 2 * k for k in range(3)}]
+    values = [{k: float(torch.rand(1, generator=gen)) for k in c} for c in costs]
+    res = allocate(costs, values, 150)
+    val, pick = _brute(costs, values, 150)
+    assert res["value"] == pytest.approx(val) and res["cost"] <= 150

@@ -67,7 +67,7 @@ def allocate(costs: list[dict[int, int]], values: list[dict[int, float]], budget
     picks = []
     for c, v, opts in zip(costs, values, options):
         new = np.full(size, np.inf)
-        pick = np.zeros(size, dtype=np.int8)
+        pick = np.zeros(size, dtype=np.int8 if len(opts) <= 127 else np.int32)
         for i, b in enumerate(opts):
             k = -(-c[b] // unit)  # rounded up: never under-counts
             if k >= size:
