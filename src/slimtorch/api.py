@@ -127,11 +127,10 @@ def prune(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = None,
 
 
 def pruning_recipe(recipe: Recipe | str | dict) -> Recipe:
-    """The recipe, if it has a structural ``prune`` or ``lowrank`` method; else a
-    RecipeError."""
+    """The recipe, if it has a method that shrinks the model (``prune``, ``hesso``,
+    ``lowrank``); else a RecipeError."""
     recipe = resolve_recipe(recipe)
-    if not any(m.structural and handler_for(m).name in ("prune", "lowrank")
-               for m in recipe.methods):
+    if not any(m.shrinks for m in recipe.methods):
         raise RecipeError(f"recipe {recipe.name!r} has no prune method (its methods: "
                           f"{', '.join(recipe.method_names)}): add {{name: prune, target: "
                           "{macs: 0.5}}, or use a name like macs-0.5-taylor or "

@@ -46,6 +46,9 @@ class MethodConfig(BaseModel):
     # the method changes the model's structure (structured pruning, its recovery): it runs on
     # the float model before quantization is prepared, and ``slimtorch.load`` replays it
     structural: ClassVar[bool] = False
+    # the method removes structure (channels, ranks): its stats hold ``params`` and ``macs``
+    # before/after and a replayable ``history`` (``slimtorch.prune.pruning_record``)
+    shrinks: ClassVar[bool] = False
 
     @classmethod
     def parse(cls, args: dict[str, Any] | None, method: str) -> "MethodConfig":

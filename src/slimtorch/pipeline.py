@@ -15,6 +15,7 @@ from .errors import SlimtorchError
 from .eval.size import fp_size_bytes, quantized_size_bytes
 from .eval.tasks import task_for
 from .export.artifact import save, write_json_atomic
+from .methods import method_handler
 from .prune import pruning_record
 from .quant.prepare import META_ATTR
 from .recipe import resolve_recipe
@@ -66,7 +67,7 @@ def run_quantize(source: str, recipe: str, *, calib_size: int | None = None, see
     oneshot, spent = {}, [0.0]
 
     def before_recovery(name, m):  # the pruned model's score before `recover` trains it
-        if name == "prune" and "recover" in recipe_obj.method_names:
+        if method_handler(name).config.shrinks and "recover" in recipe_obj.method_names:
             t = time.perf_counter()
             was = m.training
             oneshot.update(task.score(task.outputs(m.eval()), fp_out))

@@ -192,8 +192,9 @@ def layer_bits(run: Run) -> list[LayerBits]:
 
 
 def prune_stats(run: Run) -> dict[str, Any] | None:
-    """The stats of the recipe's last ``prune`` method; None when the run pruned nothing."""
-    stats = [m.get("stats", {}) for m in run.meta.get("methods", []) if m.get("name") == "prune"]
+    """The stats of the recipe's last channel-pruning method (``prune``, ``hesso``: the ones
+    that record kept channels); None when the run pruned no channels."""
+    stats = [m["stats"] for m in run.meta.get("methods", []) if "channels" in m.get("stats", {})]
     return stats[-1] if stats else None
 
 

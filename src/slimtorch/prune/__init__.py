@@ -1,7 +1,8 @@
 """Structured pruning: dependency groups from the captured graph (``groups``), physically
 smaller modules and a replayable history (``surgery``), criteria (``criteria``: magnitude,
-Taylor, random), selection to a MACs/params target (``select``), the ``prune`` and ``recover``
-methods on the registry (``method``, ``recover``).
+Taylor, random, HESSO's saliency), selection to a MACs/params target (``select``), the
+``prune``, ``hesso``, ``lowrank`` and ``recover`` methods on the registry (``method``,
+``hesso``, ``lowrank``, ``recover``).
 
 ``slimtorch.prune(model, "macs-0.5-taylor", data)`` runs them: this package is also that
 function (the package and the verb share the name ``slimtorch.prune``, so the module is made
@@ -13,12 +14,13 @@ import types
 
 
 def pruning_record(model) -> dict | None:
-    """The ``prune`` (or ``lowrank``) method's record of a model ``slimtorch.prune`` returned
-    (params and MACs before/after; groups and excluded layers, or ranks); None for a model that
-    was not pruned. With both in one recipe, the first."""
+    """The record of the first method that shrank a model ``slimtorch.prune`` returned
+    (``prune``, ``hesso``, ``lowrank``: params and MACs before/after; groups and excluded
+    layers, or ranks); None for a model that was not pruned."""
+    from ..methods import method_handler
     from ..quant.prepare import META_ATTR
     for r in getattr(model, META_ATTR, {}).get("methods", []):
-        if r["name"] in ("prune", "lowrank"):
+        if method_handler(r["name"]).config.shrinks:
             return r["stats"]
     return None
 

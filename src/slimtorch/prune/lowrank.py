@@ -41,6 +41,7 @@ from .surgery import count_macs, factorise, layer_costs, matrix_dims, weight_mat
 
 class LowRankConfig(MethodConfig):
     structural: ClassVar[bool] = True
+    shrinks: ClassVar[bool] = True
     energy: float | None = Field(None, gt=0, le=1, description="keep this fraction of Σσ² "
                                  "per layer (instead of a target)")
     target: Target | None = Field(None, description="kept fraction of MACs (or params), "

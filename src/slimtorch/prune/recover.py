@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ from ..sparsity.srste import distill_loss, epoch_batches, epoch_steps
 class RecoverConfig(MethodConfig):
     structural: ClassVar[bool] = True   # runs on the float pruned model, before quantization
     trains: ClassVar[bool] = True
-    epochs: int = Field(1, ge=1, description="passes over the training data")
+    epochs: float = Field(1, gt=0, description="passes over the training data (0.5: half "
+                          "an epoch)")
     steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")
     lr: float = Field(0.01, gt=0, description="initial SGD learning rate (cosine to 0)")
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -54,16 +55,25 @@ def recovery_loss(student, teacher, cfg: RecoverConfig) -> torch.Tensor:
     return loss
 
 
-@register_method("recover", RecoverConfig)
-def apply(model, cfg: RecoverConfig, ctx: MethodContext) -> dict[str, Any]:
+def budget(cfg: RecoverConfig, ctx: MethodContext) -> tuple[list, str, int, int]:
+    """(data, "train" | "calibration", steps per epoch, total steps) of a training run."""
+    data, source = ((ctx.train_batches, "train") if ctx.train_batches
+                    else (ctx.batches, "calibration"))
+    per_epoch = epoch_steps(data, cfg.batch_size)
+    return data, source, per_epoch, cfg.steps or max(1, round(cfg.epochs * per_epoch))
+
+
+def distil(model, cfg: RecoverConfig, ctx: MethodContext, desc: str = "recover (KD)",
+           before_step: Callable[[int], None] | None = None,
+           after_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The distillation loop (module docstring) over ``cfg``'s budget; the record.
+    ``before_step(step)`` runs after the backward pass, before the optimizer step (the
+    gradients are there); ``after_step(step)`` after it (``hesso`` projects weights there)."""
     teacher = ctx.float_model
     if teacher is None:
         raise RecipeError("recover distils from the untouched float model, which inplace=True "
                           "does not keep: prune a copy (inplace=False)")
-    data, source = ((ctx.train_batches, "train") if ctx.train_batches
-                    else (ctx.batches, "calibration"))
-    per_epoch = epoch_steps(data, cfg.batch_size)
-    total = cfg.steps or cfg.epochs * per_epoch
+    data, source, per_epoch, total = budget(cfg, ctx)
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -77,7 +87,7 @@ def apply(model, cfg: RecoverConfig, ctx: MethodContext) -> dict[str, Any]:
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     was, teacher_was = model.training, teacher.training
     model.train(), teacher.eval()
-    bar = tqdm(range(total), disable=not ctx.progress, desc="recover (KD)", leave=False)
+    bar = tqdm(range(total), disable=not ctx.progress, desc=desc, leave=False)
     try:
         for step in bar:
             item = next(batches)
@@ -87,15 +97,19 @@ def apply(model, cfg: RecoverConfig, ctx: MethodContext) -> dict[str, Any]:
             if not torch.isfinite(loss):
                 model.load_state_dict(start)
                 raise PruningError(
-                    f"recovery diverged at step {step + 1} of {total} (loss {loss.item()}); "
-                    f"the weights from before recovery are back. Lower lr (now {cfg.lr}) or "
-                    f"max_grad_norm (now {cfg.max_grad_norm}) in the recover method")
+                    f"{desc} diverged at step {step + 1} of {total} (loss "
+                    f"{loss.item()}); the weights from before it are back. Lower lr (now "
+                    f"{cfg.lr}) or max_grad_norm (now {cfg.max_grad_norm}) in the recipe")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if before_step is not None:
+                before_step(step)
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
+            if after_step is not None:
+                after_step(step)
             run = loss.item() if step == 0 else 0.98 * run + 0.02 * loss.item()
             bar.set_postfix(loss=f"{run:.4f}")
             if (step + 1) % per_epoch == 0 or step + 1 == total:
@@ -108,3 +122,8 @@ def apply(model, cfg: RecoverConfig, ctx: MethodContext) -> dict[str, Any]:
         "note": "no training data given: trained on the calibration batches"}
     return {"data": source, "steps": total, "history": history,
             "seconds": round(time.perf_counter() - t0, 2), **note}
+
+
+@register_method("recover", RecoverConfig)
+def apply(model, cfg: RecoverConfig, ctx: MethodContext) -> dict[str, Any]:
+    return distil(model, cfg, ctx)

@@ -92,21 +92,32 @@ def replay(model: nn.Module, history: dict[str, Any]) -> nn.Module:
     return model
 
 
+def unit_positions(groups: Groups, units) -> dict[tuple[str, str], Tensor]:
+    """{(fqn, role): positions} of the ``units``' producer rows ("out") and BatchNorm
+    entries ("norm"): what zeroing them touches."""
+    at: dict[tuple[str, str], list[Tensor]] = {}
+    for uid in units:
+        for fqn, role, pos in groups.units[uid].where:
+            if role in ("out", "norm"):
+                at.setdefault((fqn, role), []).append(pos)
+    return {k: torch.cat(v) for k, v in at.items()}
+
+
 @torch.no_grad()
+def scale_units(model: nn.Module, at: dict[tuple[str, str], Tensor], factor: float) -> None:
+    """Multiply the producer rows, biases and BatchNorm affine at ``at`` by ``factor``."""
+    named = dict(model.named_modules())
+    for (fqn, _), pos in at.items():
+        mod = named[fqn]
+        for t in (mod.weight, mod.bias):
+            if t is not None:
+                t[pos] *= factor
+
+
 def mask_model(model: nn.Module, groups: Groups, pruned: set[int]) -> nn.Module:
     """The masked float reference: the removed channels' producer rows, biases and BN
     affine set to zero, so they contribute exactly 0 to every consumer (in place)."""
-    named = dict(model.named_modules())
-    for uid in pruned:
-        for fqn, role, pos in groups.units[uid].where:
-            mod = named[fqn]
-            if role == "out":
-                mod.weight[pos] = 0
-                if mod.bias is not None:
-                    mod.bias[pos] = 0
-            elif role == "norm":
-                mod.weight[pos] = 0
-                mod.bias[pos] = 0
+    scale_units(model, unit_positions(groups, pruned), 0.0)
     return model
 
 
