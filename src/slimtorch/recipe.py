@@ -409,22 +409,23 @@ def sparsity_shorthand(name: str) -> Recipe | None:
 
 
 _SHORT_PRUNING = re.compile(
-    r"(macs|params)-(0?\.\d+)-(magnitude|taylor|random|lowrank)(-rd)?(-kd)?")
+    r"(macs|params)-(0?\.\d+)-(magnitude|taylor|random|lowrank|hesso)(-rd)?(-kd)?")
 
 
 def pruning_shorthand(name: str) -> Recipe | None:
     """``macs-0.5-taylor`` (keep 50 % of MACs, Taylor criterion; ``macs-0.5-lowrank``: SVD
-    factorisation, ranks by the rate-distortion DP; ``-rd`` chooses per-group
-    amounts by the rate-distortion DP; ``-kd`` adds a 1-epoch
-    distillation recovery) as a float-weight structured-pruning recipe."""
+    factorisation, ranks by the rate-distortion DP; ``macs-0.5-hesso``: HESSO's progressive
+    pruning over 1 epoch of distillation; ``-rd`` chooses per-group amounts by the
+    rate-distortion DP; ``-kd`` adds a 1-epoch distillation recovery) as a float-weight
+    structured-pruning recipe."""
     m = _SHORT_PRUNING.fullmatch(name)
     if m is None:
         return None
     metric, ratio, criterion, rd, kd = m.groups()
-    if criterion == "lowrank":  # ranks always by the DP; -rd is not a variant of it
+    if criterion in ("lowrank", "hesso"):  # their own allocation: -rd is not a variant
         if rd:
             return None
-        methods = [{"name": "lowrank", "target": {metric: float(ratio)}}]
+        methods = [{"name": criterion, "target": {metric: float(ratio)}}]
     else:
         methods = [{"name": "prune", "criterion": criterion, "target": {metric: float(ratio)},
                     **({"allocation": "rd"} if rd else {})}]

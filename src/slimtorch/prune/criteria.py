@@ -36,18 +36,21 @@ def _slices(mod: nn.Module, role: str, pos: Tensor, t: Tensor) -> Tensor:
 
 
 def unit_reduce(model: nn.Module, groups: Groups, fn) -> Tensor:
-    """For every unit, Σ over its entries of ``fn(module, weight slice, grad slice)``."""
+    """For every unit, Σ over its entries of ``fn(module, weight slice, grad slice)`` — a
+    scalar ([units]) or a vector of k statistics ([units, k])."""
     named = dict(model.named_modules())
-    out = torch.zeros(len(groups.units), dtype=torch.float64)
+    rows = []
     for u in groups.units:
         total = 0.0
         for fqn, role, pos in u.where:
             mod = named[fqn]
             w = mod.weight
             g = w.grad if w.grad is not None else torch.zeros_like(w)
-            total += float(fn(_slices(mod, role, pos, w.detach()), _slices(mod, role, pos, g)))
-        out[u.uid] = total
-    return out
+            total = total + fn(_slices(mod, role, pos, w.detach()),
+                               _slices(mod, role, pos, g)).double()
+        rows.append(torch.as_tensor(total, dtype=torch.float64).reshape(-1))
+    out = torch.stack(rows)
+    return out[:, 0] if out.shape[1] == 1 else out
 
 
 def magnitude(model: nn.Module, groups: Groups, p: int) -> Tensor:
@@ -97,3 +100,39 @@ def normalize_mean(scores: Tensor, groups: Groups) -> Tensor:
         mean = scores[idx].mean()
         out[idx] = scores[idx] / mean if mean > 0 else scores[idx]
     return out
+
+
+HESSO_TERMS = ("magnitude", "avg_magnitude", "cosine_similarity", "taylor_first_order",
+               "taylor_second_order")
+
+
+def saliency_terms(model: nn.Module, groups: Groups) -> dict[str, Tensor]:
+    """HESSO's five raw terms per unit from the weights and the gradients in ``.grad``:
+    ‖x‖, ‖x‖/n (n = the unit's weight count), cos(x, ∇)+1, |xᵀ∇| and ½(xᵀ∇)²."""
+    st = unit_reduce(model, groups, lambda w, g: torch.stack([
+        w.double().pow(2).sum(), g.double().pow(2).sum(), (w.double() * g.double()).sum(),
+        torch.tensor(float(w.numel()), dtype=torch.float64)]))
+    ww, gg, wg, n = st.unbind(1)
+    norm_w, norm_g = ww.sqrt(), gg.sqrt()
+    den = norm_w * norm_g  # a unit without weight or gradient counts as orthogonal: cos 0
+    cos = torch.where(den > 0, wg / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+    return {"magnitude": norm_w, "avg_magnitude": norm_w / n, "cosine_similarity": cos + 1,
+            "taylor_first_order": wg.abs(), "taylor_second_order": 0.5 * wg.pow(2)}
+
+
+def saliency(model: nn.Module, groups: Groups, weights: dict[str, float]) -> Tensor:
+    """HESSO's saliency (Chen et al., "HESSO: Towards Automatic Efficient and User Friendly
+    Any Neural Network Training and Pruning", 2024): Σ_k weight_k · term_k / ‖term_k‖₂, each
+    term normalised by its L2 norm over all units; low = redundant. As the public code
+    (only_train_once ``compute_importance_scores``); the gradient is the current mini-batch's
+    (theirs: the optimizer's gradient variant, with momentum); a unit's weights are its every
+    slice (producer rows, consumer columns, BatchNorm scale) as ``magnitude`` takes them —
+    theirs, the producer side of the zero-invariant group with its bias."""
+    terms = saliency_terms(model, groups)
+    out = torch.zeros(len(groups.units), dtype=torch.float64)
+    for name, w in weights.items():
+        t = terms[name]
+        if w and t.norm() > 0:  # a term that is 0 on every unit ranks nothing
+            out += w * t / t.norm()
+    return out
+
