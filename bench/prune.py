@@ -7,7 +7,7 @@ set, params, MACs (Conv/Linear, our count from the captured graph for every row)
 fp32 latency at batch 64 (dense vs pruned, median of interleaved rounds).
 
     python bench/prune.py [--model zoo:resnet20] [--targets 0.5] [--epochs 1] [--threads 1]
-        [--latency-threads 2] [--criteria magnitude taylor random magnitude-rd lowrank]
+        [--latency-threads 2] [--criteria magnitude taylor random magnitude-rd lowrank hesso]
         [--peers] [--seed 0 | --seeds 0 1 2] [--out PREFIX]
 
 Rows are appended to PREFIX.json after each run (a crash loses at most one row); the table
@@ -73,14 +73,17 @@ def latency_ms(models: dict, threads: int, source: str) -> dict[str, float]:
 
 
 def ours(fp, task, calib, train, crit: str, target: float, epochs: int, seed: int, progress):
-    """``crit`` is a criterion, CRITERION-rd for the rate-distortion allocation, or lowrank
-    (SVD factorisation, ranks by the DP)."""
+    """``crit`` is a criterion, CRITERION-rd for the rate-distortion allocation, lowrank
+    (SVD factorisation, ranks by the DP) or hesso (prunes while it trains: its own ``epochs``
+    of KD are the whole budget, no recover after it; no one-shot score)."""
     base, rd = crit.removesuffix("-rd"), crit.endswith("-rd")
     first = ({"name": "lowrank", "target": {"macs": target}} if crit == "lowrank" else
+             {"name": "hesso", "target": {"macs": target}, "epochs": epochs}
+             if crit == "hesso" else
              {"name": "prune", "criterion": base, "target": {"macs": target},
               "allocation": "rd" if rd else "global"})
-    recipe = {"name": f"macs-{target}-{crit}", "weights": None,
-              "methods": [first, {"name": "recover", "epochs": epochs}]}
+    recipe = {"name": f"macs-{target}-{crit}", "weights": None, "methods": [first] + (
+        [] if crit == "hesso" else [{"name": "recover", "epochs": epochs}])}
     seen = {}
 
     def on_method(name, model):
@@ -96,7 +99,7 @@ def ours(fp, task, calib, train, crit: str, target: float, epochs: int, seed: in
     sel = rec.get("selection", {})
     extra = {"distortion": sel["distortion_measured"],
              "global_ranking_distortion": sel["global_ranking_distortion"]} if rd else {}
-    return model, {"oneshot_top1": seen["oneshot"], "pruned_seconds": rec["seconds"], **extra,
+    return model, {"oneshot_top1": seen.get("oneshot"), "pruned_seconds": rec["seconds"], **extra,
                    "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -164,7 +167,7 @@ def main() -> None:
     p.add_argument("--targets", nargs="*", type=float, default=[0.5])
     p.add_argument("--criteria", nargs="*", default=["magnitude", "taylor", "random"],
                    help="criteria; CRITERION-rd: our rate-distortion allocation (ours only)")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=float, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--latency-threads", type=int, default=2)
     p.add_argument("--calib-size", type=int, default=1024)
@@ -229,7 +232,9 @@ def to_markdown(data: dict) -> str:
              "batch 128) on the 60k train split, the same loop for every tool. Latency: "
              "onnxruntime fp32, batch 64, median of 3 interleaved rounds. CRITERION-rd: "
              "per-group amounts by the rate-distortion DP (prune/rd.py); δ: measured output "
-             "distortion mean ‖f − f'‖² of the one-shot choice, rd vs the global ranking.", "",
+             "distortion mean ‖f − f'‖² of the one-shot choice, rd vs the global ranking. "
+             "hesso: prunes while it trains (the same KD loop and data; its epochs are the "
+             "whole budget, nothing after it), so it has no one-shot score.", "",
              "| tool | criterion | target | seed | MACs (M) | params (k) | one-shot top-1 | "
              "top-1 after KD | epochs | ORT b64 ms pruned / dense | speed-up | MACs "
              "reduction | speed-up / MACs reduction | δ rd / global |",
@@ -245,7 +250,8 @@ def to_markdown(data: dict) -> str:
             f"| {r['tool']} | {r['criterion']} | {r['target_macs']} | {r.get('seed', 0)} | "
             f"{r['macs'] / 1e6:.2f} "
             f"({r['macs'] / dense['macs']:.3f}) | {r['params'] / 1e3:.1f} | "
-            f"{r['oneshot_top1']:.2f} | {r['top1']:.2f} | {r['epochs']} | "
+            + ("- | " if r["oneshot_top1"] is None else f"{r['oneshot_top1']:.2f} | ")
+            + f"{r['top1']:.2f} | {r['epochs']} | "
             f"{r['latency_ms_b64']:.2f} / {r['dense_ms_b64']:.2f} | {r['speedup']:.2f} | "
             f"{r['macs_reduction']:.2f} | {r['speedup'] / r['macs_reduction']:.2f} | "
             + (f"{r['distortion']:.2f} / {r['global_ranking_distortion']:.2f} |"

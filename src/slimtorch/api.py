@@ -119,8 +119,9 @@ def prune(model: nn.Module, recipe: Recipe | str | dict, calib_data: Any = None,
     method (names like ``macs-0.5-taylor``, ``macs-0.5-taylor-kd``, or ``methods: [{name:
     prune, criterion: taylor, target: {macs: 0.5}}, {name: recover, epochs: 1}, ...]``; a
     quantization recipe's settings after it quantize the pruned model, e.g. the built-in
-    ``macs-0.5-taylor-w8a8``). ``calib_data`` gives the graph's example and the Taylor
-    gradients; ``train_data=`` feeds ``recover`` (distillation from ``model``). The pruning
+    ``macs-0.5-taylor-w8a8``), ``hesso`` (``macs-0.5-hesso``: prunes progressively while it
+    distils) or ``lowrank``. ``calib_data`` gives the graph's example and the Taylor
+    gradients; ``train_data=`` feeds ``recover`` and ``hesso`` (distillation from ``model``). The pruning
     history is in the artifact (``slimtorch.save``); ``slimtorch.load`` replays it on the
     base model. ``slimtorch.prune.pruning_record(model)`` gives params, MACs and groups."""
     return quantize(model, pruning_recipe(recipe), calib_data, **kwargs)
@@ -133,7 +134,7 @@ def pruning_recipe(recipe: Recipe | str | dict) -> Recipe:
     if not any(m.shrinks for m in recipe.methods):
         raise RecipeError(f"recipe {recipe.name!r} has no prune method (its methods: "
                           f"{', '.join(recipe.method_names)}): add {{name: prune, target: "
-                          "{macs: 0.5}}, or use a name like macs-0.5-taylor or "
+                          "{macs: 0.5}}, or use a name like macs-0.5-taylor, macs-0.5-hesso or "
                           "macs-0.5-lowrank")
     return recipe
 

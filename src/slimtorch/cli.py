@@ -208,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("sparsify", "prune the weights of", "sparsity name (50-wanda, 2:4-sparsegpt, "
              "70-magnitude...), built-in name or YAML file with a sparsity method"),
             ("prune", "structurally prune (physically smaller)", "pruning name "
-             "(macs-0.5-taylor, macs-0.5-taylor-rd-kd, params-0.6-magnitude...), built-in name "
-             "or YAML file with a prune method")):
+             "(macs-0.5-taylor, macs-0.5-taylor-rd-kd, macs-0.5-lowrank, macs-0.5-hesso, "
+             "params-0.6-magnitude...), built-in name or YAML file with a prune, hesso or "
+             "lowrank method")):
         q = sub.add_parser(verb, help=f"{what} a model, evaluate it, write an artifact")
         _compress_args(q, recipe_help)
 
